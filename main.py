@@ -1,0 +1,138 @@
+"""shardline: one SPMD program, one rank per board; rank 0 serves the HTTP API.
+
+    mpirun -np 3 --hostfile hostfiles/localhost python -m mpi4py main.py --model-dir model_parts
+
+With one rank (`python main.py --model-dir DIR`) the whole model runs in one process, no launcher.
+Rank 0 owns the embeddings, the final norm and the LM head and runs the engine and API; ranks 1..P-1
+each run a contiguous range of layers. Activations travel rank 0 -> 1 -> ... -> P-1 -> 0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Serve a model split over MPI ranks (see the README).")
+    ap.add_argument("--model-dir", required=True, help="directory with manifest.json and stage_K.safetensors")
+    ap.add_argument("--host", default=os.environ.get("SHARDLINE_HOST", "127.0.0.1"),
+                    help="API bind address (default 127.0.0.1; 0.0.0.0 to serve the network)")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("SHARDLINE_PORT", "8000")))
+    ap.add_argument("--slots", type=int, default=16, help="concurrent sequences (KV-cache rows per stage)")
+    ap.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default: the model's)")
+    ap.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot before 503")
+    ap.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per micro-batch (prompt chunking)")
+    ap.add_argument("--step-timeout", type=float, default=8.0,
+                    help="seconds without an answer from the ring before the job is declared dead")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per rank (default: this host's cores / its ranks)")
+    ap.add_argument("--api-key", default=os.environ.get("SHARDLINE_API_KEY"),
+                    help="require Authorization: Bearer KEY (default: env SHARDLINE_API_KEY, else off)")
+    ap.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
+    ap.add_argument("--model-name", default=None, help="model id in /v1/models (default: the split's source)")
+    ap.add_argument("--verbose", action="store_true", help="print a timing line per pipeline step")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from shardline.node import start
+    node = start(args.model_dir, args.slots, args.max_context, args.threads)
+    if node is None:
+        return 1
+    if node.rank == 0:
+        return _serve_head(args, node)
+    return _serve_worker(node)
+
+
+def _serve_worker(node) -> int:
+    rank = node.rank
+    from shardline import worker
+    deadline = [None]
+
+    def on_signal(signum, _frame):
+        # mpirun signals every rank at once; wait (bounded) for rank 0's SHUTDOWN to pass through.
+        deadline[0] = deadline[0] or (time.monotonic() + 8.0, signum)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker.serve(node.stage, node.link, rank, rank == node.size - 1,
+                     should_stop=lambda: deadline[0] is not None and time.monotonic() > deadline[0][0])
+    except Exception as err:
+        import socket
+        print(f"[rank {rank} on {socket.gethostname()}] {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
+    if deadline[0] is not None and time.monotonic() > deadline[0][0]:
+        os._exit(128 + deadline[0][1])   # rank 0 never shut the ring down: an abnormal end
+    return 0
+
+
+def _serve_head(args, node) -> int:
+    stage, manifest, tok_dir, link, records = node.stage, node.manifest, node.tok_dir, node.link, node.records
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from shardline.api import create_app
+    from shardline.engine import Engine
+    size = manifest.num_stages
+    hosts = [r["host"] for r in records]
+    engine = Engine(stage, AutoTokenizer.from_pretrained(tok_dir), link, size, hosts, args.slots,
+                    queue_size=args.queue_size, max_batch_tokens=args.max_batch_tokens,
+                    step_timeout=args.step_timeout, log_steps=args.verbose)
+    data = manifest.data
+    name = args.model_name or os.path.basename(str(data["source"]).rstrip("/")) or "model"
+    info = {"model": name, "random_weights": data.get("random_weights", False), "ranks": size,
+            "slots": args.slots, "max_context": stage.max_context,
+            "stages": [{"rank": r["rank"], "host": r["host"], "layers": r["layers"], "rss_mb": r.get("rss_mb"),
+                        "load_seconds": r.get("load_seconds")} for r in records]}
+    app = create_app(engine, AutoTokenizer.from_pretrained(tok_dir), info, name, api_key=args.api_key,
+                     cors_origins=args.cors_origin)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+    http.start()
+
+    def on_signal(signum, _frame):
+        print(f"shardline: signal {signum}: finishing in-flight requests, then stopping every rank", flush=True)
+        engine.stop(grace=5.0)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    for _ in range(100):
+        if server.started or not http.is_alive():
+            break
+        time.sleep(0.05)
+    if not server.started:
+        print(f"shardline: the API could not listen on {args.host}:{args.port}", file=sys.stderr, flush=True)
+        engine.stop(grace=0)
+    else:
+        _banner(args, info, records)
+    code = engine.run()
+    if code:
+        print(f"shardline: {engine.failed}", file=sys.stderr, flush=True)
+        time.sleep(0.5)  # let the error responses reach the waiting clients
+    server.should_exit = True
+    http.join(timeout=3)
+    if code and link is not None:
+        link.comm.Abort(code)  # a hung rank would block a clean exit; end the job for the supervisor
+    return code
+
+
+def _banner(args, info, records) -> None:
+    print(f"shardline: {info['model']} on {info['ranks']} rank(s), API at http://{args.host}:{args.port}", flush=True)
+    for r in records:
+        a, b = r["layers"]
+        print(f"  rank {r['rank']} on {r['host']}: layers {a}..{b - 1 if b > a else '-'}"
+              f"{' + embeddings/head' if r['rank'] == 0 else ''}, {r.get('shard_mb')} MiB shard, "
+              f"RSS {r.get('rss_mb')} MiB, loaded in {r.get('load_seconds')}s", flush=True)
+    if info["random_weights"]:
+        print("shardline: WARNING: RANDOM WEIGHTS (no model hub here): the generated text is meaningless; "
+              "it exercises the whole pipeline all the same", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""shardline: what runs on a board (stage, wire protocol, engine, sampling, API, metrics)."""

@@ -1,0 +1,300 @@
+"""Rank 0's HTTP API (FastAPI): /generate, OpenAI-compatible /v1/*, /health, /metrics and the chat page.
+
+Runs on uvicorn's event loop in its own thread; requests go to the engine thread through
+Engine.submit and text comes back through call_soon_threadsafe onto a per-request asyncio queue.
+Every error is JSON in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shardline.engine import Engine, EngineStopped, QueueFull, Request
+from shardline.sampling import SamplingParams
+
+STATIC = Path(__file__).parent / "static"
+MAX_PROMPT_CHARS = 100_000
+SIMPLE_CHAT_STOP = "\nUser:"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="extension: keep the k likeliest tokens (0 = off)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the text")
+
+
+class GenerateBody(Sampling):
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    max_new_tokens: int = Field(32, ge=1, le=100_000)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (default) = greedy")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAIBody(Sampling):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=100_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=100_000)
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class CompletionBody(OpenAIBody):
+    prompt: str | list[str] = Field(..., description="a string, or a list with one string")
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str = Field(..., max_length=MAX_PROMPT_CHARS)
+
+
+class ChatBody(OpenAIBody):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+
+
+def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: str | None = None,
+               cors_origins: list[str] | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    app = FastAPI(title="shardline", version="0.1.0",
+                  description="A language model split by layers over a cluster of small boards.")
+    metrics = engine.metrics
+    created = int(time.time())
+    default_stop: dict[str, str] = {}
+    chat_template = getattr(tokenizer, "chat_template", None)
+
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    open_paths = {"/health", "/", "/favicon.ico"}
+
+    @app.middleware("http")
+    async def guard(request: HTTPRequest, call_next):
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+                return JSONResponse(error_body(f"request body over {max_body_bytes} bytes", "invalid_request_error",
+                                               code="body_too_large"), status_code=413)
+        if api_key and request.url.path not in open_paths:
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
+                                               "authentication_error", code="invalid_api_key"), status_code=401)
+        response = await call_next(request)
+        if request.url.path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(_, err: APIError):
+        return JSONResponse(error_body(err.message, err.type, err.param), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+                        for e in err.errors()[:5])
+        return JSONResponse(error_body(msg or "invalid request", "invalid_request_error", loc), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, err: StarletteHTTPException):
+        return JSONResponse(error_body(str(err.detail), "invalid_request_error"), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    # ---- helpers ----
+    def encode(text: str) -> list[int]:
+        return tokenizer(text)["input_ids"]
+
+    def start(prompt_ids: list[int], max_tokens: int, body: Sampling, extra_stop: tuple[str, ...] = ()):
+        """Submit to the engine; returns (request, asyncio queue of ('text', str) / ('done', None))."""
+        stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
+        if len(stop) > 4 or any(not s for s in stop):
+            raise APIError(400, "stop: at most 4 non-empty strings", param="stop")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = Request(prompt_ids, max_tokens,
+                      SamplingParams(body.temperature, body.top_k, body.top_p, body.seed), tuple(stop) + extra_stop,
+                      on_text=lambda r, d: loop.call_soon_threadsafe(events.put_nowait, ("text", d)),
+                      on_finish=lambda r: loop.call_soon_threadsafe(events.put_nowait, ("done", None)))
+        try:
+            engine.submit(req)
+        except ValueError as err:
+            raise APIError(400, str(err), param="prompt", type_="invalid_request_error") from None
+        except QueueFull as err:
+            raise APIError(503, f"server busy: {err}; retry later", "server_busy", headers={"Retry-After": "1"}) from None
+        except EngineStopped as err:
+            raise APIError(503, str(err), "service_unavailable", headers={"Retry-After": "5"}) from None
+        return req, events
+
+    async def wait(req: Request, events: asyncio.Queue, http: HTTPRequest) -> None:
+        """Wait for the end of a non-streamed request; cancel it if the client goes away."""
+        while not req.done.is_set():
+            try:
+                await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    engine.cancel(req)
+                    raise APIError(499, "client disconnected")
+        if req.error:
+            raise APIError(503, req.error, "service_unavailable", headers={"Retry-After": "5"})
+
+    def max_tokens_of(body: OpenAIBody, default: int) -> int:
+        return body.max_completion_tokens or body.max_tokens or default
+
+    def usage(req: Request) -> dict:
+        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.generated),
+                "total_tokens": len(req.prompt_ids) + len(req.generated)}
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    async def stream(req: Request, events: asyncio.Queue, chunk, include_usage: bool):
+        """Server-sent events in OpenAI's format; a client that disconnects frees its slot."""
+        try:
+            first = chunk(None, None)
+            if first is not None:
+                yield sse(first)
+            while True:
+                kind, delta = await events.get()
+                if kind == "text":
+                    yield sse(chunk(delta, None))
+                    continue
+                if req.error:
+                    yield sse(error_body(req.error, "service_unavailable"))
+                else:
+                    yield sse(chunk("", req.finish_reason))
+                    if include_usage:
+                        last = chunk("", None)
+                        last["choices"], last["usage"] = [], usage(req)
+                        yield sse(last)
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            if not req.done.is_set():
+                engine.cancel(req)
+
+    # ---- endpoints ----
+    @app.get("/health")
+    async def health():
+        status = "failed" if engine.failed else "stopping" if engine.stopping.is_set() else "ok"
+        body = {"status": status, **info, "active_sequences": len(engine.active), "queue_depth": engine.queue_depth}
+        if engine.failed:
+            body["error"] = engine.failed
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.post("/generate")
+    async def generate(body: GenerateBody, http: HTTPRequest):
+        """Plain generation: the continuation of `prompt` (temperature 0 = greedy, the default)."""
+        t0 = time.monotonic()
+        req, events = start(encode(body.prompt), body.max_new_tokens, body)
+        await wait(req, events, http)
+        took = time.monotonic() - t0
+        return {"text": req.text, "tokens": len(req.generated), "prompt_tokens": len(req.prompt_ids),
+                "finish_reason": req.finish_reason, "seconds": round(took, 4),
+                "tokens_per_second": round(len(req.generated) / took, 2) if took > 0 else None}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "shardline"}]}
+
+    def check_model(body: OpenAIBody) -> None:
+        if body.model not in (None, model_name):
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
+                           param="model", type_="not_found_error")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: HTTPRequest):
+        check_model(body)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1 or len(prompts[0]) > MAX_PROMPT_CHARS:
+            raise APIError(400, f"prompt: one string of at most {MAX_PROMPT_CHARS} characters", param="prompt")
+        req, events = start(encode(prompts[0]), max_tokens_of(body, 16), body)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        echo = prompts[0] if body.echo else ""
+
+        def chunk(delta, finish):
+            if delta is None:
+                return None if not echo else chunk(echo, None)
+            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+                    "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+        if body.stream:
+            return StreamingResponse(stream(req, events, chunk, bool(body.stream_options and body.stream_options.include_usage)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        await wait(req, events, http)
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
+                "choices": [{"text": echo + req.text, "index": 0, "logprobs": None,
+                             "finish_reason": req.finish_reason}], "usage": usage(req)}
+
+    def chat_prompt(messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+        if chat_template:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), ()
+        # The simple template for base models without one (documented in the README).
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant:"
+        return text, (SIMPLE_CHAT_STOP,)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, http: HTTPRequest):
+        check_model(body)
+        prompt, extra_stop = chat_prompt(body.messages)
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise APIError(400, f"messages: over {MAX_PROMPT_CHARS} characters in all", param="messages")
+        req, events = start(encode(prompt), max_tokens_of(body, 256), body, extra_stop)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+
+        def chunk(delta, finish):
+            d = {"role": "assistant", "content": ""} if delta is None else ({"content": delta} if delta else {})
+            return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
+                    "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]}
+
+        if body.stream:
+            return StreamingResponse(stream(req, events, chunk, bool(body.stream_options and body.stream_options.include_usage)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        await wait(req, events, http)
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": req.text},
+                             "logprobs": None, "finish_reason": req.finish_reason}], "usage": usage(req)}
+
+    return app

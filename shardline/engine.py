@@ -1,0 +1,367 @@
+"""Rank 0's engine: continuous batching over a ring of pipeline stages.
+
+All MPI calls happen here, on one thread. The HTTP thread hands requests in through a bounded queue
+(submit) and gets text back through each request's callbacks. Every active sequence owns a KV-cache
+slot (the same row on every stage); the next tokens of the ready sequences go out together as one
+packed micro-batch, and up to one micro-batch per stage is in the ring at once so every stage works.
+A slot needs no message to be freed: it is a free-list entry here, and a new sequence in it starts
+at position 0, so stale rows past its length are never read.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from shardline import wire
+from shardline.metrics import STAT_FIELDS, Metrics, rss_bytes
+from shardline.sampling import SamplingParams, sample
+from shardline.stage import Seq, Stage
+
+
+class QueueFull(Exception):
+    """The admission queue is full: the client should retry later (HTTP 503)."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down or has failed and takes no new requests."""
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    on_text: Callable[["Request", str], None] | None = None   # called on the engine thread
+    on_finish: Callable[["Request"], None] | None = None      # likewise, exactly once
+    want_logits: bool = False                                  # keep every prompt position's logits (tests)
+    # engine state
+    slot: int | None = None
+    pos: int = 0                      # tokens already in the KV cache
+    feed: list[int] = field(default_factory=list)   # tokens to send next
+    generated: list[int] = field(default_factory=list)
+    text: str = ""                    # the continuation so far (cut at a stop string)
+    emitted: int = 0                  # characters of text already passed to on_text
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    error: str | None = None
+    cancelled: bool = False
+    in_flight: bool = False
+    logits: list[torch.Tensor] = field(default_factory=list)
+    gen: torch.Generator | None = None    # this request's sampling RNG (seeded when asked)
+    t_submit: float = 0.0
+    t_first: float | None = None
+    t_last: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Flight:
+    """A micro-batch in the ring."""
+    t_sent: float
+    batch: list[tuple[Request, int]]  # (request, tokens it sent)
+    seqs: list[Seq]
+    flags: int
+    compute: float
+
+
+class Engine:
+    def __init__(self, stage: Stage, tokenizer, link: wire.Link | None, size: int, hosts: list[str],
+                 slots: int, queue_size: int = 64, max_batch_tokens: int = 256, step_timeout: float = 8.0,
+                 metrics: Metrics | None = None, log_steps: bool = False, stats_interval: float = 2.0):
+        self.stage, self.tok, self.link, self.size, self.hosts = stage, tokenizer, link, size, hosts
+        self.slots = slots
+        self.free_slots = list(range(slots - 1, -1, -1))
+        self.inbox: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
+        self.active: list[Request] = []
+        self.flights: dict[int, Flight] = {}
+        self.step = 0
+        self.max_batch_tokens, self.step_timeout = max_batch_tokens, step_timeout
+        self.metrics = metrics or Metrics()
+        self.log_steps, self.stats_interval = log_steps, stats_interval
+        self.eos = tokenizer.eos_token_id
+        self.max_context = stage.max_context
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.stop_deadline = math.inf
+        self.failed: str | None = None
+        self.compute_seconds, self.steps_done = 0.0, 0
+        self.rank_stats: np.ndarray = np.zeros((0, len(STAT_FIELDS)))
+        self._stats_sent_at = 0.0
+        self._stats_pending = False
+
+    # ---- called from other threads ----
+    def submit(self, req: Request) -> Request:
+        if self.failed:
+            raise EngineStopped(self.failed)
+        if self.stopping.is_set():
+            raise EngineStopped("the server is shutting down")
+        if not req.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(req.prompt_ids) + req.max_new_tokens > self.max_context:
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) plus max new tokens ({req.max_new_tokens}) "
+                             f"exceeds the context of {self.max_context} tokens")
+        req.t_submit = time.monotonic()
+        try:
+            self.inbox.put_nowait(req)
+        except queue.Full:
+            raise QueueFull(f"{self.inbox.maxsize} requests are already waiting") from None
+        self.wake.set()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True
+        self.wake.set()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Finish what is running for up to grace seconds, fail the rest, shut the ring down."""
+        self.stop_deadline = min(self.stop_deadline, time.monotonic() + grace)
+        self.stopping.set()
+        self.wake.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return self.inbox.qsize()
+
+    # ---- the loop (the MPI thread) ----
+    def run(self) -> int:
+        """Serve until stop() (returns 0) or a hung/dead rank (returns 1, every waiting request failed)."""
+        while True:
+            if self.stopping.is_set():
+                self._drain_inbox("the server is shutting down")
+                if not self.active or time.monotonic() > self.stop_deadline:
+                    break
+            self._admit()
+            self._launch()
+            got = self._collect()
+            self._maybe_stats()
+            if self._timed_out():
+                return 1
+            if not got:
+                if not self.active and not self.flights:
+                    self.wake.wait(0.05)
+                    self.wake.clear()
+                else:
+                    wire.idle_sleep(time.monotonic() - (self.link.last_traffic if self.link else 0))
+        self._fail_all("the server is shutting down")
+        self._shutdown_ring()
+        return 0
+
+    def _admit(self) -> None:
+        while self.free_slots and not self.stopping.is_set():
+            try:
+                req = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if req.cancelled:
+                self._finish(req, "cancelled")
+                continue
+            req.slot = self.free_slots.pop()
+            req.feed = list(req.prompt_ids)
+            req.gen = req.params.generator()
+            self.active.append(req)
+            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+        self._gauges()
+
+    def _launch(self) -> None:
+        for _ in range(self.size - len(self.flights)):
+            for r in [r for r in self.active if r.cancelled and not r.in_flight]:
+                self._finish(r, "cancelled")
+            ready = [r for r in self.active if not r.in_flight and r.feed]
+            if not ready:
+                return
+            cap = max(1, math.ceil(len(self.active) / self.size))  # spread sequences over the stages
+            ready.sort(key=lambda r: r.t_last)                      # least recently served first
+            batch, seqs, ids, budget, flags = [], [], [], self.max_batch_tokens, 0
+            for r in ready[:cap]:
+                n = min(len(r.feed), budget)
+                if n == 0:
+                    break
+                batch.append((r, n))
+                seqs.append(Seq(r.slot, r.pos, n))
+                ids.extend(r.feed[:n])
+                budget -= n
+                flags |= wire.FLAG_ALL_ROWS if r.want_logits else 0
+                r.in_flight = True
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                x = self.stage.forward(self.stage.embed(torch.tensor(ids), seqs), seqs)   # [T, d]
+            compute = time.perf_counter() - t0
+            flight = Flight(time.monotonic(), batch, seqs, flags, compute)
+            self.step += 1
+            self.metrics.batch.observe(len(batch))
+            if self.link is None:            # one rank: the whole model is here
+                self._complete(flight, wire.ring_output(x, seqs, flags), self.step)
+            else:
+                self.flights[self.step] = flight
+                self.link.send(wire.Message(wire.FORWARD, self.step, flags, seqs, x.numpy()))
+        self.metrics.in_flight.set(len(self.flights))
+
+    def _collect(self) -> bool:
+        if self.link is None:
+            return bool(self.active)
+        msg = self.link.poll()
+        if msg is None:
+            self.link.reap()
+            return False
+        if msg.kind == wire.FORWARD:
+            self._complete(self.flights.pop(msg.step), torch.from_numpy(msg.payload), msg.step)
+        elif msg.kind == wire.STATS:
+            self.rank_stats = msg.payload
+            self.metrics.set_rank_stats(msg.payload, self.hosts)
+            self._stats_pending = False
+        return True
+
+    def _complete(self, f: Flight, x: torch.Tensor, step: int) -> None:
+        """A micro-batch came back: x is [rows, d], one row per sequence (or every token with ALL_ROWS)."""
+        t0 = time.perf_counter()
+        counts = [n for _, n in f.batch]
+        last = np.cumsum(counts) - 1 if f.flags & wire.FLAG_ALL_ROWS else np.arange(len(counts))
+        sampling = []
+        for i, (r, n) in enumerate(f.batch):
+            r.in_flight = False
+            r.pos += n
+            del r.feed[:n]
+            if r.want_logits:
+                start = last[i] - n + 1
+                with torch.inference_mode():
+                    r.logits.append(self.stage.head(x[start:last[i] + 1]))
+            if r.cancelled:
+                self._finish(r, "cancelled")
+            elif not r.feed:                          # prompt done (or decode token done): choose the next
+                if len(r.generated) >= r.max_new_tokens:
+                    self._finish(r, "length")
+                else:
+                    sampling.append((r, int(last[i])))
+        if sampling:
+            with torch.inference_mode():
+                logits = self.stage.head(x[[row for _, row in sampling]])    # [B, vocab]
+            greedy = logits.argmax(-1).tolist()
+            for j, (r, _) in enumerate(sampling):
+                tok = greedy[j] if r.params.temperature == 0 else sample(logits[j], r.params, r.gen)
+                self._emit(r, tok)
+        compute = f.compute + time.perf_counter() - t0
+        self.compute_seconds += compute
+        self.steps_done += 1
+        rtt = time.monotonic() - f.t_sent
+        self.metrics.step.observe(rtt)
+        if self.log_steps:
+            sent = self.link.bytes_sent if self.link else 0
+            recv = self.link.bytes_recv if self.link else 0
+            print(f"step {step:6d} seqs {len(f.batch):3d} tokens {sum(counts):4d} | Pred {compute * 1e3:7.2f} ms "
+                  f"Sync {max(0.0, rtt - compute) * 1e3:7.2f} ms | Sent {sent / 1024:10.1f} kB "
+                  f"Recv {recv / 1024:10.1f} kB", flush=True)
+        self._gauges()
+
+    def _emit(self, r: Request, tok: int) -> None:
+        now = time.monotonic()
+        if r.t_first is None:
+            r.t_first = now
+            self.metrics.ttft.observe(now - r.t_submit)
+        else:
+            self.metrics.tpot.observe(now - r.t_last)
+        r.t_last = now
+        self.metrics.generated_tokens.inc()
+        if tok == self.eos:
+            return self._finish(r, "stop")
+        r.generated.append(tok)
+        text = self.tok.decode(r.generated, skip_special_tokens=True)
+        for s in r.stop:
+            at = text.find(s, max(0, r.emitted - len(s)))
+            if at != -1:
+                r.text = text[:at]
+                return self._finish(r, "stop")
+        r.text = text
+        if len(r.generated) >= r.max_new_tokens or r.pos + 1 >= self.max_context:
+            return self._finish(r, "length")
+        r.feed = [tok]
+        hold = max((len(s) - 1 for s in r.stop), default=0)       # a stop string may be starting
+        safe = len(text) - hold
+        while safe > r.emitted and text[safe - 1] == "\ufffd":    # an incomplete UTF-8 character
+            safe -= 1
+        self._send_text(r, safe)
+
+    def _send_text(self, r: Request, upto: int) -> None:
+        if upto > r.emitted:
+            delta, r.emitted = r.text[r.emitted:upto], upto
+            if r.on_text:
+                r.on_text(r, delta)
+
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+        if r.done.is_set():
+            return
+        r.finish_reason, r.error = reason, error
+        if error is None:
+            self._send_text(r, len(r.text))
+        if r in self.active:
+            self.active.remove(r)
+        if r.slot is not None:
+            self.free_slots.append(r.slot)
+            r.slot = None
+        r.done.set()
+        if r.on_finish:
+            r.on_finish(r)
+
+    def _drain_inbox(self, error: str) -> None:
+        while True:
+            try:
+                self._finish(self.inbox.get_nowait(), "error", error)
+            except queue.Empty:
+                return
+
+    def _fail_all(self, error: str) -> None:
+        self._drain_inbox(error)
+        for r in list(self.active):
+            self._finish(r, "error", error)
+        self._gauges()
+
+    def _gauges(self) -> None:
+        self.metrics.active.set(len(self.active))
+        self.metrics.queue_depth.set(self.inbox.qsize())
+
+    def _timed_out(self) -> bool:
+        if not self.flights:
+            return False
+        waited = time.monotonic() - min(f.t_sent for f in self.flights.values())
+        if waited < self.step_timeout:
+            return False
+        self.failed = (f"no answer from the pipeline for {waited:.1f}s (ranks 1..{self.size - 1} on "
+                       f"{', '.join(self.hosts[1:])}): a rank is dead or hung; the job stops so a supervisor can restart it")
+        self._fail_all(self.failed)
+        return True
+
+    def own_stats(self) -> np.ndarray:
+        rss, peak = rss_bytes()
+        sent = self.link.bytes_sent if self.link else 0
+        recv = self.link.bytes_recv if self.link else 0
+        return np.array([[0, self.compute_seconds, sent, recv, self.steps_done, rss, peak]], np.float64)
+
+    def _maybe_stats(self) -> None:
+        now = time.monotonic()
+        if self.link is None:
+            if now - self._stats_sent_at > self.stats_interval:
+                self._stats_sent_at = now
+                self.rank_stats = self.own_stats()
+                self.metrics.set_rank_stats(self.rank_stats, self.hosts)
+            return
+        if not self._stats_pending and now - self._stats_sent_at > self.stats_interval:
+            self._stats_sent_at, self._stats_pending = now, True
+            self.link.send(wire.Message(wire.STATS, 0, 0, [], self.own_stats()))
+
+    def _shutdown_ring(self) -> None:
+        if self.link is None:
+            return
+        self.link.send(wire.Message(wire.SHUTDOWN))
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            msg = self.link.poll()
+            if msg is not None and msg.kind == wire.SHUTDOWN:
+                break
+            time.sleep(0.001)
+        self.link.drain(1.0)

@@ -1,0 +1,124 @@
+"""The shard format: which tensors a stage holds, the manifest, and the checks a rank runs before serving.
+
+model_parts/
+  manifest.json            format, architecture, config, tokenizer files, per stage: layers, file, bytes, sha256
+  stage_K.safetensors      stage K's tensors under their Hugging Face names; metadata: split_id, stage
+  tokenizer/               the tokenizer (needed by rank 0 only)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = "shardline-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+FIX_DISTRIBUTE = ("re-run the splitter (python -m splitter ... --out DIR) or, on a cluster, "
+                  "ansible-playbook ansible/site.yml --tags download_new_model_on_boss,distribute_new_model_to_workers")
+
+BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                "mlp.c_proj.weight", "mlp.c_proj.bias")
+EDGE_PARAMS = ("transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias")
+
+
+class ShardError(Exception):
+    """A shard or manifest problem; the message names the file and the fix."""
+
+
+def stage_tensor_names(first: bool, layers: tuple[int, int], tied: bool = True) -> list[str]:
+    """Every tensor stage holds: its blocks, and on the first stage the embeddings, final norm and head.
+    GPT-2 ties lm_head to wte, so the head is stored once (as wte) unless the model unties it."""
+    names = list(EDGE_PARAMS) + ([] if tied else ["lm_head.weight"]) if first else []
+    names += [f"transformer.h.{i}.{p}" for i in range(*layers) for p in BLOCK_PARAMS]
+    return names
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    path: Path
+    data: dict
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def num_stages(self) -> int:
+        return self.data["num_stages"]
+
+    def stage(self, k: int) -> dict:
+        return self.data["stages"][k]
+
+    @property
+    def config(self):
+        from transformers import GPT2Config
+        return GPT2Config.from_dict(self.data["config"])
+
+
+def load_manifest(model_dir: Path) -> Manifest:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path}: no manifest; {FIX_DISTRIBUTE}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{path}: unreadable manifest ({err}); {FIX_DISTRIBUTE}") from err
+    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format {data.get('format')!r} v{data.get('format_version')} is not "
+                         f"{FORMAT} v{FORMAT_VERSION}; {FIX_DISTRIBUTE}")
+    if data.get("architecture") != "gpt2":
+        raise ShardError(f"{path}: architecture {data.get('architecture')!r} is not supported (gpt2 only)")
+    return Manifest(path, data)
+
+
+def check_world(manifest: Manifest, world_size: int) -> None:
+    if world_size != manifest.num_stages:
+        raise ShardError(f"{manifest.path}: the model is split into {manifest.num_stages} stages but "
+                         f"{world_size} ranks were started; run mpirun -np {manifest.num_stages}, or re-split with "
+                         f"python -m splitter --stages {world_size}")
+
+
+def verify_shard(manifest: Manifest, k: int) -> Path:
+    """Check stage k's file against the manifest (exists, byte size, sha256, split id); return its path."""
+    entry = manifest.stage(k)
+    path = manifest.dir / entry["file"]
+    if not path.is_file():
+        raise ShardError(f"{path}: missing shard for stage {k}; {FIX_DISTRIBUTE}")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ShardError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or from another "
+                         f"split); {FIX_DISTRIBUTE}")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise ShardError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {entry['sha256'][:12]}… "
+                         f"(corrupted or from another split); {FIX_DISTRIBUTE}")
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("split_id") != manifest.data["split_id"] or meta.get("stage") != str(k):
+        raise ShardError(f"{path}: belongs to split {meta.get('split_id')} stage {meta.get('stage')}, the manifest "
+                         f"is split {manifest.data['split_id']} stage {k}; {FIX_DISTRIBUTE}")
+    return path
+
+
+def verify_tokenizer(manifest: Manifest) -> Path:
+    tdir = manifest.dir / TOKENIZER_DIR
+    for name, digest in manifest.data["tokenizer"]["files"].items():
+        path = tdir / name
+        if not path.is_file():
+            raise ShardError(f"{path}: missing tokenizer file (rank 0 needs {TOKENIZER_DIR}/); {FIX_DISTRIBUTE}")
+        if sha256_file(path) != digest:
+            raise ShardError(f"{path}: tokenizer file does not match the manifest; {FIX_DISTRIBUTE}")
+    return tdir

@@ -1,0 +1,109 @@
+"""Start-up on every rank: MPI (or none with one process), shard checks, loading, and the roll call.
+
+Each rank checks and loads only its own shard, then all ranks report to rank 0 in one Gather of
+fixed-size JSON records (upper-case, no pickle). Rank 0 prints every problem and broadcasts go or
+no-go, so a bad shard on any board stops the whole job with a message naming the file and the fix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+from shardline.manifest import ShardError, check_world, load_manifest, verify_shard, verify_tokenizer
+from shardline.metrics import rss_bytes
+from shardline.stage import Stage
+
+RECORD = 4096  # bytes per rank in the roll call
+LAUNCH_ENV = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")
+
+
+def init_dist():
+    """(comm, rank, size); comm is None for a plain `python main.py` (one rank, no MPI at all)."""
+    if not any(v in os.environ for v in LAUNCH_ENV):
+        return None, 0, 1
+    import mpi4py
+    mpi4py.rc.thread_level = "funneled"   # only each rank's main thread calls MPI
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    return comm, comm.Get_rank(), comm.Get_size()
+
+
+def local_ranks() -> int:
+    """How many ranks share this host (so they can share its cores)."""
+    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if var in os.environ:
+            return max(1, int(os.environ[var]))
+    return 1
+
+
+def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | None):
+    """Check and load this rank's shard. Returns (stage, manifest, tokenizer_dir or None, record)."""
+    host = socket.gethostname()
+    record = {"rank": rank, "host": host, "ok": False}
+    try:
+        manifest = load_manifest(model_dir)
+        check_world(manifest, size)
+        entry = manifest.stage(rank)
+        record["layers"] = entry["layers"]
+        path = verify_shard(manifest, rank)
+        tok_dir = verify_tokenizer(manifest) if rank == 0 else None
+        config = manifest.config
+        t0 = time.time()
+        stage = Stage.load(path, config, entry["layers"], rank == 0, slots, max_context or config.n_positions)
+        rss, peak = rss_bytes()
+        record.update(ok=True, load_seconds=round(time.time() - t0, 2), rss_mb=round(rss / 2**20, 1),
+                      shard_mb=round(entry["bytes"] / 2**20, 1))
+        return stage, manifest, tok_dir, record
+    except ShardError as err:
+        record["error"] = str(err)
+    except Exception as err:  # a broken file safetensors cannot parse, or a bad config
+        record["error"] = f"{model_dir}: rank {rank} could not load its shard: {type(err).__name__}: {err}"
+    return None, None, None, record
+
+
+def roll_call(comm, rank: int, size: int, record: dict) -> tuple[bool, list[dict] | None]:
+    """Gather every rank's record on rank 0 (returned there); every rank learns go or no-go."""
+    if comm is None:
+        records = [record]
+    else:
+        buf = np.zeros(RECORD, np.uint8)
+        raw = json.dumps(record).encode()[:RECORD]
+        buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+        allbuf = np.zeros((size, RECORD), np.uint8) if rank == 0 else None
+        comm.Gather(buf, allbuf, root=0)
+        records = ([json.loads(bytes(row).rstrip(b"\0") or b"{}") for row in allbuf] if rank == 0 else None)
+    go = np.array([1], np.uint8)
+    if rank == 0:
+        bad = [r for r in records if not r.get("ok")]
+        for r in bad:
+            print(f"shardline: rank {r.get('rank')} on {r.get('host')}: {r.get('error')}", file=sys.stderr, flush=True)
+        go[0] = 0 if bad else 1
+    if comm is not None:
+        comm.Bcast(go, root=0)
+    return bool(go[0]), records
+
+
+class Node:
+    """This rank after a successful start: its place in the ring and its loaded stage."""
+
+    def __init__(self, comm, rank, size, stage, manifest, tok_dir, records):
+        from shardline import wire
+        self.comm, self.rank, self.size = comm, rank, size
+        self.stage, self.manifest, self.tok_dir, self.records = stage, manifest, tok_dir, records
+        self.link = wire.Link(comm, prev=(rank - 1) % size, next=(rank + 1) % size) if size > 1 else None
+
+
+def start(model_dir, slots: int, max_context: int | None = None, threads: int | None = None) -> Node | None:
+    """Every rank: join MPI, check and load its own shard, and take part in the roll call.
+    Returns None (after rank 0 has printed why) when any rank cannot serve."""
+    comm, rank, size = init_dist()
+    import torch
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_ranks()))
+    stage, manifest, tok_dir, record = load_stage(model_dir, rank, size, slots, max_context)
+    go, records = roll_call(comm, rank, size, record)
+    return Node(comm, rank, size, stage, manifest, tok_dir, records) if go else None

@@ -1,0 +1,40 @@
+"""Next-token choice on rank 0: greedy, temperature, top-k, top-p, per-request seeded generators."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0   # 0 = greedy
+    top_k: int = 0             # 0 = off
+    top_p: float = 1.0         # 1 = off
+    seed: int | None = None    # same seed, same prompt, same params -> same text
+
+    def generator(self) -> torch.Generator | None:
+        if self.temperature == 0:
+            return None
+        g = torch.Generator()
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    """logits: [vocab] for one sequence; returns the chosen token id."""
+    if p.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if 0 < p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= p.top_p   # keep the smallest prefix reaching top_p
+        logits = logits.index_fill(0, order[drop], float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))

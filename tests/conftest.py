@@ -1,0 +1,9 @@
+import pytest
+
+from tests.helpers import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A local save_pretrained directory (model + tokenizer) of a small GPT-2 with sharp logits."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

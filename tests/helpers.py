@@ -1,0 +1,149 @@
+"""Test helpers: a tiny GPT-2 with sharp logits, the transformers reference, and a real server process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+MPIRUN = str(Path(PY).parent / "mpirun")
+
+TINY = dict(n_layer=6, n_embd=64, n_head=4, n_positions=128, vocab_size=600, initializer_range=0.3,
+            bos_token_id=599, eos_token_id=599)
+
+
+def make_tiny_model(out: Path, seed: int = 0) -> Path:
+    """A save_pretrained directory (model + tokenizer) of a small GPT-2 whose random logits are far from
+    flat (large init), so greedy tokens are stable across correct implementations."""
+    import torch
+    from transformers import GPT2Config
+
+    from splitter.random_model import build_tokenizer, random_model
+    cfg = GPT2Config(**TINY)
+    model = random_model(cfg, seed)
+    model.save_pretrained(out)
+    build_tokenizer(cfg.vocab_size).save_pretrained(out)
+    return out
+
+
+def split(model: Path | str, stages: int, out: Path, *extra: str) -> Path:
+    subprocess.run([PY, "-m", "splitter", "--model", str(model), "--stages", str(stages), "--out", str(out), *extra],
+                   check=True, cwd=ROOT, capture_output=True, text=True)
+    return out
+
+
+def hf_model(model_dir: Path):
+    from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel.from_pretrained(model_dir).eval()
+
+
+def hf_greedy_ids(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    import torch
+    model = hf_model(model_dir)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             pad_token_id=model.config.eos_token_id)
+    ids = out[0, len(prompt_ids):].tolist()
+    eos = model.config.eos_token_id
+    return ids[:ids.index(eos)] if eos in ids else ids
+
+
+def hf_greedy(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
+    """The single-process transformers greedy continuation of prompt, as text."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return tok.decode(hf_greedy_ids(model_dir, tok(prompt)["input_ids"], max_new_tokens), skip_special_tokens=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mpi_env() -> dict:
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
+    env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
+    env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
+    return env
+
+
+def launch_cmd(ranks: int, script: str, *args: str) -> list[str]:
+    """The command that runs script on `ranks` local ranks (plain python for one)."""
+    if ranks == 1:
+        return [PY, script, *args]
+    return [MPIRUN, "-np", str(ranks), "--oversubscribe", "--bind-to", "none", PY, "-m", "mpi4py", script, *args]
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 60, headers: dict | None = None):
+    """(status, parsed JSON or text) without raising on 4xx/5xx."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw, status = r.read(), r.status
+    except urllib.error.HTTPError as err:
+        raw, status = err.read(), err.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+class Server:
+    """The real server (`mpirun ... main.py`) in its own process group; polls /health until it is up."""
+
+    def __init__(self, model_dir: Path, ranks: int, *args: str, port: int | None = None, log: Path | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        cmd = launch_cmd(ranks, str(ROOT / "main.py"), "--model-dir", str(model_dir), "--port", str(self.port), *args)
+        self.log = open(log, "w") if log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 120) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
+            try:
+                status, body = http("GET", self.url + "/health", timeout=2)
+                if status == 200:
+                    return body
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"no /health within {timeout}s: {self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

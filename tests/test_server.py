@@ -1,0 +1,98 @@
+"""End to end: mpirun with 3 ranks, the HTTP API, and a clean shutdown."""
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.helpers import Server, hf_greedy, http, split
+
+
+@pytest.fixture(scope="module")
+def parts3(tiny_model_dir, tmp_path_factory):
+    return split(tiny_model_dir, 3, tmp_path_factory.mktemp("parts3"))
+
+
+@pytest.fixture(scope="module")
+def server(parts3, tmp_path_factory):
+    s = Server(parts3, 3, log=tmp_path_factory.mktemp("log") / "server.log")
+    s.wait_healthy()
+    yield s
+    s.stop()
+
+
+def rank_processes(mpirun_pid: int) -> dict[int, psutil.Process]:
+    out = {}
+    for p in psutil.Process(mpirun_pid).children(recursive=True):
+        try:
+            env = p.environ()
+        except psutil.Error:
+            continue
+        if "OMPI_COMM_WORLD_RANK" in env and any("main.py" in a for a in p.cmdline()):
+            out[int(env["OMPI_COMM_WORLD_RANK"])] = p
+    return out
+
+
+def test_health_lists_every_stage(server):
+    status, body = http("GET", server.url + "/health")
+    assert status == 200 and body["status"] == "ok" and body["ranks"] == 3
+    assert [s["rank"] for s in body["stages"]] == [0, 1, 2]
+    layers = [tuple(s["layers"]) for s in body["stages"]]
+    assert layers[0][0] == 0 and layers[-1][1] == 6 and all(a[1] == b[0] for a, b in zip(layers, layers[1:]))
+    assert all(s["host"] for s in body["stages"])
+
+
+@pytest.mark.parametrize("prompt, n", [("Once upon a time", 24), ("the cat sat on", 40), ("x", 1)])
+def test_generate_greedy_equals_transformers(server, tiny_model_dir, prompt, n):
+    status, body = http("POST", server.url + "/generate", {"prompt": prompt, "max_new_tokens": n, "temperature": 0})
+    assert status == 200, body
+    assert body["text"] == hf_greedy(tiny_model_dir, prompt, n)
+    assert body["tokens"] == n and body["finish_reason"] == "length"
+
+
+def test_seeded_sampling_is_repeatable(server):
+    req = {"prompt": "a b c", "max_new_tokens": 16, "temperature": 0.9, "top_k": 50, "top_p": 0.9, "seed": 7}
+    a, b = http("POST", server.url + "/generate", req), http("POST", server.url + "/generate", req)
+    assert a[0] == b[0] == 200 and a[1]["text"] == b[1]["text"] and a[1]["tokens"] == 16
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"prompt": "hello " * 200, "max_new_tokens": 8}, 400),            # over the 128-token context
+    ({"prompt": "hi", "max_new_tokens": 200}, 400),                    # prompt + max_new_tokens over the context
+    ({"max_new_tokens": 8}, 400),                                      # no prompt
+    ({"prompt": "hi", "max_new_tokens": 0}, 400),
+    ({"prompt": "hi", "temperature": -1}, 400),
+    ({"prompt": "hi", "top_p": 0}, 400),
+])
+def test_bad_requests_get_a_4xx_with_a_message(server, body, status):
+    got, reply = http("POST", server.url + "/generate", body)
+    assert got == status, reply
+    assert reply["error"]["message"]
+
+
+def test_sigterm_to_rank0_stops_every_rank_cleanly(parts3, tmp_path):
+    s = Server(parts3, 3, log=tmp_path / "log")
+    s.wait_healthy()
+    ranks = rank_processes(s.proc.pid)
+    assert sorted(ranks) == [0, 1, 2]
+    t0 = time.monotonic()
+    ranks[0].send_signal(signal.SIGTERM)
+    code = s.proc.wait(15)
+    assert code == 0, s.output()
+    assert time.monotonic() - t0 < 10
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values())
+    s.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_mpirun_leaves_no_process_behind(parts3, tmp_path, sig):
+    s = Server(parts3, 3, log=tmp_path / "log")
+    s.wait_healthy()
+    ranks = rank_processes(s.proc.pid)
+    t0 = time.monotonic()
+    s.proc.send_signal(sig)
+    s.proc.wait(15)
+    assert time.monotonic() - t0 < 10
+    time.sleep(0.5)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values())
+    s.stop()
