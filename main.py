@@ -11,9 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+
+
+EX_CONFIG = 78   # the start was refused (bad shard, wrong rank count): restarting will not help
+STATS_INTERVAL = 2.0  # rank 0's heartbeat through the ring, seconds
 
 
 def parse_args(argv=None):
@@ -28,6 +33,11 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per micro-batch (prompt chunking)")
     ap.add_argument("--step-timeout", type=float, default=8.0,
                     help="seconds without an answer from the ring before the job is declared dead")
+    ap.add_argument("--shutdown-grace", type=float, default=0.0,
+                    help="on SIGTERM/SIGINT, seconds in-flight requests may still run (default 0: they get an "
+                         "error at once; mpirun kills every rank ~0.25 s after it is signalled)")
+    ap.add_argument("--pid-file", default=os.environ.get("SHARDLINE_PID_FILE"),
+                    help="rank 0 writes its PID here (the supervisor signals rank 0 for a clean stop)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per rank (default: this host's cores / its ranks)")
     ap.add_argument("--api-key", default=os.environ.get("SHARDLINE_API_KEY"),
@@ -43,13 +53,13 @@ def main(argv=None) -> int:
     from shardline.node import start
     node = start(args.model_dir, args.slots, args.max_context, args.threads)
     if node is None:
-        return 1
+        return EX_CONFIG
     if node.rank == 0:
         return _serve_head(args, node)
-    return _serve_worker(node)
+    return _serve_worker(args, node)
 
 
-def _serve_worker(node) -> int:
+def _serve_worker(args, node) -> int:
     rank = node.rank
     from shardline import worker
     deadline = [None]
@@ -61,9 +71,12 @@ def _serve_worker(node) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         worker.serve(node.stage, node.link, rank, rank == node.size - 1,
-                     should_stop=lambda: deadline[0] is not None and time.monotonic() > deadline[0][0])
+                     should_stop=lambda: deadline[0] is not None and time.monotonic() > deadline[0][0],
+                     silence_timeout=args.step_timeout + 2 * STATS_INTERVAL)
+    except worker.Silence as err:
+        print(f"[rank {rank} on {socket.gethostname()}] {err}: the job is broken, exiting", file=sys.stderr, flush=True)
+        os._exit(1)
     except Exception as err:
-        import socket
         print(f"[rank {rank} on {socket.gethostname()}] {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
     if deadline[0] is not None and time.monotonic() > deadline[0][0]:
@@ -82,7 +95,7 @@ def _serve_head(args, node) -> int:
     hosts = [r["host"] for r in records]
     engine = Engine(stage, AutoTokenizer.from_pretrained(tok_dir), link, size, hosts, args.slots,
                     queue_size=args.queue_size, max_batch_tokens=args.max_batch_tokens,
-                    step_timeout=args.step_timeout, log_steps=args.verbose)
+                    step_timeout=args.step_timeout, log_steps=args.verbose, stats_interval=STATS_INTERVAL)
     data = manifest.data
     name = args.model_name or os.path.basename(str(data["source"]).rstrip("/")) or "model"
     info = {"model": name, "random_weights": data.get("random_weights", False), "ranks": size,
@@ -97,8 +110,8 @@ def _serve_head(args, node) -> int:
     http.start()
 
     def on_signal(signum, _frame):
-        print(f"shardline: signal {signum}: finishing in-flight requests, then stopping every rank", flush=True)
-        engine.stop(grace=5.0)
+        print(f"shardline: signal {signum}: stopping every rank", flush=True)
+        engine.stop(grace=args.shutdown_grace)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
@@ -111,6 +124,9 @@ def _serve_head(args, node) -> int:
         engine.stop(grace=0)
     else:
         _banner(args, info, records)
+        if args.pid_file:
+            with open(args.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
     code = engine.run()
     if code:
         print(f"shardline: {engine.failed}", file=sys.stderr, flush=True)
@@ -126,7 +142,7 @@ def _banner(args, info, records) -> None:
     print(f"shardline: {info['model']} on {info['ranks']} rank(s), API at http://{args.host}:{args.port}", flush=True)
     for r in records:
         a, b = r["layers"]
-        print(f"  rank {r['rank']} on {r['host']}: layers {a}..{b - 1 if b > a else '-'}"
+        print(f"  rank {r['rank']} on {r['host']}: {f'layers {a}..{b - 1}' if b > a else 'no layers'}"
               f"{' + embeddings/head' if r['rank'] == 0 else ''}, {r.get('shard_mb')} MiB shard, "
               f"RSS {r.get('rss_mb')} MiB, loaded in {r.get('load_seconds')}s", flush=True)
     if info["random_weights"]:

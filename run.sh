@@ -10,13 +10,18 @@ model=${MODEL:-distilgpt2}
 out=${MODEL_DIR:-model_parts}
 if ! python -c "import json,sys; m=json.load(open('$out/manifest.json')); sys.exit(m['num_stages'] != 3 or m['source'] != '$model')" 2>/dev/null; then
   if ! python -m splitter --model "$model" --stages 3 --out "$out"; then
-    echo "##########################################################################"
-    echo "# The model hub is unreachable: using $model's shapes with RANDOM weights. #"
-    echo "# Everything runs for real, but the generated text will be meaningless.   #"
-    echo "##########################################################################"
+    echo "######################################################################"
+    echo "#  No model hub: using $model's shapes with RANDOM weights."
+    echo "#  Everything runs for real, but the generated text is MEANINGLESS."
+    echo "######################################################################"
     python -m splitter --model "$model" --stages 3 --out "$out" --random-weights
   fi
 fi
 [ "$(id -u)" = 0 ] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-echo "[run] curl -s localhost:8000/generate -H 'content-type: application/json' -d '{\"prompt\": \"Once upon a time\", \"max_new_tokens\": 32}'"
-exec mpirun -np 3 --hostfile hostfiles/localhost --bind-to none python -m mpi4py main.py --model-dir "$out" "$@"
+echo "[run] starting 3 ranks; then: curl -s localhost:8000/generate -H 'content-type: application/json' -d '{\"prompt\": \"Once upon a time\", \"max_new_tokens\": 32}'"
+# Supervised: Ctrl-C stops every rank cleanly; a failed job (a dead or hung rank) is restarted.
+# --enable-recovery keeps mpirun from killing rank 0 when a worker dies, so rank 0 can answer the
+# waiting clients with an error before the job ends.
+exec python -m shardline.supervise --restart -- \
+  mpirun -np 3 --hostfile hostfiles/localhost --bind-to none --enable-recovery \
+  python -m mpi4py main.py --model-dir "$out" "$@"

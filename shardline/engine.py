@@ -131,25 +131,33 @@ class Engine:
 
     # ---- the loop (the MPI thread) ----
     def run(self) -> int:
-        """Serve until stop() (returns 0) or a hung/dead rank (returns 1, every waiting request failed)."""
-        while True:
-            if self.stopping.is_set():
-                self._drain_inbox("the server is shutting down")
-                if not self.active or time.monotonic() > self.stop_deadline:
-                    break
-            self._admit()
-            self._launch()
-            got = self._collect()
-            self._maybe_stats()
-            if self._timed_out():
-                return 1
-            if not got:
-                if not self.active and not self.flights:
-                    self.wake.wait(0.05)
-                    self.wake.clear()
-                else:
-                    wire.idle_sleep(time.monotonic() - (self.link.last_traffic if self.link else 0))
-        self._fail_all("the server is shutting down")
+        """Serve until stop() (returns 0) or a dead/hung rank or MPI error (returns 1, every waiting
+        request failed with the reason)."""
+        try:
+            while True:
+                if self.stopping.is_set():
+                    self._drain_inbox("the server is shutting down; retry shortly")
+                    if not self.active or time.monotonic() > self.stop_deadline:
+                        break
+                self._admit()
+                self._launch()
+                got = self._collect()
+                self._maybe_stats()
+                if self._timed_out():
+                    return 1
+                if not got:
+                    if not self.active and not self.flights:
+                        self.wake.wait(0.05)
+                        self.wake.clear()
+                    else:
+                        wire.idle_sleep(time.monotonic() - (self.link.last_traffic if self.link else 0))
+        except Exception as err:  # an MPI error (a peer's connection dropped) or a bug: never leave clients hanging
+            self.failed = f"the pipeline failed: {type(err).__name__}: {err}"
+            self._fail_all(self.failed)
+            import traceback
+            traceback.print_exc()
+            return 1
+        self._fail_all("the server is shutting down; retry shortly")
         self._shutdown_ring()
         return 0
 
@@ -326,9 +334,13 @@ class Engine:
         self.metrics.queue_depth.set(self.inbox.qsize())
 
     def _timed_out(self) -> bool:
-        if not self.flights:
+        """A micro-batch or the heartbeat (the periodic STATS round) has been out too long."""
+        sent = [f.t_sent for f in self.flights.values()]
+        if self._stats_pending:
+            sent.append(self._stats_sent_at)
+        if not sent:
             return False
-        waited = time.monotonic() - min(f.t_sent for f in self.flights.values())
+        waited = time.monotonic() - min(sent)
         if waited < self.step_timeout:
             return False
         self.failed = (f"no answer from the pipeline for {waited:.1f}s (ranks 1..{self.size - 1} on "

@@ -11,8 +11,14 @@ from shardline.metrics import rss_bytes
 from shardline.stage import Stage
 
 
-def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop) -> None:
-    """Runs until rank 0's SHUTDOWN passes through, or should_stop() says the deadline to get one has gone."""
+class Silence(Exception):
+    """Nothing came from the previous rank for too long: rank 0's heartbeat stopped, so the job is broken."""
+
+
+def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, silence_timeout: float = 0) -> None:
+    """Runs until rank 0's SHUTDOWN passes through, or should_stop() says the deadline to get one has gone.
+    Raises Silence after silence_timeout seconds (0 = never) without a message: rank 0 sends a STATS
+    heartbeat every few seconds, so silence means a rank before this one is dead or hung."""
     compute, steps = 0.0, 0
     while True:
         msg = link.poll()
@@ -20,6 +26,9 @@ def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop) -> 
             link.reap()
             if should_stop():
                 return
+            quiet = time.monotonic() - link.last_traffic
+            if silence_timeout and quiet > silence_timeout:
+                raise Silence(f"no message from rank {link.prev} for {quiet:.0f}s")
             wire.idle_sleep(time.monotonic() - link.last_traffic)
             continue
         if msg.kind == wire.FORWARD:

@@ -80,7 +80,8 @@ def launch_cmd(ranks: int, script: str, *args: str) -> list[str]:
     """The command that runs script on `ranks` local ranks (plain python for one)."""
     if ranks == 1:
         return [PY, script, *args]
-    return [MPIRUN, "-np", str(ranks), "--oversubscribe", "--bind-to", "none", PY, "-m", "mpi4py", script, *args]
+    return [MPIRUN, "-np", str(ranks), "--oversubscribe", "--bind-to", "none", "--enable-recovery",
+            PY, "-m", "mpi4py", script, *args]
 
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = 60, headers: dict | None = None):

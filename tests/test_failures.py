@@ -1,0 +1,222 @@
+"""Dead, hung and stopped ranks, and shutdown: a waiting client always gets an answer or an error."""
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from transformers import GPT2Config
+
+from splitter.random_model import build_tokenizer, random_model
+from tests.helpers import PY, ROOT, free_port, http, launch_cmd, mpi_env, split
+
+
+@pytest.fixture(scope="module")
+def long_parts(tmp_path_factory):
+    """A small model with a 1024-token context, so a generation lasts long enough to break it midway."""
+    d = tmp_path_factory.mktemp("long")
+    cfg = GPT2Config(n_layer=6, n_embd=128, n_head=4, n_positions=1024, vocab_size=600, bos_token_id=599,
+                     eos_token_id=599)
+    random_model(cfg).save_pretrained(d / "model")
+    build_tokenizer(600).save_pretrained(d / "model")
+    return split(d / "model", 3, d / "parts")
+
+
+class Supervised:
+    """`python -m shardline.supervise --restart -- mpirun ... main.py`, as run.sh starts it."""
+
+    def __init__(self, parts: Path, log: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self.log = open(log, "w")
+        job = launch_cmd(3, str(ROOT / "main.py"), "--model-dir", str(parts), "--port", str(self.port),
+                         "--step-timeout", "5", *args)
+        self.proc = subprocess.Popen([PY, "-m", "shardline.supervise", "--restart", "--", *job], cwd=ROOT,
+                                     env=mpi_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy(self) -> bool:
+        try:
+            return http("GET", self.url + "/health", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def wait_healthy(self, timeout: float) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.healthy():
+                return time.monotonic() - t0
+            assert self.proc.poll() is None, self.log_path.read_text()
+            time.sleep(0.2)
+        raise TimeoutError(f"not healthy in {timeout}s:\n{self.log_path.read_text()}")
+
+    def ranks(self) -> dict[int, psutil.Process]:
+        out = {}
+        for p in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                env, cmd = p.environ(), p.cmdline()
+            except psutil.Error:
+                continue
+            if "OMPI_COMM_WORLD_RANK" in env and any("main.py" in a for a in cmd):
+                out[int(env["OMPI_COMM_WORLD_RANK"])] = p
+        return out
+
+    def everything(self) -> list[psutil.Process]:
+        try:
+            return [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> int:
+        procs = self.everything()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        for p in procs:  # nothing may outlive the supervisor
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        self.log.close()
+        return self.proc.returncode
+
+
+def stream_clients(url: str, n: int, max_tokens: int) -> tuple[list[dict], threading.Event]:
+    """n streaming completions in threads; each result records tokens seen, the outcome and when it ended."""
+    results = [dict(tokens=0, outcome=None, t_end=None) for _ in range(n)]
+    first = threading.Event()
+
+    def one(r):
+        try:
+            with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                              json={"prompt": f"story {id(r)}", "max_tokens": max_tokens, "stream": True,
+                                    "temperature": 0}) as resp:
+                if resp.status_code != 200:
+                    r["outcome"] = f"http {resp.status_code}"
+                    return
+                for line in resp.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        r["outcome"] = "error: " + event["error"]["message"]
+                    elif event["choices"][0]["finish_reason"]:
+                        r["outcome"] = "finished"
+                    else:
+                        r["tokens"] += 1
+                        first.set()
+        except httpx.HTTPError as err:
+            r["outcome"] = f"transport: {type(err).__name__}"
+        finally:
+            r["t_end"] = time.monotonic()
+
+    for r in results:
+        threading.Thread(target=one, args=(r,), daemon=True).start()
+    return results, first
+
+
+def wait_ended(results, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and any(r["t_end"] is None for r in results):
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_dead_or_hung_worker_fails_clients_fast_and_the_job_comes_back(long_parts, tmp_path, sig):
+    job = Supervised(long_parts, tmp_path / "job.log")
+    try:
+        job.wait_healthy(120)
+        first_ranks = job.ranks()
+        results, first = stream_clients(job.url, 4, 1000)
+        assert first.wait(30), "no token arrived"
+        t_break = time.monotonic()
+        first_ranks[1].send_signal(sig)
+        wait_ended(results, 15)
+        for r in results:
+            assert r["outcome"] is not None and r["outcome"].startswith("error"), (r, job.log_path.read_text())
+            assert r["t_end"] - t_break < 10, r
+        # The job ends non-zero, the supervisor starts it again, and the API answers within 30 s of the break.
+        while time.monotonic() - t_break < 30 and not (job.healthy() and job.ranks().get(1) not in (None, first_ranks[1])):
+            time.sleep(0.2)
+        assert job.healthy(), job.log_path.read_text()
+        assert time.monotonic() - t_break < 30
+        log = job.log_path.read_text()
+        assert "job ended with status" in log and "restarting" in log, log
+        status, body = http("POST", job.url + "/generate", {"prompt": "again", "max_new_tokens": 4})
+        assert status == 200 and body["tokens"] == 4
+    finally:
+        if sig == signal.SIGSTOP:
+            for p in job.everything():
+                try:
+                    p.send_signal(signal.SIGCONT)
+                except psutil.Error:
+                    pass
+        job.stop()
+
+
+@pytest.mark.parametrize("target", ["supervisor", "rank0", "mpirun"])
+def test_sigterm_answers_in_flight_clients_and_leaves_nothing_behind(long_parts, tmp_path, target):
+    job = Supervised(long_parts, tmp_path / "job.log")
+    try:
+        job.wait_healthy(120)
+        procs = job.everything()
+        ranks = job.ranks()
+        results, first = stream_clients(job.url, 3, 1000)
+        assert first.wait(30)
+        t0 = time.monotonic()
+        if target == "supervisor":
+            job.proc.send_signal(signal.SIGTERM)
+        elif target == "rank0":
+            ranks[0].send_signal(signal.SIGTERM)
+        else:
+            mpirun = next(p for p in procs if p.name() in ("prterun", "mpirun"))
+            mpirun.send_signal(signal.SIGTERM)
+        wait_ended(results, 12)
+        for r in results:
+            assert r["outcome"] in ("finished", "http 503") or str(r["outcome"]).startswith("error"), \
+                (r, job.log_path.read_text())
+        if target == "supervisor":
+            job.proc.wait(12)
+            gone = [p for p in procs if p.pid != job.proc.pid]
+        else:
+            gone = list(ranks.values())
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(_alive(p) for p in gone):
+                time.sleep(0.1)
+        assert time.monotonic() - t0 < 10
+        assert not [p for p in gone if _alive(p)]
+    finally:
+        job.stop()
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_refused_start_is_not_restarted(long_parts, tmp_path):
+    """A bad shard (status 78) stops the supervisor at once instead of looping."""
+    import shutil
+    parts = tmp_path / "parts"
+    shutil.copytree(long_parts, parts)
+    with open(parts / "stage_2.safetensors", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\xff")
+    job = Supervised(parts, tmp_path / "job.log")
+    try:
+        code = job.proc.wait(90)
+        log = job.log_path.read_text()
+        assert code == 78, log
+        assert "stage_2.safetensors" in log and "sha256" in log and "not restarting" in log
+    finally:
+        job.stop()
