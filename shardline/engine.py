@@ -252,8 +252,11 @@ class Engine:
                 logits = self.stage.head(x[[row for _, row in sampling]])    # [B, vocab]
             greedy = logits.argmax(-1).tolist()
             for j, (r, _) in enumerate(sampling):
-                tok = greedy[j] if r.params.temperature == 0 else sample(logits[j], r.params, r.gen)
-                self._emit(r, tok)
+                try:
+                    tok = greedy[j] if r.params.temperature == 0 else sample(logits[j], r.params, r.gen)
+                    self._emit(r, tok)
+                except Exception as err:  # one request's bad parameters must not take the others down
+                    self._finish(r, "error", f"sampling failed: {type(err).__name__}: {err}")
         compute = f.compute + time.perf_counter() - t0
         self.compute_seconds += compute
         self.steps_done += 1
