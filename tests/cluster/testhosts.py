@@ -1,0 +1,368 @@
+"""Test hosts on this machine, for the cluster test: what a few boards on a LAN look like to Ansible and mpirun.
+
+Each test host is a network namespace on a bridge (a veth pair each) with its own address in
+SUBNET, a host name of its own (a UTS namespace: Open MPI hangs in its first collective when two
+"boards" share a name), its own home, /etc/ssh and /etc/hosts (bind mounts in a private mount
+namespace), and its own sshd listening on its address only. The filesystem is otherwise shared, so
+the hosts see this work tree and its virtual environment at the same paths.
+
+Only the test hosts' addresses and loopback are ever contacted: the namespaces have no default
+route, and this machine reaches them through the bridge's address in SUBNET.
+
+Everything made here carries a fixed prefix (PREFIX), so that `cleanup_leftovers()` can remove what
+a crashed run left behind: processes in our namespaces, the namespaces, the bridge, temp dirs.
+
+    hosts = TestHosts(3, shared_paths=[Path(sys.base_prefix)])
+    try:
+        hosts.start()
+        hosts.run(hosts.hosts[0], "hostname")
+    finally:
+        hosts.stop()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SUBNET = "10.213.47"  # a private /24 chosen for these tests; .1 is this machine on the bridge
+PREFIX_LEN = 24
+CIDR = f"{SUBNET}.0/{PREFIX_LEN}"
+BRIDGE_ADDRESS = f"{SUBNET}.1"
+FIRST_HOST = 11  # host k gets SUBNET.(11+k)
+
+PREFIX = "slt"  # every name made here starts with it
+BRIDGE = f"{PREFIX}br0"
+TMP_PREFIX = "shardline-testhosts-"
+LOCK_PATH = Path(tempfile.gettempdir()) / "shardline-testhosts.lock"
+SSHD = "/usr/sbin/sshd"
+HOME = Path("/root")  # the test hosts log in as root; each gets its own /root
+
+
+def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=check, capture_output=True, text=True)
+
+
+def skip_reason() -> str | None:
+    """Why the test hosts cannot be made here, or None when they can."""
+    if os.geteuid() != 0:
+        return "the cluster test needs root (network namespaces, a bridge, an sshd per test host)"
+    for tool in ("ip", "unshare", "ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is missing: run tests/cluster/setup_host.sh as root"
+    if not os.access(SSHD, os.X_OK):
+        return f"{SSHD} is missing: run tests/cluster/setup_host.sh as root (installs openssh-server)"
+    if not os.access("/usr/bin/python3", os.X_OK):
+        return "/usr/bin/python3 is missing (Ansible's modules run with it): run tests/cluster/setup_host.sh"
+    probe = subprocess.run(["unshare", "--net", "--uts", "--mount", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create network, UTS and mount namespaces here: {probe.stderr.strip()}"
+    if _run(["ip", "netns", "list"], check=False).returncode != 0:
+        return "`ip netns` does not work here"
+    for line in _run(["ip", "-o", "-4", "addr", "show"]).stdout.splitlines():
+        fields = line.split()
+        if f" {SUBNET}." in line and not fields[1].startswith(PREFIX):
+            return f"{CIDR} (the test hosts' subnet) is already used by {fields[1]} on this machine"
+    return None
+
+
+@dataclass
+class TestHost:
+    """One test host: what Ansible's inventory and mpirun's hostfile name."""
+
+    index: int
+    name: str  # its host name (UTS namespace) and inventory name
+    address: str
+    netns: str
+    veth: str  # the bridge end of its veth pair; the other end is eth0 inside
+    root: Path  # its private files on this machine: home/, etc-ssh/, hosts, sshd.log
+    process: subprocess.Popen | None = None
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+
+class TestHosts:
+    """A few test hosts on a bridge. `start()` makes them, `stop()` removes all of it, always safe to call."""
+
+    def __init__(self, count: int, shared_paths: list[Path] = ()):
+        self.count = count
+        # Paths under /root the hosts must still see (e.g. a pyenv Python the venv links to):
+        # each host's own /root hides this machine's.
+        self.shared_paths = [Path(p).resolve() for p in shared_paths]
+        self.workdir: Path | None = None
+        self.hosts: list[TestHost] = []
+        self._lock = None
+
+    # ---- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._lock = open(LOCK_PATH, "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise RuntimeError(f"another run holds {LOCK_PATH}: a cluster test is already running") from None
+        cleanup_leftovers()
+        self.workdir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        self._make_client_key()
+        self.hosts = [
+            TestHost(
+                index=k,
+                name=f"{PREFIX}host{k}",
+                address=f"{SUBNET}.{FIRST_HOST + k}",
+                netns=f"{PREFIX}-h{k}",
+                veth=f"{PREFIX}v{k}",
+                root=self.workdir / f"host{k}",
+            )
+            for k in range(self.count)
+        ]
+        _ip("link", "add", BRIDGE, "type", "bridge")
+        _ip("addr", "add", f"{BRIDGE_ADDRESS}/{PREFIX_LEN}", "dev", BRIDGE)
+        _ip("link", "set", BRIDGE, "up")
+        for host in self.hosts:
+            self._make_network(host)
+            self._make_files(host)
+        for host in self.hosts:
+            self._start_sshd(host)
+        for host in self.hosts:
+            self._wait_for_sshd(host)
+
+    def stop(self) -> None:
+        self._close_ssh_masters()
+        for host in self.hosts:
+            if host.process is not None and host.process.poll() is None:
+                host.process.terminate()
+        cleanup_leftovers(remove_tmp=False)
+        for host in self.hosts:
+            if host.process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    host.process.wait(timeout=5)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        if self._lock is not None:
+            LOCK_PATH.unlink(missing_ok=True)  # still holding it: no other run can be between these lines
+            self._lock.close()
+            self._lock = None
+
+    def _close_ssh_masters(self) -> None:
+        """Ask every SSH control master (Ansible's ControlPersist) with a socket under workdir to exit."""
+        if self.workdir is None:
+            return
+        for sock in self.workdir.rglob("*"):
+            if sock.is_socket():
+                subprocess.run(["ssh", "-F", "/dev/null", "-o", f"ControlPath={sock}", "-O", "exit", "test-host"],
+                               capture_output=True, timeout=10, check=False)
+
+    # ---- using them ---------------------------------------------------------------------
+
+    @property
+    def client_key(self) -> Path:
+        return self.workdir / "client" / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.workdir / "client" / "known_hosts"
+
+    def ssh_options(self) -> list[str]:
+        """ssh options that trust exactly the test hosts' keys and touch nothing in ~/.ssh."""
+        return [
+            "-F", "/dev/null",
+            "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes",
+            "-o", f"IdentityFile={self.client_key}",
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "ConnectTimeout=10",
+        ]  # fmt: skip
+
+    def ssh_argv(self, host: TestHost, command: str) -> list[str]:
+        return ["ssh", *self.ssh_options(), f"root@{host.address}", command]
+
+    def run(self, host: TestHost, command: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run a shell command on a test host over SSH, as Ansible and mpirun do."""
+        return subprocess.run(self.ssh_argv(host, command), capture_output=True, text=True, timeout=timeout)
+
+    def write_inventory(self, path: Path, workers: bool = True) -> Path:
+        """An inventory like ansible/inventory.example.ini: host 0 is the head, the others workers."""
+        ssh_args = " ".join(shlex.quote(o) for o in self.ssh_options())
+        head, *rest = self.hosts
+        lines = ["[head]", f"{head.name} ansible_host={head.address}", "", "[workers]"]
+        lines += [f"{h.name} ansible_host={h.address}" for h in rest] if workers else []
+        lines += [
+            "",
+            "[all:vars]",
+            f"ansible_ssh_common_args={shlex.quote(ssh_args)}",
+            "ansible_python_interpreter=/usr/bin/python3",
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def pids(self) -> dict[str, list[int]]:
+        """Processes running in each test host's network namespace."""
+        return {h.name: _netns_pids(h.netns) for h in self.hosts}
+
+    # ---- making them --------------------------------------------------------------------
+
+    def _make_client_key(self) -> None:
+        client = self.workdir / "client"
+        client.mkdir(mode=0o700)
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "shardline-test-client", "-f", str(self.client_key)])
+
+    def _make_network(self, host: TestHost) -> None:
+        _ip("netns", "add", host.netns)
+        _ip("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
+        _ip("link", "set", host.veth, "master", BRIDGE, "up")
+        _ip("-n", host.netns, "addr", "add", f"{host.address}/{PREFIX_LEN}", "dev", "eth0")
+        _ip("-n", host.netns, "link", "set", "eth0", "up")
+        _ip("-n", host.netns, "link", "set", "lo", "up")
+
+    def _make_files(self, host: TestHost) -> None:
+        host.root.mkdir(mode=0o755)
+        host.home.mkdir(mode=0o700)
+        ssh_dir = host.home / ".ssh"
+        ssh_dir.mkdir(mode=0o700)
+        (ssh_dir / "authorized_keys").write_text(self.client_key.with_suffix(".pub").read_text())
+        (ssh_dir / "authorized_keys").chmod(0o600)
+        for shared in self._shared_under_home():
+            (host.home / shared.relative_to(HOME)).mkdir(parents=True, exist_ok=True)
+
+        # Its own /etc/ssh: the client configuration of this machine, its own host key and sshd_config.
+        etc_ssh = host.root / "etc-ssh"
+        etc_ssh.mkdir()
+        for name in ("ssh_config", "ssh_config.d", "moduli"):
+            src = Path("/etc/ssh") / name
+            if src.is_dir():
+                shutil.copytree(src, etc_ssh / name)
+            elif src.exists():
+                shutil.copy2(src, etc_ssh / name)
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{host.name}", "-f", str(etc_ssh / "ssh_host_ed25519_key")])
+        (etc_ssh / "sshd_config").write_text(
+            "\n".join(
+                [
+                    f"ListenAddress {host.address}",
+                    "Port 22",
+                    "HostKey /etc/ssh/ssh_host_ed25519_key",
+                    "PidFile none",
+                    "PermitRootLogin prohibit-password",
+                    "PubkeyAuthentication yes",
+                    "AuthorizedKeysFile .ssh/authorized_keys",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes yes",
+                    "X11Forwarding no",
+                    "PrintMotd no",
+                    "MaxStartups 100",
+                    "MaxSessions 100",
+                    "Subsystem sftp internal-sftp",
+                    "",
+                ]
+            )
+        )
+        host_key = (etc_ssh / "ssh_host_ed25519_key.pub").read_text().split()
+        with open(self.known_hosts, "a") as f:
+            for name in (host.address, host.name):
+                f.write(f"{name} {host_key[0]} {host_key[1]}\n")
+
+        # Its own /etc/hosts: every test host by name, as a LAN's DNS or mDNS would give.
+        (host.root / "hosts").write_text(
+            "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
+            + "".join(f"{h.address} {h.name}\n" for h in self.hosts)
+        )
+
+    def _shared_under_home(self) -> list[Path]:
+        return [p for p in self.shared_paths if HOME in p.parents]
+
+    def _start_sshd(self, host: TestHost) -> None:
+        mounts = [
+            f"mount --bind {shlex.quote(str(host.root / 'etc-ssh'))} /etc/ssh",
+            f"mount --bind {shlex.quote(str(host.root / 'hosts'))} /etc/hosts",
+        ]
+        for shared in self._shared_under_home():
+            mounts.append(f"mount --bind {shlex.quote(str(shared))} {shlex.quote(str(host.home / shared.relative_to(HOME)))}")
+        mounts.append(f"mount --rbind {shlex.quote(str(host.home))} {HOME}")
+        script = " && ".join([f"hostname {host.name}", *mounts, f"exec {SSHD} -D -e -f /etc/ssh/sshd_config"])
+        log = open(host.root / "sshd.log", "w")
+        # ip netns exec: its network; unshare: its host name and its mounts (private to it and the
+        # sessions its sshd starts). Every process of this host descends from this sshd.
+        host.process = subprocess.Popen(
+            ["ip", "netns", "exec", host.netns, "unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def _wait_for_sshd(self, host: TestHost, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if host.process.poll() is not None:
+                break
+            with contextlib.suppress(OSError), socket.create_connection((host.address, 22), timeout=1):
+                return
+            time.sleep(0.1)
+        log = (host.root / "sshd.log").read_text(errors="replace")
+        raise RuntimeError(f"sshd on test host {host.name} ({host.address}) did not start:\n{log}")
+
+
+def _ip(*args: str) -> None:
+    result = _run(["ip", *args], check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def _netns_pids(netns: str) -> list[int]:
+    result = _run(["ip", "netns", "pids", netns], check=False)
+    return [int(p) for p in result.stdout.split()] if result.returncode == 0 else []
+
+
+def _kill_netns_processes(netns: str, grace: float = 5) -> None:
+    """SIGTERM every process in the namespace (sshd, mpirun, the ranks), then SIGKILL what remains."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _netns_pids(netns)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = _netns_pids(netns)
+        if not pids:
+            return
+
+
+def cleanup_leftovers(remove_tmp: bool = True) -> None:
+    """Remove every test host, bridge and veth named with PREFIX, and (optionally) our temp dirs.
+
+    Run before making hosts (a crashed run may have left some) and by stop(); call it only while
+    holding LOCK_PATH, so that it never removes another live run's hosts.
+    """
+    names = [line.split()[0] for line in _run(["ip", "netns", "list"]).stdout.splitlines() if line.strip()]
+    for netns in names:
+        if netns.startswith(f"{PREFIX}-h"):
+            _kill_netns_processes(netns)
+            _run(["ip", "netns", "del", netns], check=False)
+    for line in _run(["ip", "-o", "link", "show"]).stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name == BRIDGE or name.startswith(f"{PREFIX}v"):
+            _run(["ip", "link", "del", name], check=False)
+    if remove_tmp:
+        for leftover in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)

@@ -1,0 +1,133 @@
+"""The Ansible playbook is valid, lint-clean at the production profile, and has the tags users know.
+
+Fast and offline: nothing here connects to a board (the cluster test, tests/test_cluster.py, runs the
+playbook over SSH on test hosts).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ANSIBLE_DIR = Path(__file__).resolve().parent.parent / "ansible"
+BIN = Path(sys.executable).parent
+
+# Every tag the issue names, in the order a user meets them (docs/boards.md).
+SETUP_TAGS = [
+    "install_dependencies",
+    "check_packages",
+    "ssh",
+    "copy_mainpy_to_workers",
+    "ensure_model_dir",
+    "download_new_model_on_boss",
+    "distribute_new_model_to_workers",
+    "hostfile",
+]
+OTHER_TAGS = ["setup", "service", "health"]
+NEVER_TAGS = ["update", "reboot"]  # run only when asked for by name
+
+
+def ansible(*argv: str, tool: str = "ansible-playbook", timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", NO_COLOR="1", ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"))
+    return subprocess.run(
+        [str(BIN / tool), *argv], cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def playbook(*argv: str) -> subprocess.CompletedProcess:
+    return ansible("-i", "inventory.example.ini", "site.yml", *argv)
+
+
+def test_syntax_check_passes():
+    result = playbook("--syntax-check")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ansible_lint_production_profile_passes():
+    # ansible/.ansible-lint sets the production profile and strict mode (warnings fail too).
+    result = ansible("--profile", "production", "--strict", "--nocolor", "site.yml", tool="ansible-lint", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Profile 'production' was required, and it passed" in result.stderr + result.stdout
+
+
+def test_every_tag_the_issue_names_exists():
+    result = playbook("--list-tags")
+    assert result.returncode == 0, result.stderr
+    tags = set()
+    for listed in re.findall(r"TASK TAGS: \[(.*?)\]", result.stdout):
+        tags.update(t.strip() for t in listed.split(","))
+    missing = set(SETUP_TAGS + OTHER_TAGS + NEVER_TAGS) - tags
+    assert not missing, f"tags missing from site.yml: {sorted(missing)}"
+
+
+def _tasks(*argv: str) -> list[tuple[str, set[str]]]:
+    """(task name, its tags) in the order the playbook runs them."""
+    result = playbook("--list-tasks", *argv)
+    assert result.returncode == 0, result.stderr
+    tasks = []
+    for line in result.stdout.splitlines():
+        match = re.match(r"^\s{6}(\S.*?)\s+TAGS: \[(.*)\]$", line)
+        if match:
+            tasks.append((match[1], {t.strip() for t in match[2].split(",") if t.strip()}))
+    return tasks
+
+
+def test_setup_runs_the_first_time_tags_in_the_documented_order():
+    tasks = _tasks("--tags", "setup")
+    order = []
+    for _, tags in tasks:
+        for tag in SETUP_TAGS:
+            if tag in tags and tag not in order:
+                order.append(tag)
+    assert order == SETUP_TAGS
+    run = set().union(*(tags for _, tags in tasks))
+    assert not run & {"service", "health", *NEVER_TAGS}, "setup must not start the service, upgrade or reboot"
+
+
+@pytest.mark.parametrize("tag", NEVER_TAGS)
+def test_update_and_reboot_run_only_when_asked(tag):
+    everything = _tasks()
+    assert not any(tag in tags for _, tags in everything), f"{tag} runs without being asked for"
+    asked = _tasks("--tags", tag)
+    assert asked and all(tag in tags or "always" in tags for _, tags in asked)
+
+
+def test_hostfile_template_lists_the_inventory_head_first_one_slot_each():
+    result = ansible(
+        "localhost", "-i", "inventory.example.ini", "-m", "ansible.builtin.debug",
+        "-a", "msg={{ lookup('ansible.builtin.template', 'templates/hostfile.j2') }}",
+        tool="ansible",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert r'"msg": "192.168.1.50 slots=1\n192.168.1.51 slots=1\n192.168.1.52 slots=1\n"' in result.stdout
+
+
+def _render(template: str, out: Path) -> str:
+    """Render one of ansible/templates with the example inventory and group_vars, on this machine only."""
+    result = ansible(
+        "localhost", "-i", "inventory.example.ini", "-m", "ansible.builtin.copy",
+        "-a", f"content={{{{ lookup('ansible.builtin.template', 'templates/{template}') }}}} dest={out} mode=0644",
+        tool="ansible",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out.read_text()
+
+
+def test_launch_script_runs_mpirun_with_the_rendered_hostfile(tmp_path):
+    script = _render("launch.sh.j2", tmp_path / "launch.sh")
+    assert "mpirun" in script and "--hostfile /home/pi/shardline/hostfiles/cluster" in script
+    assert "-np 3" in script and "-m mpi4py /home/pi/shardline/main.py" in script
+    assert "--model-dir /home/pi/shardline/model_parts" in script and "--host 0.0.0.0 --port 8000" in script
+    assert "--allow-run-as-root" not in script, "only a root user needs --allow-run-as-root"
+    assert subprocess.run(["sh", "-n", str(tmp_path / "launch.sh")]).returncode == 0
+
+
+def test_systemd_unit_runs_the_launch_script_and_restarts_on_failure(tmp_path):
+    unit = _render("shardline.service.j2", tmp_path / "shardline.service")
+    lines = set(unit.splitlines())
+    assert {"User=pi", "ExecStart=/home/pi/shardline/launch.sh", "Restart=on-failure", "WantedBy=multi-user.target"} <= lines
