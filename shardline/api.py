@@ -17,7 +17,7 @@ from typing import Literal
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardline.engine import Engine, EngineStopped, QueueFull, Request
@@ -40,6 +40,13 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_means_default(cls, data):
+        # OpenAI's schema makes these fields nullable ("temperature": null = the default); clients send it.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension: keep the k likeliest tokens (0 = off)")
@@ -81,6 +88,45 @@ class ChatBody(OpenAIBody):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
 
 
+class BodyLimit:
+    """ASGI middleware: a POST body over `limit` bytes gets 413 before the app sees it, chunked or not.
+
+    (A Content-Length check alone lets a chunked upload of any size into memory.) Bodies within the
+    limit are read here and replayed to the app; later receive() calls (disconnects) pass through."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        chunks, size, more = [], 0, True
+        if length and (not length.isdigit() or int(length) > self.limit):
+            more, size = False, self.limit + 1
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False) and size <= self.limit
+        if size > self.limit:
+            reply = JSONResponse(error_body(f"request body over {self.limit} bytes", "invalid_request_error",
+                                            code="body_too_large"), status_code=413, headers={"Connection": "close"})
+            return await reply(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, replay, send)
+
+
 def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: str | None = None,
                cors_origins: list[str] | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="shardline", version="0.1.0",
@@ -90,21 +136,15 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
     default_stop: dict[str, str] = {}
     chat_template = getattr(tokenizer, "chat_template", None)
 
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
-
+    # Middleware order, outermost first: CORS (so preflights and error replies carry its headers),
+    # then the API-key guard and request counter, then the body limit. Starlette wraps the last added
+    # around the others, hence the reverse order below.
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     open_paths = {"/health", "/", "/favicon.ico"}
 
     @app.middleware("http")
     async def guard(request: HTTPRequest, call_next):
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-                return JSONResponse(error_body(f"request body over {max_body_bytes} bytes", "invalid_request_error",
-                                               code="body_too_large"), status_code=413)
-        if api_key and request.url.path not in open_paths:
+        if api_key and request.url.path not in open_paths and request.method != "OPTIONS":
             auth = request.headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
@@ -115,6 +155,11 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
             metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 
+    if cors_origins:   # a preflight (OPTIONS, no Authorization header) is answered here, before the guard
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
     @app.exception_handler(APIError)
     async def api_error(_, err: APIError):
         return JSONResponse(error_body(err.message, err.type, err.param), status_code=err.status, headers=err.headers)
@@ -122,6 +167,11 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
+        if first.get("type") == "json_invalid":   # its loc is ("body", character offset)
+            at = first.get("loc", ("", "?"))[-1]
+            why = (first.get("ctx") or {}).get("error", "JSON decode error")
+            return JSONResponse(error_body(f"the body is not valid JSON ({why} at character {at})",
+                                           "invalid_request_error", code="invalid_json"), status_code=400)
         loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
                         for e in err.errors()[:5])
@@ -169,8 +219,11 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         if req.error:
             raise APIError(503, req.error, "service_unavailable", headers={"Retry-After": "5"})
 
-    def max_tokens_of(body: OpenAIBody, default: int) -> int:
-        return body.max_completion_tokens or body.max_tokens or default
+    def max_tokens_of(body: OpenAIBody, default: int, prompt_ids: list[int]) -> int:
+        # Asked for: must fit the context (the engine says 400 otherwise). Not asked for: OpenAI's
+        # default, cut to the room the prompt leaves (at least 1, so an over-long prompt still gets its 400).
+        asked = body.max_completion_tokens or body.max_tokens
+        return asked or max(1, min(default, engine.max_context - len(prompt_ids)))
 
     def usage(req: Request) -> dict:
         return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.generated),
@@ -249,7 +302,8 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1 or len(prompts[0]) > MAX_PROMPT_CHARS:
             raise APIError(400, f"prompt: one string of at most {MAX_PROMPT_CHARS} characters", param="prompt")
-        req, events = start(encode(prompts[0]), max_tokens_of(body, 16), body)
+        ids = encode(prompts[0])
+        req, events = start(ids, max_tokens_of(body, 16, ids), body)
         rid = f"cmpl-{uuid.uuid4().hex}"
         echo = prompts[0] if body.echo else ""
 
@@ -281,7 +335,8 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         prompt, extra_stop = chat_prompt(body.messages)
         if len(prompt) > MAX_PROMPT_CHARS:
             raise APIError(400, f"messages: over {MAX_PROMPT_CHARS} characters in all", param="messages")
-        req, events = start(encode(prompt), max_tokens_of(body, 256), body, extra_stop)
+        ids = encode(prompt)
+        req, events = start(ids, max_tokens_of(body, 256, ids), body, extra_stop)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
         def chunk(delta, finish):
