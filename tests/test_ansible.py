@@ -33,7 +33,13 @@ NEVER_TAGS = ["update", "reboot"]  # run only when asked for by name
 
 
 def ansible(*argv: str, tool: str = "ansible-playbook", timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", NO_COLOR="1", ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"))
+    env = dict(
+        os.environ,
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        NO_COLOR="1",
+        ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"),
+    )
     return subprocess.run(
         [str(BIN / tool), *argv], cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -130,4 +136,9 @@ def test_launch_script_runs_mpirun_with_the_rendered_hostfile(tmp_path):
 def test_systemd_unit_runs_the_launch_script_and_restarts_on_failure(tmp_path):
     unit = _render("shardline.service.j2", tmp_path / "shardline.service")
     lines = set(unit.splitlines())
-    assert {"User=pi", "ExecStart=/home/pi/shardline/launch.sh", "Restart=on-failure", "WantedBy=multi-user.target"} <= lines
+    assert {
+        "User=pi",
+        "ExecStart=/home/pi/shardline/launch.sh",
+        "Restart=on-failure",
+        "WantedBy=multi-user.target",
+    } <= lines

@@ -58,10 +58,8 @@ def hosts():
     try:
         try:
             cluster.start()
-        except RuntimeError as err:
-            if "already running" in str(err):
-                pytest.skip(str(err))
-            raise
+        except testhosts.HostsUnavailable as err:
+            pytest.skip(f"cluster test skipped: {err}")
         yield cluster
     finally:
         cluster.stop()
@@ -111,22 +109,23 @@ def provisioned(hosts, inventory, extra_vars):
     return run
 
 
+def _sh(hosts, host, command: str) -> str:
+    result = hosts.run(host, command)
+    assert result.returncode == 0, f"{host.name}: {command}: {result.stderr}"
+    return result.stdout.strip()
+
+
 def test_each_test_host_is_a_machine_of_its_own(hosts):
-    homes = set()
     for host in hosts.hosts:
-        result = hosts.run(host, "hostname; echo $HOME; ip -4 -o addr show dev eth0; ip route; touch ~/mine-$(hostname); ls ~")
-        assert result.returncode == 0, result.stderr
-        name, home, addr, *rest = result.stdout.splitlines()
-        assert name == host.name
-        assert home == "/root"
-        assert f" {host.address}/" in addr
-        routes = [r for r in rest if r and not r.startswith(("mine-", "."))]
-        # No default route: from a test host, only the test subnet is reachable.
-        assert all(r.startswith(testhosts.CIDR) for r in routes if "dev eth0" in r or "default" in r), routes
-        files = [r for r in rest if r.startswith("mine-")]
-        assert files == [f"mine-{host.name}"], f"{host.name} sees another host's home: {files}"
-        homes.add(host.name)
-    assert len(homes) == HOSTS
+        assert _sh(hosts, host, "hostname") == host.name  # its own UTS namespace
+        assert f" {host.address}/{testhosts.PREFIX_LEN} " in _sh(hosts, host, "ip -4 -o addr show dev eth0")
+        # Only the test subnet is reachable from a test host: no default route, no other network.
+        routes = _sh(hosts, host, "ip -4 route").splitlines()
+        assert routes == [f"{testhosts.CIDR} dev eth0 proto kernel scope link src {host.address}"]
+        # Its own home: what it writes there, no other host sees.
+        assert _sh(hosts, host, "echo $HOME") == "/root"
+        _sh(hosts, host, f"touch ~/mine-{host.name}")
+        assert _sh(hosts, host, "ls ~ | grep ^mine-") == f"mine-{host.name}"
 
 
 def test_ansible_reaches_every_test_host(hosts, inventory, extra_vars):
@@ -134,7 +133,16 @@ def test_ansible_reaches_every_test_host(hosts, inventory, extra_vars):
     vars_file = hosts.workdir / "ping-vars.json"
     vars_file.write_text(json.dumps(extra_vars))
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible"), "all", "-i", str(inventory), "-e", f"@{vars_file}", "-m", "ansible.builtin.ping"],
+        [
+            str(Path(sys.executable).parent / "ansible"),
+            "all",
+            "-i",
+            str(inventory),
+            "-e",
+            f"@{vars_file}",
+            "-m",
+            "ansible.builtin.ping",
+        ],
         cwd=REPO / "ansible",
         env=ansible_env(hosts.workdir),
         capture_output=True,
@@ -155,7 +163,9 @@ def test_setup_gives_every_board_the_program_and_only_its_own_shard(hosts, provi
     manifest = json.loads(hosts.run(head, f"cat {board}/model_parts/manifest.json").stdout)
     assert manifest["num_stages"] == HOSTS
     for host in hosts.hosts:
-        listing = hosts.run(host, f"cd {board} && ls main.py shardline/__init__.py splitter/__main__.py && ls model_parts")
+        listing = hosts.run(
+            host, f"cd {board} && ls main.py shardline/__init__.py splitter/__main__.py && ls model_parts"
+        )
         assert listing.returncode == 0, listing.stderr
         shards = sorted(f for f in listing.stdout.split() if f.endswith(".safetensors"))
         if host is head:
@@ -184,7 +194,9 @@ def test_second_setup_run_changes_nothing(hosts, inventory, extra_vars, provisio
     assert all(n == 0 for n in again.changed().values()), f"the second run changed:\n{changed}\n\n{again.explain()}"
 
 
-def test_mpirun_over_the_test_hosts_generates_the_single_process_text(hosts, inventory, extra_vars, provisioned, tiny_model_dir):
+def test_mpirun_over_the_test_hosts_generates_the_single_process_text(
+    hosts, inventory, extra_vars, provisioned, tiny_model_dir
+):
     head = hosts.hosts[0]
     board = extra_vars["shardline_dir"]
     log_path = hosts.workdir / "mpirun.log"
@@ -207,7 +219,9 @@ def test_mpirun_over_the_test_hosts_generates_the_single_process_text(hosts, inv
         assert status == 200, body
         assert [s["host"] for s in body["stages"]] == [h.name for h in hosts.hosts], body
 
-        status, body = _http("POST", f"{api}/generate", {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0})
+        status, body = _http(
+            "POST", f"{api}/generate", {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0}
+        )
         assert status == 200, f"{body}\n--- mpirun ---\n{log_path.read_text()}"
         expected = hf_greedy(tiny_model_dir, PROMPT, MAX_NEW_TOKENS)
         assert body["text"] == expected, f"cluster: {body['text']!r}\nsingle process: {expected!r}"
@@ -232,4 +246,3 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float = 60):
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode(errors="replace")
-

@@ -32,7 +32,7 @@ class PlaybookRun:
         found, task = [], None
         for line in self.output.splitlines():
             if line.startswith("TASK ["):
-                task = line[len("TASK ["):].split("]")[0]
+                task = line[len("TASK [") :].split("]")[0]
             elif line.startswith("changed: ["):
                 found.append(f"{task}: {line[len('changed: '):].strip()}")
         return found
@@ -84,7 +84,14 @@ def run_playbook(
 ) -> PlaybookRun:
     vars_file = state_dir / "extra-vars.json"
     vars_file.write_text(json.dumps(extra_vars, indent=2))
-    argv = [str(Path(sys.executable).parent / "ansible-playbook"), "site.yml", "-i", str(inventory), "-e", f"@{vars_file}"]
+    argv = [
+        str(Path(sys.executable).parent / "ansible-playbook"),
+        "site.yml",
+        "-i",
+        str(inventory),
+        "-e",
+        f"@{vars_file}",
+    ]
     if tags:
         argv += ["--tags", tags]
     if skip_tags:

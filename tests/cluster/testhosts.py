@@ -49,6 +49,10 @@ SSHD = "/usr/sbin/sshd"
 HOME = Path("/root")  # the test hosts log in as root; each gets its own /root
 
 
+class HostsUnavailable(RuntimeError):
+    """The test hosts cannot be made here (another run holds them, or the kernel lacks a feature)."""
+
+
 def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(argv, check=check, capture_output=True, text=True)
 
@@ -114,7 +118,7 @@ class TestHosts:
         except BlockingIOError:
             self._lock.close()
             self._lock = None
-            raise RuntimeError(f"another run holds {LOCK_PATH}: a cluster test is already running") from None
+            raise HostsUnavailable(f"another run holds {LOCK_PATH}: a cluster test is already running") from None
         cleanup_leftovers()
         self.workdir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
@@ -130,7 +134,10 @@ class TestHosts:
             )
             for k in range(self.count)
         ]
-        _ip("link", "add", BRIDGE, "type", "bridge")
+        try:
+            _ip("link", "add", BRIDGE, "type", "bridge")
+        except RuntimeError as err:
+            raise HostsUnavailable(f"cannot make a network bridge here: {err}") from None
         _ip("addr", "add", f"{BRIDGE_ADDRESS}/{PREFIX_LEN}", "dev", BRIDGE)
         _ip("link", "set", BRIDGE, "up")
         for host in self.hosts:
@@ -165,8 +172,12 @@ class TestHosts:
             return
         for sock in self.workdir.rglob("*"):
             if sock.is_socket():
-                subprocess.run(["ssh", "-F", "/dev/null", "-o", f"ControlPath={sock}", "-O", "exit", "test-host"],
-                               capture_output=True, timeout=10, check=False)
+                subprocess.run(
+                    ["ssh", "-F", "/dev/null", "-o", f"ControlPath={sock}", "-O", "exit", "test-host"],
+                    capture_output=True,
+                    timeout=10,
+                    check=False,
+                )
 
     # ---- using them ---------------------------------------------------------------------
 
@@ -189,6 +200,9 @@ class TestHosts:
             "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", "StrictHostKeyChecking=yes",
             "-o", "ConnectTimeout=10",
+            # Notice a test host that is gone instead of waiting on its connection forever.
+            "-o", "ServerAliveInterval=5",
+            "-o", "ServerAliveCountMax=3",
         ]  # fmt: skip
 
     def ssh_argv(self, host: TestHost, command: str) -> list[str]:
@@ -251,7 +265,20 @@ class TestHosts:
                 shutil.copytree(src, etc_ssh / name)
             elif src.exists():
                 shutil.copy2(src, etc_ssh / name)
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{host.name}", "-f", str(etc_ssh / "ssh_host_ed25519_key")])
+        _run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"root@{host.name}",
+                "-f",
+                str(etc_ssh / "ssh_host_ed25519_key"),
+            ]
+        )
         (etc_ssh / "sshd_config").write_text(
             "\n".join(
                 [
@@ -295,14 +322,29 @@ class TestHosts:
             f"mount --bind {shlex.quote(str(host.root / 'hosts'))} /etc/hosts",
         ]
         for shared in self._shared_under_home():
-            mounts.append(f"mount --bind {shlex.quote(str(shared))} {shlex.quote(str(host.home / shared.relative_to(HOME)))}")
+            mounts.append(
+                f"mount --bind {shlex.quote(str(shared))} {shlex.quote(str(host.home / shared.relative_to(HOME)))}"
+            )
         mounts.append(f"mount --rbind {shlex.quote(str(host.home))} {HOME}")
         script = " && ".join([f"hostname {host.name}", *mounts, f"exec {SSHD} -D -e -f /etc/ssh/sshd_config"])
         log = open(host.root / "sshd.log", "w")
         # ip netns exec: its network; unshare: its host name and its mounts (private to it and the
         # sessions its sshd starts). Every process of this host descends from this sshd.
         host.process = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", script],
+            [
+                "ip",
+                "netns",
+                "exec",
+                host.netns,
+                "unshare",
+                "--uts",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -365,4 +407,31 @@ def cleanup_leftovers(remove_tmp: bool = True) -> None:
             _run(["ip", "link", "del", name], check=False)
     if remove_tmp:
         for leftover in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
+            # A killed run's ansible-playbook and SSH masters name its temp dir on their command lines.
+            _kill_processes_mentioning(str(leftover))
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _kill_processes_mentioning(text: str, grace: float = 5) -> None:
+    """SIGTERM, then SIGKILL, the processes whose command line contains text (a temp dir of ours)."""
+
+    def matching() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                with contextlib.suppress(OSError):
+                    if text.encode() in (proc / "cmdline").read_bytes():
+                        pids.append(int(proc.name))
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = matching()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = matching()
+        if not pids:
+            return
