@@ -194,6 +194,19 @@ def test_second_setup_run_changes_nothing(hosts, inventory, extra_vars, provisio
     assert all(n == 0 for n in again.changed().values()), f"the second run changed:\n{changed}\n\n{again.explain()}"
 
 
+def test_distribution_replaces_a_damaged_shard_and_verifies_it_on_the_worker(hosts, inventory, extra_vars, provisioned):
+    worker = hosts.hosts[1]
+    shard = f"{extra_vars['shardline_dir']}/model_parts/stage_{worker.index}.safetensors"
+    _sh(hosts, worker, f"printf x >> {shard}")  # one byte more: the size and the sha256 are wrong
+
+    run = playbook(hosts, inventory, extra_vars, tags="distribute_new_model_to_workers")
+    assert run.returncode == 0, run.explain()
+    changed = {h.name: run.changed()[h.name] for h in hosts.hosts}
+    assert changed == {h.name: int(h is worker) for h in hosts.hosts}, "\n".join(run.changed_tasks())
+    manifest = json.loads(_sh(hosts, worker, f"cat {extra_vars['shardline_dir']}/model_parts/manifest.json"))
+    assert _sh(hosts, worker, f"sha256sum {shard}").split()[0] == manifest["stages"][worker.index]["sha256"]
+
+
 def test_mpirun_over_the_test_hosts_generates_the_single_process_text(
     hosts, inventory, extra_vars, provisioned, tiny_model_dir
 ):
