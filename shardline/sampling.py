@@ -28,7 +28,9 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None)
     """logits: [vocab] for one sequence; returns the chosen token id."""
     if p.temperature == 0:
         return int(logits.argmax())
-    logits = logits / p.temperature
+    # In float64 with the max subtracted first: any temperature the API admits (down to 5e-324) gives
+    # finite or -inf logits with the top one at 0, never inf or nan (multinomial would raise).
+    logits = (logits.double() - logits.max()) / p.temperature
     if 0 < p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -36,5 +38,6 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None)
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= p.top_p   # keep the smallest prefix reaching top_p
+        drop[0] = False                                      # and always the likeliest token
         logits = logits.index_fill(0, order[drop], float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
