@@ -102,17 +102,23 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"").decode("latin-1")
-        chunks, size, more = [], 0, True
-        if length and (not length.isdigit() or int(length) > self.limit):
-            more, size = False, self.limit + 1
+        over = bool(length) and (not length.isdigit() or int(length) > self.limit)
+        # An oversized body is still read (and dropped) up to `drain` bytes: closing on unread data makes
+        # the kernel reset the connection, and a client still sending (no Expect: 100-continue) never
+        # sees the 413. Past `drain`, or when the client waits for 100-continue, reply at once.
+        drain = 0 if headers.get(b"expect", b"").lower() == b"100-continue" else self.limit + (8 << 20)
+        chunks, size = [], 0
+        more = not over or (length.isdigit() and int(length) <= drain)
         while more:
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 return
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            more = msg.get("more_body", False) and size <= self.limit
-        if size > self.limit:
+            body = msg.get("body", b"")
+            size += len(body)
+            if size <= self.limit:
+                chunks.append(body)
+            more = msg.get("more_body", False) and size <= max(self.limit, drain)
+        if over or size > self.limit:
             reply = JSONResponse(error_body(f"request body over {self.limit} bytes", "invalid_request_error",
                                             code="body_too_large"), status_code=413, headers={"Connection": "close"})
             return await reply(scope, receive, send)
@@ -184,6 +190,14 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
 
     # ---- helpers ----
     def encode(text: str) -> list[int]:
+        # JSON may carry lone surrogates ("\ud800") that some validators let through; the tokenizer
+        # raises TypeError on them (a 500), so refuse them here.
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise APIError(400, f"prompt: not valid Unicode ({err.reason} at character {err.start})",
+                               param="prompt") from None
         return tokenizer(text)["input_ids"]
 
     def start(prompt_ids: list[int], max_tokens: int, body: Sampling, extra_stop: tuple[str, ...] = ()):
