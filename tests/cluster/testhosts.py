@@ -3,8 +3,9 @@
 Each test host is a network namespace on a bridge (a veth pair each) with its own address in
 SUBNET, a host name of its own (a UTS namespace: Open MPI hangs in its first collective when two
 "boards" share a name), its own home, /etc/ssh and /etc/hosts (bind mounts in a private mount
-namespace), and its own sshd listening on its address only. The filesystem is otherwise shared, so
-the hosts see this work tree and its virtual environment at the same paths.
+namespace), its own sshd listening on its address only, and a TMPDIR of its own for its sessions.
+The filesystem is otherwise shared, so the hosts see this work tree and its virtual environment at
+the same paths.
 
 Only the test hosts' addresses and loopback are ever contacted: the namespaces have no default
 route, and this machine reaches them through the bridge's address in SUBNET.
@@ -249,6 +250,8 @@ class TestHosts:
     def _make_files(self, host: TestHost) -> None:
         host.root.mkdir(mode=0o755)
         host.home.mkdir(mode=0o700)
+        (host.root / "tmp").mkdir()
+        (host.root / "tmp").chmod(0o1777)
         ssh_dir = host.home / ".ssh"
         ssh_dir.mkdir(mode=0o700)
         (ssh_dir / "authorized_keys").write_text(self.client_key.with_suffix(".pub").read_text())
@@ -298,6 +301,8 @@ class TestHosts:
                     "MaxStartups 100",
                     "MaxSessions 100",
                     "Subsystem sftp internal-sftp",
+                    # Its own temp dir: Open MPI's session dirs, Ansible's files, gone with the host.
+                    f"SetEnv TMPDIR={host.root / 'tmp'}",
                     "",
                 ]
             )
@@ -405,6 +410,10 @@ def cleanup_leftovers(remove_tmp: bool = True) -> None:
         name = line.split(":")[1].strip().split("@")[0]
         if name == BRIDGE or name.startswith(f"{PREFIX}v"):
             _run(["ip", "link", "del", name], check=False)
+    # Open MPI session dirs a test host left in the shared /tmp (its SSH sessions get a TMPDIR of their own).
+    for pattern in (f"ompi.{PREFIX}host*", f"prte.{PREFIX}host*"):
+        for leftover in Path(tempfile.gettempdir()).glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
     if remove_tmp:
         for leftover in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
             # A killed run's ansible-playbook and SSH masters name its temp dir on their command lines.
