@@ -105,7 +105,10 @@ def _serve_head(args, node) -> int:
     app = create_app(engine, AutoTokenizer.from_pretrained(tok_dir), info, name, api_key=args.api_key,
                      cors_origins=args.cors_origin)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=2))
+                                           timeout_graceful_shutdown=2,
+                                           # longer than clients' pooled-connection reuse (httpx: 5 s), so a
+                                           # request never lands on a connection the server is closing
+                                           timeout_keep_alive=30))
     http = threading.Thread(target=server.run, name="http", daemon=True)
     http.start()
 

@@ -55,7 +55,7 @@ class Sampling(BaseModel):
 
 
 class GenerateBody(Sampling):
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int = Field(32, ge=1, le=100_000)
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (default) = greedy")
 
