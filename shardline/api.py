@@ -139,7 +139,6 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                   description="A language model split by layers over a cluster of small boards.")
     metrics = engine.metrics
     created = int(time.time())
-    default_stop: dict[str, str] = {}
     chat_template = getattr(tokenizer, "chat_template", None)
 
     # Middleware order, outermost first: CORS (so preflights and error replies carry its headers),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +23,6 @@ TINY = dict(n_layer=6, n_embd=64, n_head=4, n_positions=128, vocab_size=600, ini
 def make_tiny_model(out: Path, seed: int = 0) -> Path:
     """A save_pretrained directory (model + tokenizer) of a small GPT-2 whose random logits are far from
     flat (large init), so greedy tokens are stable across correct implementations."""
-    import torch
     from transformers import GPT2Config
 
     from splitter.random_model import build_tokenizer, random_model
@@ -148,3 +148,14 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+@contextmanager
+def serving(model_dir: Path, ranks: int, log_dir: Path, *args: str):
+    """A healthy Server for the duration of a with-block (module fixtures share one)."""
+    s = Server(model_dir, ranks, *args, log=log_dir / "server.log")
+    try:
+        s.wait_healthy()
+        yield s
+    finally:
+        s.stop()

@@ -8,7 +8,7 @@ import os
 import httpx
 import pytest
 
-from tests.helpers import Server, split
+from tests.helpers import serving, split
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -25,12 +25,8 @@ MAX_TOKENS = 40
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     parts = split(tiny_model_dir, 2, tmp_path_factory.mktemp("parts2"))
-    s = Server(parts, 2, log=tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        s.wait_healthy()
+    with serving(parts, 2, tmp_path_factory.mktemp("log")) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import Server, hf_greedy, split
+from tests.helpers import hf_greedy, serving
 
 KEY = "test-key-0123"
 ORIGIN = "http://chat.example.test"
@@ -28,29 +28,16 @@ web = httpx.Client(timeout=60)
 
 
 @pytest.fixture(scope="module")
-def parts3(tiny_model_dir, tmp_path_factory):
-    return split(tiny_model_dir, 3, tmp_path_factory.mktemp("parts3"))
-
-
-@pytest.fixture(scope="module")
 def server(parts3, tmp_path_factory):
-    s = Server(parts3, 3, log=tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        s.wait_healthy()
+    with serving(parts3, 3, tmp_path_factory.mktemp("log")) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
 def strict(parts3, tmp_path_factory):
-    s = Server(parts3, 3, "--api-key", KEY, "--cors-origin", ORIGIN, "--slots", "1", "--queue-size", "1",
-               log=tmp_path_factory.mktemp("log") / "strict.log")
-    try:
-        s.wait_healthy()
+    with serving(parts3, 3, tmp_path_factory.mktemp("strict"), "--api-key", KEY, "--cors-origin", ORIGIN,
+                 "--slots", "1", "--queue-size", "1") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

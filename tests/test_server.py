@@ -5,20 +5,13 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import Server, hf_greedy, http, split
-
-
-@pytest.fixture(scope="module")
-def parts3(tiny_model_dir, tmp_path_factory):
-    return split(tiny_model_dir, 3, tmp_path_factory.mktemp("parts3"))
+from tests.helpers import Server, hf_greedy, http, serving
 
 
 @pytest.fixture(scope="module")
 def server(parts3, tmp_path_factory):
-    s = Server(parts3, 3, log=tmp_path_factory.mktemp("log") / "server.log")
-    s.wait_healthy()
-    yield s
-    s.stop()
+    with serving(parts3, 3, tmp_path_factory.mktemp("log")) as s:
+        yield s
 
 
 def rank_processes(mpirun_pid: int) -> dict[int, psutil.Process]:

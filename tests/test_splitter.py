@@ -45,7 +45,8 @@ def test_parse_layers_refuses_gaps_and_empty_workers(spec):
 
 @pytest.fixture(scope="module")
 def parts3(tiny_model_dir, tmp_path_factory):
-    return split(tiny_model_dir, 3, tmp_path_factory.mktemp("parts3"), "--layers", "0-1,2-3,4-5")
+    """Split by hand (--layers), which these tests check too."""
+    return split(tiny_model_dir, 3, tmp_path_factory.mktemp("parts_manual"), "--layers", "0-1,2-3,4-5")
 
 
 def test_each_shard_holds_exactly_its_tensors_and_none_twice(parts3, tiny_model_dir):
