@@ -1,0 +1,569 @@
+"""python -m bench: the pipeline against single-process transformers, on the same weights, in one run.
+
+Steps: (1) build or reuse random distilgpt2-shaped weights (bench/prepare.py): a save_pretrained
+directory and its 3-stage split; (2) start the baseline worker (bench/baseline.py): transformers
+`generate` in its own process, greedy with KV cache, torch threads = all cores; (3) per pipeline
+variant: start `mpirun -np 3 main.py` on loopback; the single-request phase sends each prompt to the
+baseline and to the pipeline in turn (paired, so both see the same machine), then 4, 8, 16
+concurrent streaming clients hit the pipeline, with /metrics read between phases; (4) one batched
+generate as a reference; (5) ratios, JSON, PNG plot and a Markdown table.
+
+The machine may be shared: every run records the CPU other processes took meanwhile; noisy
+single-request runs are left out of the medians and a noisy concurrency level is run again (bounded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.cpu import CpuWatch, self_and_children
+from bench.prompts import PROMPTS
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_SINGLE, TARGET_AGGREGATE = 0.9, 5.0
+HEADER_INTS_FIXED = 6            # shardline/wire.py: [kind, step, flags, n_seqs, rows, cols] + 3 per sequence
+
+
+# ---- small statistics ----
+
+def pct(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100), linear between closest ranks."""
+    v = sorted(values)
+    if not v:
+        return None
+    k = (len(v) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def rnd(x, nd=2):
+    return None if x is None else round(x, nd)
+
+
+def summarize(runs: list[dict], wall: float | None = None) -> dict:
+    """Per-request figures (ttft_s, decode_s, seconds, tokens) -> medians, percentiles and the aggregate."""
+    ok = [r for r in runs if not r.get("error")]
+    tokens = sum(r["tokens"] for r in ok)
+    wall = wall if wall is not None else sum(r["seconds"] for r in ok)
+    decode = [(r["tokens"] - 1) / r["decode_s"] for r in ok if r["tokens"] > 1 and r["decode_s"] > 0]
+    e2e = [r["tokens"] / r["seconds"] for r in ok if r["seconds"] > 0]
+    ttft = [r["ttft_s"] * 1e3 for r in ok]
+    pooled_decode_s = sum(r["decode_s"] for r in ok if r["tokens"] > 1)
+    return {"requests": len(runs), "errors": len(runs) - len(ok), "tokens": tokens,
+            "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in ok), "wall_s": rnd(wall, 3),
+            "aggregate_tok_s": rnd(tokens / wall if wall > 0 else None),
+            "decode_tok_s": rnd(statistics.median(decode) if decode else None),
+            "decode_tok_s_pooled": rnd(sum(r["tokens"] - 1 for r in ok if r["tokens"] > 1) / pooled_decode_s
+                                       if pooled_decode_s > 0 else None),
+            "e2e_tok_s": rnd(statistics.median(e2e) if e2e else None),
+            "ttft_ms_p50": rnd(pct(ttft, 50), 1), "ttft_ms_p95": rnd(pct(ttft, 95), 1),
+            "ttft_ms_max": rnd(max(ttft) if ttft else None, 1)}
+
+
+def quiet(runs: list[dict], cfg) -> list[dict]:
+    """The runs during which other processes used at most cfg.noise_cores, if at least half are;
+    else all of them (the phase is then reported as it was)."""
+    q = [r for r in runs if r.get("foreign_cores", 0.0) <= cfg.noise_cores]
+    return q if len(q) >= max(1, len(runs) // 2) else runs
+
+
+# ---- variants ----
+
+def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
+    """'LABEL=[ENV=VALUE ...] [main.py args ...]' -> (label, args, env)."""
+    label, sep, spec = text.partition("=")
+    if not sep or not re.fullmatch(r"[\w.+-]+", label):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected LABEL=SPEC, e.g. 't2=--threads 2'")
+    args, env = [], {}
+    for tok in shlex.split(spec):
+        m = re.fullmatch(r"([A-Z_][A-Z0-9_]*)=(.*)", tok)
+        if m and not args:
+            env[m.group(1)] = m.group(2)
+        else:
+            args.append(tok)
+    return label, args, env
+
+
+PRESET_VARIANTS = [
+    "default=",
+    "threads2=--threads 2",
+    "passive2=OMP_WAIT_POLICY=PASSIVE --threads 2",
+    "slots8=--slots 8",
+]
+
+
+# ---- the phases ----
+
+def prepare(model_dir: Path, seed: int) -> float:
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "bench.prepare", "--dir", str(model_dir), "--stages", "3",
+                    "--seed", str(seed)], cwd=ROOT, check=True)
+    return time.monotonic() - t0
+
+
+def baseline_summary(runs: list[dict]) -> dict:
+    """Requests served one after another by the single process: single-request figures and the
+    aggregate (all tokens over the sum of the request times: no gaps, no HTTP)."""
+    single = summarize(runs)
+    return {"single": single,
+            "one_after_another": {"aggregate_tok_s": single["aggregate_tok_s"], "requests": single["requests"],
+                                  "tokens": single["tokens"], "seconds": single["wall_s"]}}
+
+
+def fifo_ttft(runs_seconds: list[float], runs_ttft: list[float], clients: int) -> dict:
+    """Derived: `clients` requests arrive together and one process serves them one after another, so
+    client i waits for the i requests before it, then for its own first token."""
+    waits, before = [], 0.0
+    for i in range(clients):
+        j = i % len(runs_seconds)
+        waits.append((before + runs_ttft[j]) * 1e3)
+        before += runs_seconds[j]
+    return {"clients": clients, "ttft_ms_p50": rnd(pct(waits, 50), 1), "ttft_ms_p95": rnd(pct(waits, 95), 1),
+            "derived": True}
+
+
+def proc_cpu(procs: dict) -> dict[int, float]:
+    out = {}
+    for rank, p in procs.items():
+        try:
+            t = p.cpu_times()
+            out[rank] = t.user + t.system
+        except psutil.Error:
+            continue
+    return out
+
+
+def traffic(a: dict, b: dict, phase: dict, hidden: int, ranks: int) -> dict:
+    """Bytes per generated token per hop between two /metrics snapshots.
+
+    measured: everything rank r sent to r+1 (prefill rows, headers, the 2-second stats message) over
+    the tokens generated; decode: the same less the prefill's extra prompt rows (a prefill hop carries
+    one row per prompt token into the layers, and only the last one back), i.e. what one decode step
+    costs per sequence; analytic: hidden*4 payload + the header (6 + 3 per sequence int32) for one
+    sequence alone, and per sequence in the phase's mean micro-batch."""
+    tokens = b["generated_tokens"] - a["generated_tokens"]
+    steps = b["step_count"] - a["step_count"]
+    prompt = phase["prompt_tokens"]
+    requests = phase["requests"] - phase["errors"]
+    hops = {}
+    for r in range(ranks):
+        sent = b["ranks"][r]["bytes_sent"] - a["ranks"][r]["bytes_sent"]
+        extra = (prompt - requests) * hidden * 4 if r < ranks - 1 else 0
+        hops[f"{r}->{(r + 1) % ranks}"] = {
+            "bytes": int(sent), "measured_per_token": rnd(sent / tokens if tokens else None, 1),
+            "decode_per_token": rnd((sent - extra) / tokens if tokens else None, 1)}
+    per_batch = tokens / steps if steps else 1
+    return {"tokens": int(tokens), "steps": int(steps), "mean_sequences_per_step": rnd(per_batch),
+            "hops": hops,
+            "analytic_one_sequence": hidden * 4 + 4 * (HEADER_INTS_FIXED + 3),
+            "analytic_at_mean_batch": rnd(hidden * 4 + 4 * (3 + HEADER_INTS_FIXED / max(per_batch, 1)), 1)}
+
+
+def breakdown(a: dict, b: dict, cpu0: dict, cpu1: dict, wall: float, ranks: int) -> dict:
+    """Where a phase's time went, per rank: compute per micro-batch (the engine's and workers' own
+    timers), CPU actually burnt (psutil; more than compute = polling/Python/HTTP), and the ring's
+    round trip as rank 0 saw it."""
+    steps = b["step_count"] - a["step_count"]
+    out = {"steps": int(steps), "wall_s": rnd(wall, 3),
+           "round_trip_ms": rnd((b["step_sum"] - a["step_sum"]) / steps * 1e3 if steps else None),
+           "wall_per_step_ms": rnd(wall / steps * 1e3 if steps else None), "ranks": {}}
+    for r in range(ranks):
+        ra, rb = a["ranks"][r], b["ranks"][r]
+        st = rb["steps"] - ra["steps"]
+        comp = rb["compute_seconds"] - ra["compute_seconds"]
+        cpu = cpu1.get(r, 0.0) - cpu0.get(r, 0.0)
+        out["ranks"][str(r)] = {"compute_ms_per_step": rnd(comp / st * 1e3 if st else None),
+                                "cpu_ms_per_step": rnd(cpu / st * 1e3 if st else None),
+                                "compute_cores": rnd(comp / wall if wall else None, 3),
+                                "cpu_cores": rnd(cpu / wall if wall else None, 3)}
+    return out
+
+
+def pipeline_phase(label: str, args_: list[str], env: dict, model_dir: Path, out: Path, prompts: list[str],
+                   cfg: argparse.Namespace, hidden: int, base) -> dict:
+    """One variant: start it, then (a) the single-request phase, paired with the baseline: the same
+    prompt to each in turn, alternating who goes first, so both see the same machine; (b) each
+    concurrency level, closed-loop clients, `rounds` requests each."""
+    from bench.load import run_level
+    from bench.server import Pipeline, fresh_metrics
+    ranks = 3
+    log = out / "logs" / f"pipeline-{label}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] pipeline {label}: mpirun -np {ranks} main.py {' '.join(args_)}"
+          f"{' with ' + ' '.join(f'{k}={v}' for k, v in env.items()) if env else ''}", flush=True)
+    t0 = time.monotonic()
+    srv = Pipeline(model_dir / "parts", ranks, args_, env, log)
+    res: dict = {"label": label, "args": args_, "env": env, "log": str(log)}
+    try:
+        health = srv.wait_healthy()
+        res["startup_s"] = rnd(time.monotonic() - t0)
+        res["stages"] = health["stages"]
+        procs = srv.rank_processes()
+        # warm-up: one request alone, then a burst as wide as the widest level (touches every slot)
+        run_level(srv.url, prompts, 1, 1, 8)
+        run_level(srv.url, prompts, max(cfg.clients), max(cfg.clients), 4)
+
+        def finish(phase: dict, m0: dict, m1: dict, c0: dict, c1: dict, wall: float, machine: dict, clients: int):
+            phase["clients"] = clients
+            phase["traffic"] = traffic(m0, m1, phase, hidden, ranks)
+            phase["time"] = breakdown(m0, m1, c0, c1, wall, ranks)
+            phase["machine"] = machine
+            phase["metrics_fresh"] = bool(m0.get("fresh") and m1.get("fresh"))
+            print(f"[bench]   {clients:2d} client(s), {phase['requests']:2d} requests: {phase['aggregate_tok_s']} tok/s "
+                  f"aggregate, decode {phase['decode_tok_s']} tok/s, TTFT p50 {phase['ttft_ms_p50']} ms "
+                  f"p95 {phase['ttft_ms_p95']} ms, foreign CPU {machine['foreign_cores']} cores", flush=True)
+            return phase
+
+        # (a) single request, paired with the baseline. Each run is watched for other processes' CPU;
+        # runs during which they took more than --noise-cores are left out of the medians (if enough
+        # quiet ones remain): a 2-thread OpenMP baseline loses up to 15x when a neighbour takes a core.
+        m0 = fresh_metrics(srv.url, ranks)
+        watch = CpuWatch(self_and_children).start()
+        runs, base_runs, c1 = [], [], {}
+        for i, prompt in enumerate(prompts):
+            order = ("base", "pipe") if i % 2 == 0 else ("pipe", "base")
+            for who in order:
+                w = CpuWatch(self_and_children).start()
+                if who == "base":
+                    got = base.call(op="run", prompt=prompt, max_tokens=cfg.max_tokens)
+                    got["foreign_cores"] = w.stop()["foreign_cores"]
+                    base_runs.append(got)
+                    continue
+                a = proc_cpu(procs)
+                got = run_level(srv.url, [prompt], 1, 1, cfg.max_tokens)[0][0]
+                got["foreign_cores"] = w.stop()["foreign_cores"]
+                b = proc_cpu(procs)
+                for r in b:                                  # rank CPU while this request ran, summed
+                    c1[r] = c1.get(r, 0.0) + b[r] - a.get(r, b[r])
+                runs.append(got)
+        machine = watch.stop()
+        m1 = fresh_metrics(srv.url, ranks)
+        wall = sum(r["seconds"] for r in runs)
+        single = finish(summarize(runs, wall), m0, m1, {}, c1, wall, machine, 1)
+        q_runs, q_base = quiet(runs, cfg), quiet(base_runs, cfg)
+        single["all_runs"] = {k: single[k] for k in ("decode_tok_s", "e2e_tok_s", "ttft_ms_p50", "ttft_ms_p95")}
+        single.update({k: v for k, v in summarize(q_runs).items()
+                       if k not in ("requests", "errors", "tokens", "prompt_tokens", "wall_s", "aggregate_tok_s")})
+        single["noisy_runs_dropped"] = len(runs) - len(q_runs)
+        res["single"] = single
+        res["baseline_paired"] = baseline_summary(q_base)
+        res["baseline_paired"]["noisy_runs_dropped"] = len(base_runs) - len(q_base)
+        res["baseline_paired_runs"] = base_runs
+        same = sum(r["text"] == b["text"] for r, b in zip(runs, base_runs))
+        res["greedy_text_equal_to_baseline"] = f"{same}/{len(runs)}"
+        print(f"[bench]   paired baseline: decode {res['baseline_paired']['single']['decode_tok_s']} tok/s, "
+              f"TTFT p50 {res['baseline_paired']['single']['ttft_ms_p50']} ms; greedy texts equal "
+              f"{res['greedy_text_equal_to_baseline']}; noisy runs left out: pipeline {single['noisy_runs_dropped']}, "
+              f"baseline {res['baseline_paired']['noisy_runs_dropped']}", flush=True)
+
+        # (b) concurrency levels (level 1 is the single-request phase: one client, one request at a time);
+        # a level during which other processes took more than --noise-cores is run again (bounded)
+        res["levels"] = {"1": single}
+        for n in cfg.clients:
+            if n == 1:
+                continue
+            tries = []
+            for _ in range(1 + cfg.noise_retries):
+                m0, c0 = m1, proc_cpu(procs)      # nothing ran since the last snapshot
+                watch = CpuWatch(self_and_children).start()
+                runs, wall = run_level(srv.url, prompts, n, n * cfg.rounds, cfg.max_tokens)
+                machine, c1 = watch.stop(), proc_cpu(procs)
+                m1 = fresh_metrics(srv.url, ranks)
+                tries.append(finish(summarize(runs, wall), m0, m1, c0, c1, wall, machine, n))
+                if machine["foreign_cores"] <= cfg.noise_cores:
+                    break
+            best = min(tries, key=lambda t: t["machine"]["foreign_cores"])
+            best["attempts_foreign_cores"] = [t["machine"]["foreign_cores"] for t in tries]
+            res["levels"][str(n)] = best
+
+        final = m1
+        res["peak_rss_mb"] = {str(r): rnd(v["peak_rss_bytes"] / 2**20, 1) for r, v in sorted(final["ranks"].items())}
+        res["rss_mb"] = {str(r): rnd(v["rss_bytes"] / 2**20, 1) for r, v in sorted(final["ranks"].items())}
+        uss = {}
+        for r, p in sorted(procs.items()):
+            try:
+                uss[str(r)] = rnd(p.memory_full_info().uss / 2**20, 1)
+            except psutil.Error:
+                continue
+        res["uss_mb"] = uss   # memory unique to each rank (shared libraries not counted)
+        res["peak_rss_total_mb"] = rnd(sum(res["peak_rss_mb"].values()), 1)
+    finally:
+        res["exit_code"] = srv.stop()
+        res["seconds"] = rnd(time.monotonic() - t0, 1)
+    return res
+
+
+# ---- ratios, table, plot ----
+
+def ratios(pooled: dict, pipe: dict, top: int) -> dict:
+    """The pipeline against the baseline runs paired with it (same minutes, same machine load)."""
+    def div(a, b):
+        return rnd(a / b, 3) if a is not None and b else None
+    paired = pipe["baseline_paired"]
+    lvl = pipe["levels"].get(str(top), {})
+    return {"single_decode": div(pipe["single"]["decode_tok_s"], paired["single"]["decode_tok_s"]),
+            "single_e2e": div(pipe["single"]["e2e_tok_s"], paired["single"]["e2e_tok_s"]),
+            "single_ttft": div(pipe["single"]["ttft_ms_p50"], paired["single"]["ttft_ms_p50"]),
+            f"aggregate_{top}_vs_one_after_another": div(lvl.get("aggregate_tok_s"),
+                                                         paired["one_after_another"]["aggregate_tok_s"]),
+            f"aggregate_{top}_vs_batched_reference": div(lvl.get("aggregate_tok_s"),
+                                                         (pooled.get("batched_reference") or {}).get("aggregate_tok_s")),
+            "peak_rss_total_vs_single_process": div(pipe.get("peak_rss_total_mb"), pooled["peak_rss_mb"])}
+
+
+def markdown(results: dict) -> str:
+    base, pipes, cfg, rat = results["baseline"], results["pipelines"], results["config"], results["ratios"]
+    top = max(cfg["clients"])
+    labels = list(pipes)
+    rows = ["| figure | transformers, one process | " + " | ".join(f"pipeline `{k}`" for k in labels) + " | target |",
+            "|" + "---|" * (len(labels) + 3)]
+
+    def row(name, b, cells, target=""):
+        rows.append(f"| {name} | {b} | " + " | ".join(str(c) for c in cells) + f" | {target} |")
+
+    def x(v, r):
+        return "—" if v is None else f"{v} ({r}×)" if r is not None else f"{v}"
+    row("single request, decode tok/s", base["single"]["decode_tok_s"],
+        [x(pipes[k]["single"]["decode_tok_s"], rat[k]["single_decode"]) for k in labels], f"≥ {TARGET_SINGLE}×")
+    row("  the paired baseline runs (denominator of ×)", "", [pipes[k]["baseline_paired"]["single"]["decode_tok_s"]
+                                                          for k in labels])
+    row(f"single request, end-to-end tok/s (prompt + {cfg['max_tokens']} tokens)", base["single"]["e2e_tok_s"],
+        [x(pipes[k]["single"]["e2e_tok_s"], rat[k]["single_e2e"]) for k in labels])
+    row("single request, time to first token p50, ms", base["single"]["ttft_ms_p50"],
+        [x(pipes[k]["single"]["ttft_ms_p50"], rat[k]["single_ttft"]) for k in labels])
+    seq = base["one_after_another"]["aggregate_tok_s"]
+    for n in cfg["clients"]:
+        cells = []
+        for k in labels:
+            v = pipes[k]["levels"].get(str(n), {}).get("aggregate_tok_s")
+            ps = pipes[k]["baseline_paired"]["one_after_another"]["aggregate_tok_s"]
+            cells.append(x(v, rnd(v / ps, 2) if v and ps else None))
+        row(f"aggregate tok/s, {n} concurrent client{'s' if n > 1 else ''}", f"{seq} (one after another)", cells,
+            f"≥ {TARGET_AGGREGATE}×" if n == top else "")
+    f = base["fifo_ttft"]
+    row(f"time to first token p50 / p95 at {top} clients, ms",
+        f"{f['ttft_ms_p50']} / {f['ttft_ms_p95']} (one after another, derived)",
+        [f"{pipes[k]['levels'][str(top)]['ttft_ms_p50']} / {pipes[k]['levels'][str(top)]['ttft_ms_p95']}" for k in labels],
+        "report")
+    for name, lv in (("single request", "1"), (f"{top} clients", str(top))):
+        hop_names = " / ".join(next(iter(pipes.values()))["levels"][lv]["traffic"]["hops"])
+        cells = []
+        for k in labels:
+            t = pipes[k]["levels"][lv]["traffic"]
+            hops = " / ".join(f"{h['decode_per_token']:.0f}" for h in t["hops"].values())
+            cells.append(f"{hops} (analytic {t['analytic_at_mean_batch']:.0f})")
+        row(f"bytes per token per hop, {name} (hops {hop_names})", "—", cells)
+    row("peak RSS, MiB (per rank; sum)", f"{base['peak_rss_mb']} (one process)",
+        [" / ".join(f"{v:.0f}" for v in pipes[k]["peak_rss_mb"].values()) + f"; {pipes[k]['peak_rss_total_mb']:.0f}"
+         for k in labels])
+    if base.get("batched_reference"):
+        br = base["batched_reference"]
+        row(f"reference: transformers, one generate over {br['batch']} prompts, tok/s", br["aggregate_tok_s"],
+            [x(pipes[k]["levels"].get(str(top), {}).get("aggregate_tok_s"),
+               rat[k][f"aggregate_{top}_vs_batched_reference"]) for k in labels])
+    row(f"other processes' CPU, cores: single-request phase / {top} clients", "",
+        [f"{pipes[k]['single']['machine']['foreign_cores']} / {pipes[k]['levels'][str(top)]['machine']['foreign_cores']}"
+         for k in labels])
+    row(f"single-request runs left out as noisy (> {cfg['noise_cores']} cores of others), pipeline / baseline",
+        base.get("noisy_runs_dropped", 0),
+        [f"{pipes[k]['single']['noisy_runs_dropped']} / {pipes[k]['baseline_paired']['noisy_runs_dropped']}"
+         for k in labels])
+    return "\n".join(rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    base, pipes, cfg = results["baseline"], results["pipelines"], results["config"]
+    clients = cfg["clients"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 6), gridspec_kw={"width_ratios": [3, 2]})
+    seq = base["one_after_another"]["aggregate_tok_s"]
+    for k, p in pipes.items():
+        ax.plot(clients, [p["levels"][str(n)]["aggregate_tok_s"] for n in clients], "o-", label=f"pipeline, 3 ranks ({k})")
+    ax.plot(clients, [seq] * len(clients), "s--", color="gray", label="transformers, one after another")
+    ax.plot(clients, [seq * TARGET_AGGREGATE] * len(clients), ":", color="red", label=f"target at {max(clients)}: {TARGET_AGGREGATE}× one after another")
+    if base.get("batched_reference"):
+        br = base["batched_reference"]
+        ax.plot([br["batch"]], [br["aggregate_tok_s"]], "*", ms=12, color="black",
+                label=f"reference: transformers, batch of {br['batch']} in one generate")
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_xticks(clients)
+    ax.set_title(f"Aggregate throughput ({cfg['max_tokens']} new tokens per request, greedy)")
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    names = ["transformers"] + [f"pipeline\n{k}" for k in pipes]
+    vals = [base["single"]["decode_tok_s"]] + [p["single"]["decode_tok_s"] for p in pipes.values()]
+    bars = bx.bar(names, vals, color=["gray"] + [f"C{i}" for i in range(len(pipes))])
+    bx.axhline(base["single"]["decode_tok_s"] * TARGET_SINGLE, color="red", ls=":", label=f"target {TARGET_SINGLE}× baseline")
+    for b_, v in zip(bars, vals):
+        bx.text(b_.get_x() + b_.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    bx.set_ylabel("decode tokens/s")
+    bx.set_title("Single request")
+    bx.legend(fontsize=8)
+    fig.suptitle("shardline vs transformers, random distilgpt2-shaped weights, "
+                 f"{results['meta']['cores']} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- the command ----
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smoke run (about a minute): 4 prompts, 16 tokens, 1 round")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="results.json, plot.png, logs (bench/out)")
+    ap.add_argument("--model-dir", type=Path, default=None, help="weights cache, reused across runs (default bench/out/model)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (64; quick 16)")
+    ap.add_argument("--prompts", type=int, default=None, help="requests in the single-request phase (16; quick 4)")
+    ap.add_argument("--clients", default="1,4,8,16", help="concurrency levels (default 1,4,8,16)")
+    ap.add_argument("--rounds", type=int, default=None, help="requests per client at each level above 1 (2; quick 1)")
+    ap.add_argument("--baseline-threads", type=int, default=os.cpu_count() or 1, help="torch threads (all cores)")
+    ap.add_argument("--no-batched-reference", action="store_true", help="skip the batched transformers reference")
+    ap.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="LABEL=SPEC",
+                    help="a pipeline to measure: env assignments then main.py args, e.g. "
+                         "'t2=OMP_WAIT_POLICY=PASSIVE --threads 2' (repeatable; default: 'default=')")
+    ap.add_argument("--try-variants", action="store_true", help="measure the preset variants: " + ", ".join(PRESET_VARIANTS))
+    ap.add_argument("--noise-cores", type=float, default=0.2,
+                    help="other processes' CPU (cores) above which a run is noisy: single-request runs are left out "
+                         "of the medians, a concurrency level is run again (default 0.2)")
+    ap.add_argument("--noise-retries", type=int, default=1, help="reruns of a noisy concurrency level (default 1)")
+    ap.add_argument("--seed", type=int, default=0, help="weights seed")
+    a = ap.parse_args(argv)
+    a.max_tokens = a.max_tokens or (16 if a.quick else 64)
+    a.prompts = a.prompts or (4 if a.quick else 16)
+    a.rounds = a.rounds or (1 if a.quick else 2)
+    a.clients = sorted({int(c) for c in a.clients.split(",") if c.strip()})
+    if not a.clients or min(a.clients) < 1:
+        ap.error("--clients: positive integers")
+    if 1 not in a.clients:
+        a.clients = [1, *a.clients]
+    if a.try_variants:
+        a.variant = [parse_variant(v) for v in PRESET_VARIANTS] + a.variant
+    a.variant = a.variant or [parse_variant("default=")]
+    if len({v[0] for v in a.variant}) != len(a.variant):
+        ap.error("--variant labels must differ")
+    if a.prompts > len(PROMPTS):
+        a.prompts_list = [PROMPTS[i % len(PROMPTS)] for i in range(a.prompts)]
+    else:
+        a.prompts_list = PROMPTS[:a.prompts]
+    return a
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=False).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv=None) -> int:
+    from bench.baseline import Worker
+    cfg = parse_args(argv)
+    t_run = time.monotonic()
+    out = cfg.out.resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    model_dir = (cfg.model_dir or (ROOT / "bench" / "out" / "model")).resolve()
+    durations = {"weights_s": rnd(prepare(model_dir, cfg.seed), 1)}
+    hidden = json.loads((model_dir / "parts" / "manifest.json").read_text())["config"]["n_embd"]
+    top = max(cfg.clients)
+    prompts = cfg.prompts_list
+
+    t0 = time.monotonic()
+    print(f"[bench] baseline: transformers generate in its own process, {cfg.baseline_threads} threads, greedy, "
+          f"KV cache; its requests alternate with the pipeline's in the single-request phase", flush=True)
+    worker = Worker(model_dir / "hf", cfg.baseline_threads, out / "logs" / "baseline.log")
+    durations["baseline_start_s"] = rnd(time.monotonic() - t0, 1)
+    pipes = {}
+    try:
+        for label, args_, env in cfg.variant:
+            pipes[label] = pipeline_phase(label, args_, env, model_dir, out, prompts, cfg, hidden, worker)
+            durations[f"pipeline_{label}_s"] = pipes[label]["seconds"]
+        t0 = time.monotonic()
+        before_batched = worker.call(op="stats")
+        batched = None
+        if not cfg.no_batched_reference:
+            for _ in range(1 + cfg.noise_retries):
+                watch = CpuWatch(self_and_children).start()
+                got = worker.call(op="batched", prompts=[prompts[i % len(prompts)] for i in range(top)],
+                                  max_tokens=cfg.max_tokens)
+                got["cpu"] = watch.stop()
+                if batched is None or got["cpu"]["foreign_cores"] < batched["cpu"]["foreign_cores"]:
+                    batched = got
+                if got["cpu"]["foreign_cores"] <= cfg.noise_cores:
+                    break
+        after = worker.call(op="stats")
+        durations["baseline_batched_s"] = rnd(time.monotonic() - t0, 1)
+    finally:
+        worker.close()
+
+    every = [r for p in pipes.values() for r in p["baseline_paired_runs"]]
+    runs = quiet(every, cfg)
+    base = {"threads": cfg.baseline_threads, "load_seconds": rnd(worker.ready["load_seconds"]),
+            **baseline_summary(runs), "noisy_runs_dropped": len(every) - len(runs),
+            "fifo_ttft": fifo_ttft([r["seconds"] for r in runs], [r["ttft_s"] for r in runs], top),
+            "rss_after_load_mb": rnd(worker.ready["rss_after_load_bytes"] / 2**20, 1),
+            "peak_rss_mb": rnd(before_batched["peak_rss_bytes"] / 2**20, 1),
+            "peak_rss_after_batched_mb": rnd(after["peak_rss_bytes"] / 2**20, 1)}
+    if batched:
+        base["batched_reference"] = {"batch": batched["batch"], "tokens": batched["tokens"],
+                                     "seconds": rnd(batched["seconds"], 3),
+                                     "aggregate_tok_s": rnd(batched["tokens"] / batched["seconds"]),
+                                     "ttft_ms": rnd(batched["ttft_s"] * 1e3, 1), "machine": batched["cpu"]}
+    print(f"[bench] baseline, all paired runs: decode {base['single']['decode_tok_s']} tok/s, TTFT p50 "
+          f"{base['single']['ttft_ms_p50']} ms; one after another {base['one_after_another']['aggregate_tok_s']} tok/s; "
+          f"batched reference {(base.get('batched_reference') or {}).get('aggregate_tok_s')} tok/s", flush=True)
+    durations["total_s"] = rnd(time.monotonic() - t_run, 1)
+
+    rat = {k: ratios(base, p, top) for k, p in pipes.items()}
+
+    def score(k):
+        r = rat[k]
+        s, g = r["single_decode"] or 0, r[f"aggregate_{top}_vs_one_after_another"] or 0
+        return min(s / TARGET_SINGLE, g / TARGET_AGGREGATE)
+    best = max(pipes, key=score)
+    results = {
+        "meta": {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(), "host": platform.node(),
+                 "cores": os.cpu_count(), "python": platform.python_version(), "durations": durations,
+                 "weights": str(model_dir), "model": f"random distilgpt2-shaped weights (seed {cfg.seed})"},
+        "config": {"quick": cfg.quick, "max_tokens": cfg.max_tokens, "prompts": len(prompts), "clients": cfg.clients,
+                   "rounds": cfg.rounds, "baseline_threads": cfg.baseline_threads, "greedy": True,
+                   "noise_cores": cfg.noise_cores, "noise_retries": cfg.noise_retries,
+                   "hidden_size": hidden, "ranks": 3},
+        "targets": {"single_decode": TARGET_SINGLE, f"aggregate_{top}_vs_one_after_another": TARGET_AGGREGATE},
+        "baseline": base,
+        "pipelines": pipes,
+        "ratios": rat,
+        "best_variant": best,
+        "targets_met": {k: {"single": (r["single_decode"] or 0) >= TARGET_SINGLE,
+                            "aggregate": (r[f"aggregate_{top}_vs_one_after_another"] or 0) >= TARGET_AGGREGATE}
+                        for k, r in rat.items()},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    table = markdown(results)
+    (out / "results.md").write_text(table + "\n")
+    plot(results, out / "plot.png")
+    print()
+    print(table)
+    print()
+    print(f"[bench] best variant: {best}; wrote {out / 'results.json'}, {out / 'plot.png'}, {out / 'results.md'} "
+          f"in {durations['total_s']}s", flush=True)
+    bad = [k for k, p in pipes.items() if any(lv["errors"] for lv in p["levels"].values())]
+    if bad:
+        print(f"[bench] requests failed in: {', '.join(bad)} (see the logs in {out / 'logs'})", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,120 @@
+"""The benchmark (python -m bench) end to end in its quick mode: every figure is there and sane.
+
+No timing thresholds: the machine is shared and timed tests are flaky; the benchmark reports ratios.
+"""
+import json
+import math
+import subprocess
+
+import pytest
+
+from bench.run import parse_variant, pct, summarize
+from tests.helpers import PY, ROOT
+
+LEVELS = ["1", "4", "8", "16"]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([PY, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=580, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads((out / "results.json").read_text()), out, proc.stdout
+
+
+def positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def test_baseline_figures(bench_run):
+    res, _, _ = bench_run
+    b = res["baseline"]
+    assert b["threads"] >= 1
+    for key in ("decode_tok_s", "e2e_tok_s", "ttft_ms_p50", "ttft_ms_p95", "aggregate_tok_s"):
+        assert positive(b["single"][key]), key
+    assert b["single"]["errors"] == 0 and b["single"]["tokens"] > 0
+    assert positive(b["one_after_another"]["aggregate_tok_s"])
+    assert b["fifo_ttft"]["ttft_ms_p50"] <= b["fifo_ttft"]["ttft_ms_p95"]
+    # fp32 distilgpt2 is ~330 MB of weights: the one process holds all of them
+    assert 300 < b["peak_rss_mb"] < 4000
+    assert positive(b["batched_reference"]["aggregate_tok_s"])
+
+
+def test_pipeline_figures(bench_run):
+    res, _, _ = bench_run
+    cfg = res["config"]
+    assert cfg["ranks"] == 3 and cfg["clients"] == [1, 4, 8, 16]
+    p = res["pipelines"]["default"]
+    assert p["exit_code"] == 0, "the pipeline did not stop cleanly"
+    assert [s["rank"] for s in p["stages"]] == [0, 1, 2]
+    assert sorted(p["levels"]) == sorted(LEVELS)
+    for n in LEVELS:
+        lv = p["levels"][n]
+        assert lv["errors"] == 0, (n, lv)
+        assert 0 < lv["tokens"] <= lv["requests"] * cfg["max_tokens"]
+        assert positive(lv["aggregate_tok_s"]) and positive(lv["ttft_ms_p50"])
+        assert lv["ttft_ms_p50"] <= lv["ttft_ms_p95"]
+        assert lv["metrics_fresh"], f"per-rank /metrics never caught up at {n} clients"
+        assert lv["time"]["steps"] > 0 and positive(lv["time"]["round_trip_ms"])
+    assert p["levels"]["16"]["requests"] == 16 * cfg["rounds"]
+    assert positive(p["single"]["decode_tok_s"]) and positive(p["single"]["ttft_ms_p50"])
+    assert positive(p["baseline_paired"]["single"]["decode_tok_s"])
+
+
+def test_bytes_per_token_per_hop_match_the_wire_format(bench_run):
+    res, _, _ = bench_run
+    hidden = res["config"]["hidden_size"]
+    for n in ("1", "16"):
+        t = res["pipelines"]["default"]["levels"][n]["traffic"]
+        assert list(t["hops"]) == ["0->1", "1->2", "2->0"]
+        assert t["analytic_one_sequence"] == hidden * 4 + 36
+        for hop in t["hops"].values():
+            # one hidden vector per token plus a small header; the 2-second stats message adds a little
+            assert 0.97 * t["analytic_at_mean_batch"] <= hop["decode_per_token"] <= 1.25 * t["analytic_at_mean_batch"], hop
+            assert hop["measured_per_token"] >= hop["decode_per_token"]
+
+
+def test_memory_and_ratios(bench_run):
+    res, _, _ = bench_run
+    p, b = res["pipelines"]["default"], res["baseline"]
+    assert sorted(p["peak_rss_mb"]) == ["0", "1", "2"]
+    assert all(50 < v < b["peak_rss_mb"] * 2 for v in p["peak_rss_mb"].values())
+    r = res["ratios"]["default"]
+    for key in ("single_decode", "single_e2e", "aggregate_16_vs_one_after_another", "peak_rss_total_vs_single_process"):
+        assert positive(r[key]), key
+    assert res["best_variant"] == "default"
+    assert set(res["targets_met"]["default"]) == {"single", "aggregate"}
+
+
+def test_outputs_plot_and_table(bench_run):
+    _, out, stdout = bench_run
+    png = (out / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    table = (out / "results.md").read_text()
+    assert table.startswith("| figure |") and "aggregate tok/s, 16 concurrent clients" in table
+    assert "| figure |" in stdout
+
+
+@pytest.mark.parametrize("values, q, want", [([3, 1, 2], 50, 2), ([1, 2, 3, 4], 50, 2.5), ([5], 95, 5),
+                                             ([0, 10], 95, 9.5), ([], 50, None)])
+def test_percentile(values, q, want):
+    assert pct(values, q) == want
+
+
+def test_summarize_counts_decode_after_the_first_token():
+    runs = [{"tokens": 11, "seconds": 2.0, "ttft_s": 1.0, "decode_s": 1.0},
+            {"tokens": 5, "seconds": 1.0, "ttft_s": 0.5, "decode_s": 0.5, "error": "HTTP 503"}]
+    s = summarize(runs)
+    assert (s["requests"], s["errors"], s["tokens"]) == (2, 1, 11)
+    assert s["decode_tok_s"] == 10.0 and s["aggregate_tok_s"] == 5.5 and s["ttft_ms_p50"] == 1000.0
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("default=", ("default", [], {})),
+    ("t2=--threads 2", ("t2", ["--threads", "2"], {})),
+    ("p=OMP_WAIT_POLICY=PASSIVE --threads 2 --slots 8",
+     ("p", ["--threads", "2", "--slots", "8"], {"OMP_WAIT_POLICY": "PASSIVE"})),
+])
+def test_parse_variant(spec, want):
+    assert parse_variant(spec) == want
