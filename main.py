@@ -16,6 +16,10 @@ import sys
 import threading
 import time
 
+# OpenMP threads that finish a parallel region sleep instead of spinning: with several ranks on one
+# host a spinning thread steals the core the working rank needs, and an idle board stays cool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 EX_CONFIG = 78   # the start was refused (bad shard, wrong rank count): restarting will not help
 STATS_INTERVAL = 2.0  # rank 0's heartbeat through the ring, seconds
@@ -39,7 +43,7 @@ def parse_args(argv=None):
     ap.add_argument("--pid-file", default=os.environ.get("SHARDLINE_PID_FILE"),
                     help="rank 0 writes its PID here (the supervisor signals rank 0 for a clean stop)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads per rank (default: this host's cores / its ranks)")
+                    help="torch threads per rank (default: rank 0 all cores, others the host's cores / its ranks)")
     ap.add_argument("--api-key", default=os.environ.get("SHARDLINE_API_KEY"),
                     help="require Authorization: Bearer KEY (default: env SHARDLINE_API_KEY, else off)")
     ap.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")

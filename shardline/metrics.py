@@ -49,4 +49,5 @@ def rss_bytes() -> tuple[int, int]:
     import resource
 
     import psutil
-    return psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = psutil.Process().memory_info().rss
+    return rss, max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # the kernel's peak lags
