@@ -17,7 +17,7 @@ import pytest
 ANSIBLE_DIR = Path(__file__).resolve().parent.parent / "ansible"
 BIN = Path(sys.executable).parent
 
-# Every tag the issue names, in the order a user meets them (docs/boards.md).
+# Every tag the issue names, in the order a user meets them (the README's "Run on your boards").
 SETUP_TAGS = [
     "install_dependencies",
     "check_packages",

@@ -2,7 +2,7 @@
 
 The test hosts (tests/cluster/testhosts.py) are network namespaces on a bridge, each with its own
 address in 10.213.47.0/24, host name, home and sshd; to Ansible and Open MPI they are three boards
-on a LAN. The test runs what a user runs (docs/boards.md):
+on a LAN. The test runs what a user runs (the README's "Run on your boards"):
 
     cd ansible && ansible-playbook site.yml --tags setup     # minus install_dependencies: no internet here
     ssh head launch.sh                                       # what the systemd unit runs: mpirun --hostfile
@@ -96,8 +96,8 @@ def playbook(hosts, inventory, extra_vars, tags, skip_tags=None):
     return run_playbook(inventory, extra_vars, hosts.workdir, tags=tags, skip_tags=skip_tags, timeout=240)
 
 
-# What a user runs first (docs/boards.md), without install_dependencies: the test hosts have no
-# internet, and share this machine's virtual environment instead.
+# What a user runs first (the README's "Run on your boards"), without install_dependencies: the
+# test hosts have no internet, and share this machine's virtual environment instead.
 SETUP = dict(tags="setup", skip_tags="install_dependencies")
 
 
