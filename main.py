@@ -35,6 +35,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default: the model's)")
     ap.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot before 503")
     ap.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per micro-batch (prompt chunking)")
+    ap.add_argument("--microbatches", type=int, default=None,
+                    help="micro-batches in the ring at once (default: one per distinct host, so every board "
+                         "works at once; ranks sharing a host's cores do better with fewer, larger batches)")
     ap.add_argument("--step-timeout", type=float, default=8.0,
                     help="seconds without an answer from the ring before the job is declared dead")
     ap.add_argument("--shutdown-grace", type=float, default=0.0,
@@ -99,7 +102,8 @@ def _serve_head(args, node) -> int:
     hosts = [r["host"] for r in records]
     engine = Engine(stage, AutoTokenizer.from_pretrained(tok_dir), link, size, hosts, args.slots,
                     queue_size=args.queue_size, max_batch_tokens=args.max_batch_tokens,
-                    step_timeout=args.step_timeout, log_steps=args.verbose, stats_interval=STATS_INTERVAL)
+                    step_timeout=args.step_timeout, log_steps=args.verbose, stats_interval=STATS_INTERVAL,
+                    microbatches=args.microbatches or len(set(hosts)))
     data = manifest.data
     name = args.model_name or os.path.basename(str(data["source"]).rstrip("/")) or "model"
     info = {"model": name, "random_weights": data.get("random_weights", False), "ranks": size,

@@ -74,9 +74,13 @@ class Flight:
 class Engine:
     def __init__(self, stage: Stage, tokenizer, link: wire.Link | None, size: int, hosts: list[str],
                  slots: int, queue_size: int = 64, max_batch_tokens: int = 256, step_timeout: float = 8.0,
-                 metrics: Metrics | None = None, log_steps: bool = False, stats_interval: float = 2.0):
+                 metrics: Metrics | None = None, log_steps: bool = False, stats_interval: float = 2.0,
+                 microbatches: int | None = None):
         self.stage, self.tok, self.link, self.size, self.hosts = stage, tokenizer, link, size, hosts
         self.slots = slots
+        # Micro-batches in the ring at once. One per stage keeps every board busy; when stages share
+        # a host's cores, fewer and larger batches win (each reads the weights once per step).
+        self.microbatches = max(1, microbatches or size)
         self.free_slots = list(range(slots - 1, -1, -1))
         self.inbox: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
         self.active: list[Request] = []
@@ -178,13 +182,13 @@ class Engine:
         self._gauges()
 
     def _launch(self) -> None:
-        for _ in range(self.size - len(self.flights)):
+        for _ in range(self.microbatches - len(self.flights)):
             for r in [r for r in self.active if r.cancelled and not r.in_flight]:
                 self._finish(r, "cancelled")
             ready = [r for r in self.active if not r.in_flight and r.feed]
             if not ready:
                 return
-            cap = max(1, math.ceil(len(self.active) / self.size))  # spread sequences over the stages
+            cap = max(1, math.ceil(len(self.active) / self.microbatches))  # spread sequences over them
             ready.sort(key=lambda r: r.t_last)                      # least recently served first
             batch, seqs, ids, budget, flags = [], [], [], self.max_batch_tokens, 0
             for r in ready[:cap]:
