@@ -380,19 +380,24 @@ def _netns_pids(netns: str) -> list[int]:
     return [int(p) for p in result.stdout.split()] if result.returncode == 0 else []
 
 
-def _kill_netns_processes(netns: str, grace: float = 5) -> None:
-    """SIGTERM every process in the namespace (sshd, mpirun, the ranks), then SIGKILL what remains."""
+def _terminate(find_pids, grace: float = 5) -> None:
+    """SIGTERM the processes find_pids() lists, wait up to grace for them to go, then SIGKILL the rest."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _netns_pids(netns)
+        pids = find_pids()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace
         while pids and time.monotonic() < deadline:
             time.sleep(0.1)
-            pids = _netns_pids(netns)
+            pids = find_pids()
         if not pids:
             return
+
+
+def _kill_netns_processes(netns: str, grace: float = 5) -> None:
+    """SIGTERM every process in the namespace (sshd, mpirun, the ranks), then SIGKILL what remains."""
+    _terminate(lambda: _netns_pids(netns), grace)
 
 
 def cleanup_leftovers(remove_tmp: bool = True) -> None:
@@ -433,14 +438,4 @@ def _kill_processes_mentioning(text: str, grace: float = 5) -> None:
                         pids.append(int(proc.name))
         return pids
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = matching()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.1)
-            pids = matching()
-        if not pids:
-            return
+    _terminate(matching, grace)
