@@ -21,7 +21,6 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-EX_CONFIG = 78   # the start was refused (bad shard, wrong rank count): restarting will not help
 STATS_INTERVAL = 2.0  # rank 0's heartbeat through the ring, seconds
 
 
@@ -57,6 +56,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from shardline import EX_CONFIG
     from shardline.node import start
     node = start(args.model_dir, args.slots, args.max_context, args.threads)
     if node is None:

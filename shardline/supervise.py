@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-EX_CONFIG = 78
+from shardline import EX_CONFIG  # a refused start: not retried
 
 
 def log(msg: str) -> None:
