@@ -12,6 +12,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 MPIRUN = str(Path(PY).parent / "mpirun")
@@ -98,6 +100,27 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 60, h
         return status, json.loads(raw)
     except ValueError:
         return status, raw.decode(errors="replace")
+
+
+def rank_processes(root_pid: int) -> dict[int, psutil.Process]:
+    """rank -> process, for the MPI ranks running main.py below root_pid (mpirun or the supervisor)."""
+    out = {}
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            env, cmd = p.environ(), p.cmdline()
+        except psutil.Error:
+            continue
+        if "OMPI_COMM_WORLD_RANK" in env and any(a.endswith("main.py") for a in cmd):
+            out[int(env["OMPI_COMM_WORLD_RANK"])] = p
+    return out
+
+
+def alive(p: psutil.Process) -> bool:
+    """Running and not a zombie."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class Server:

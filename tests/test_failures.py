@@ -13,7 +13,7 @@ import pytest
 from transformers import GPT2Config
 
 from splitter.random_model import build_tokenizer, random_model
-from tests.helpers import PY, ROOT, free_port, http, launch_cmd, mpi_env, split
+from tests.helpers import PY, ROOT, alive, free_port, http, launch_cmd, mpi_env, rank_processes, split
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +56,7 @@ class Supervised:
         raise TimeoutError(f"not healthy in {timeout}s:\n{self.log_path.read_text()}")
 
     def ranks(self) -> dict[int, psutil.Process]:
-        out = {}
-        for p in psutil.Process(self.proc.pid).children(recursive=True):
-            try:
-                env, cmd = p.environ(), p.cmdline()
-            except psutil.Error:
-                continue
-            if "OMPI_COMM_WORLD_RANK" in env and any("main.py" in a for a in cmd):
-                out[int(env["OMPI_COMM_WORLD_RANK"])] = p
-        return out
+        return rank_processes(self.proc.pid)
 
     def everything(self) -> list[psutil.Process]:
         try:
@@ -189,19 +181,12 @@ def test_sigterm_answers_in_flight_clients_and_leaves_nothing_behind(long_parts,
         else:
             gone = list(ranks.values())
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and any(_alive(p) for p in gone):
+            while time.monotonic() < deadline and any(alive(p) for p in gone):
                 time.sleep(0.1)
         assert time.monotonic() - t0 < 10
-        assert not [p for p in gone if _alive(p)]
+        assert not [p for p in gone if alive(p)]
     finally:
         job.stop()
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_a_refused_start_is_not_restarted(long_parts, tmp_path):

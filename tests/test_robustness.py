@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import ROOT, Server, http, split
+from tests.helpers import ROOT, Server, alive, http, rank_processes, split
 
 QUEUE_SIZE = 16          # with the default 16 slots, 64 clients overflow 16 + 16 and get 503s
 CLIENTS = 64
@@ -47,23 +47,10 @@ def guard_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("pickle_guard")
 
 
-def rank_processes(mpirun_pid: int) -> dict[int, psutil.Process]:
-    """rank -> process, for the ranks (children of mpirun) running main.py."""
-    out = {}
-    for p in psutil.Process(mpirun_pid).children(recursive=True):
-        try:
-            env, cmd = p.environ(), p.cmdline()
-        except psutil.Error:
-            continue
-        if "OMPI_COMM_WORLD_RANK" in env and any(a.endswith("main.py") for a in cmd):
-            out[int(env["OMPI_COMM_WORLD_RANK"])] = p
-    return out
-
-
 def assert_all_alive(server) -> None:
     assert server.proc.poll() is None, f"mpirun exited with {server.proc.returncode}:\n{server.output()[-3000:]}"
     for rank, p in server.ranks.items():
-        assert p.is_running() and p.status() != psutil.STATUS_ZOMBIE, f"rank {rank} is gone:\n{server.output()[-3000:]}"
+        assert alive(p), f"rank {rank} is gone:\n{server.output()[-3000:]}"
     status, body = http("GET", server.url + "/health", timeout=10)
     assert status == 200 and body["status"] == "ok", body
 

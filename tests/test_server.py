@@ -2,28 +2,15 @@
 import signal
 import time
 
-import psutil
 import pytest
 
-from tests.helpers import Server, hf_greedy, http, serving
+from tests.helpers import Server, alive, hf_greedy, http, rank_processes, serving
 
 
 @pytest.fixture(scope="module")
 def server(parts3, tmp_path_factory):
     with serving(parts3, 3, tmp_path_factory.mktemp("log")) as s:
         yield s
-
-
-def rank_processes(mpirun_pid: int) -> dict[int, psutil.Process]:
-    out = {}
-    for p in psutil.Process(mpirun_pid).children(recursive=True):
-        try:
-            env = p.environ()
-        except psutil.Error:
-            continue
-        if "OMPI_COMM_WORLD_RANK" in env and any("main.py" in a for a in p.cmdline()):
-            out[int(env["OMPI_COMM_WORLD_RANK"])] = p
-    return out
 
 
 def test_health_lists_every_stage(server):
@@ -73,7 +60,7 @@ def test_sigterm_to_rank0_stops_every_rank_cleanly(parts3, tmp_path):
     code = s.proc.wait(15)
     assert code == 0, s.output()
     assert time.monotonic() - t0 < 10
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values())
+    assert not any(alive(p) for p in ranks.values())
     s.stop()
 
 
@@ -87,5 +74,5 @@ def test_signal_to_mpirun_leaves_no_process_behind(parts3, tmp_path, sig):
     s.proc.wait(15)
     assert time.monotonic() - t0 < 10
     time.sleep(0.5)
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values())
+    assert not any(alive(p) for p in ranks.values())
     s.stop()
