@@ -16,11 +16,6 @@ import sys
 import threading
 import time
 
-# OpenMP threads that finish a parallel region sleep instead of spinning: with several ranks on one
-# host a spinning thread steals the core the working rank needs, and an idle board stays cool.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 STATS_INTERVAL = 2.0  # rank 0's heartbeat through the ring, seconds
 
 
@@ -45,7 +40,8 @@ def parse_args(argv=None):
     ap.add_argument("--pid-file", default=os.environ.get("SHARDLINE_PID_FILE"),
                     help="rank 0 writes its PID here (the supervisor signals rank 0 for a clean stop)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads per rank (default: rank 0 all cores, others the host's cores / its ranks)")
+                    help="torch threads per rank (default: all the host's cores; the host's cores / its ranks where "
+                         "ranks sharing it may compute at once: several hosts or --microbatches above 1)")
     ap.add_argument("--api-key", default=os.environ.get("SHARDLINE_API_KEY"),
                     help="require Authorization: Bearer KEY (default: env SHARDLINE_API_KEY, else off)")
     ap.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
@@ -56,9 +52,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from shardline import EX_CONFIG
+    from shardline import EX_CONFIG, omp
+    # How OpenMP threads wait (spin while computing, or sleep) is per rank, and torch reads it once
+    # when it loads: see shardline/omp.py.
+    omp.choose_wait_policy(args.model_dir)
     from shardline.node import start
-    node = start(args.model_dir, args.slots, args.max_context, args.threads)
+    node = start(args.model_dir, args.slots, args.max_context, args.threads, args.microbatches)
     if node is None:
         return EX_CONFIG
     if node.rank == 0:

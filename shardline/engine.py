@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from shardline import wire
+from shardline import omp, wire
 from shardline.metrics import STAT_FIELDS, Metrics, rss_bytes
 from shardline.sampling import SamplingParams, sample
 from shardline.stage import Seq, Stage
@@ -99,6 +99,7 @@ class Engine:
         self.rank_stats: np.ndarray = np.zeros((0, len(STAT_FIELDS)))
         self._stats_sent_at = 0.0
         self._stats_pending = False
+        self.threads = omp.Threads()
 
     # ---- called from other threads ----
     def submit(self, req: Request) -> Request:
@@ -150,6 +151,7 @@ class Engine:
                 if self._timed_out():
                     return 1
                 if not got:
+                    self.threads.idle()            # nothing to compute until a message or request arrives
                     if not self.active and not self.flights:
                         self.wake.wait(0.05)
                         self.wake.clear()
@@ -205,6 +207,7 @@ class Engine:
             with torch.inference_mode():
                 x = self.stage.forward(self.stage.embed(torch.tensor(ids), seqs), seqs)   # [T, d]
             compute = time.perf_counter() - t0
+            self.threads.computed()
             flight = Flight(time.monotonic(), batch, seqs, flags, compute)
             self.step += 1
             self.metrics.batch.observe(len(batch))
@@ -262,6 +265,7 @@ class Engine:
                 except Exception as err:  # one request's bad parameters must not take the others down
                     self._finish(r, "error", f"sampling failed: {type(err).__name__}: {err}")
         compute = f.compute + time.perf_counter() - t0
+        self.threads.computed()
         self.compute_seconds += compute
         self.steps_done += 1
         rtt = time.monotonic() - f.t_sent

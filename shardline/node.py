@@ -41,14 +41,16 @@ def local_ranks() -> int:
     return 1
 
 
-def default_threads(rank: int) -> int:
-    """Torch threads when --threads is not given. A board with one rank uses all its cores; ranks
-    sharing a host share them, except rank 0: it holds the LM head (the heaviest stage, and the
-    bottleneck under load) and computes alone while a single request is in the ring, so it gets all
-    cores (measured with `python -m bench`: 0.56x -> 0.73x of transformers for one request, and 2.4x
-    -> 2.8x at 16 clients, on 3 ranks sharing 2 cores; OMP_WAIT_POLICY=PASSIVE, see main.py)."""
+def default_threads(size: int, microbatches: int | None = None) -> int:
+    """Torch threads when --threads is not given: all the host's cores, since a rank's threads run
+    only while it computes (shardline/omp.py). Ranks that share a host take turns when the ring
+    holds one micro-batch (the default when every rank is on one host); only where they may compute
+    at once (several hosts, or --microbatches above 1) do they split the cores. Measured with
+    `python -m bench`, 3 ranks on 2 cores: see bench/README.md."""
     cores = os.cpu_count() or 1
-    return cores if rank == 0 else max(1, cores // local_ranks())
+    local = local_ranks()
+    alone = local == 1 or (local >= size and (microbatches or 1) == 1)
+    return cores if alone else max(1, cores // local)
 
 
 def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | None):
@@ -108,12 +110,13 @@ class Node:
         self.link = wire.Link(comm, prev=(rank - 1) % size, next=(rank + 1) % size) if size > 1 else None
 
 
-def start(model_dir, slots: int, max_context: int | None = None, threads: int | None = None) -> Node | None:
+def start(model_dir, slots: int, max_context: int | None = None, threads: int | None = None,
+          microbatches: int | None = None) -> Node | None:
     """Every rank: join MPI, check and load its own shard, and take part in the roll call.
     Returns None (after rank 0 has printed why) when any rank cannot serve."""
     comm, rank, size = init_dist()
     import torch
-    torch.set_num_threads(threads or default_threads(rank))
+    torch.set_num_threads(threads or default_threads(size, microbatches))
     stage, manifest, tok_dir, record = load_stage(model_dir, rank, size, slots, max_context)
     go, records = roll_call(comm, rank, size, record)
     return Node(comm, rank, size, stage, manifest, tok_dir, records) if go else None

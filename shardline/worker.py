@@ -6,7 +6,7 @@ import time
 import numpy as np
 import torch
 
-from shardline import wire
+from shardline import omp, wire
 from shardline.metrics import rss_bytes
 from shardline.stage import Stage
 
@@ -20,9 +20,11 @@ def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, sil
     Raises Silence after silence_timeout seconds (0 = never) without a message: rank 0 sends a STATS
     heartbeat every few seconds, so silence means a rank before this one is dead or hung."""
     compute, steps = 0.0, 0
+    threads = omp.Threads()
     while True:
         msg = link.poll()
         if msg is None:
+            threads.idle()
             link.reap()
             if should_stop():
                 return
@@ -39,6 +41,7 @@ def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, sil
             msg.payload = x.numpy()
             compute += time.perf_counter() - t0
             steps += 1
+            threads.computed()
         elif msg.kind == wire.STATS:
             rss, peak = rss_bytes()
             row = [rank, compute, link.bytes_sent, link.bytes_recv, steps, rss, peak]
