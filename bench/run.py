@@ -96,10 +96,10 @@ def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
 
 
 PRESET_VARIANTS = [
-    "default=",
-    "threads2=--threads 2",
-    "passive2=OMP_WAIT_POLICY=PASSIVE --threads 2",
-    "slots8=--slots 8",
+    "default=",                            # spinning threads on ranks with blocks, sleeping on rank 0
+    "spin=OMP_WAIT_POLICY=ACTIVE",         # every rank spins while computing, rank 0 too
+    "sleep=OMP_WAIT_POLICY=PASSIVE",       # every rank's threads sleep between operations
+    "threads1=--threads 1",                # one thread per rank
 ]
 
 
