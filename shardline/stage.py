@@ -7,6 +7,7 @@ all sequences run as one and only attention is per sequence.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,28 +36,28 @@ class Block:
         self.out_w, self.out_b = g("mlp.c_proj.weight"), g("mlp.c_proj.bias")      # [4d, d]
 
 
-def transposed(rows_of, shape: tuple[int, int], block: int = 4096) -> torch.Tensor:
-    """A [rows, cols] matrix as a contiguous [cols, rows] one, built a block of rows at a time
-    (rows_of(a, b) gives rows a..b), so the untransposed matrix is never whole in memory."""
-    rows, cols = shape
-    out = None
-    for a in range(0, rows, block):
-        part = rows_of(a, min(rows, a + block))
-        if out is None:
-            out = torch.empty(cols, rows, dtype=part.dtype)
-        out[:, a:a + part.shape[0]] = part.t()
-    return out
-
-
-def _rows(path: Path, name: str, a: int, b: int) -> torch.Tensor:
-    """Rows a..b of a tensor in a safetensors file, copied out. The file is opened for this block
-    only: safetensors maps the file, and the pages read stay in the process's RSS until it is closed."""
+def read_transposed(path: Path, name: str, block: int = 2048) -> torch.Tensor:
+    """A [rows, cols] tensor of a safetensors file as a contiguous [cols, rows] one, read a block of
+    rows at a time. The file is opened per block: safetensors maps it, and the pages read stay in the
+    process's RSS until it is closed, so this keeps one copy of the matrix in memory, not two."""
     from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_slice(name)[a:b].clone()
+    out = None
+    for a in itertools.count(0, block):
+        with safe_open(str(path), framework="pt") as f:
+            sl = f.get_slice(name)
+            rows, cols = sl.get_shape()
+            part = sl[a:min(rows, a + block)]
+            if out is None:
+                out = torch.empty(cols, rows, dtype=part.dtype)
+            out[:, a:a + part.shape[0]] = part.t()
+            del part
+        if a + block >= rows:
+            return out
 
 
 class Stage:
+    HEAD, WTE = "lm_head.weight", "transformer.wte.weight"
+
     def __init__(self, config, tensors: dict[str, torch.Tensor], layers: tuple[int, int], first: bool,
                  slots: int, max_context: int, head_t: torch.Tensor | None = None):
         if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -88,22 +89,15 @@ class Stage:
         self.k_cache = torch.empty(shape)
         self.v_cache = torch.empty(shape)
 
-    HEAD, WTE = "lm_head.weight", "transformer.wte.weight"
-
     @classmethod
     def load(cls, path: Path, config, layers, first: bool, slots: int, max_context: int) -> "Stage":
         """Read this stage's shard; stage 0's head matrix is read straight into its transposed form."""
         from safetensors import safe_open
-        tensors, head_t = {}, None
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
             head = cls.HEAD if cls.HEAD in names else cls.WTE
-            for name in names:
-                if not (first and name == head):
-                    tensors[name] = f.get_tensor(name)
-            shape = tuple(f.get_slice(head).get_shape()) if first else None
-        if first:
-            head_t = transposed(lambda a, b: _rows(path, head, a, b), shape, block=2048)
+            tensors = {name: f.get_tensor(name) for name in names if not (first and name == head)}
+        head_t = read_transposed(path, head) if first else None
         return cls(config, tensors, tuple(layers), first, slots, max_context, head_t=head_t)
 
     # ---- stage 0's ends of the ring ----
