@@ -53,11 +53,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from shardline import EX_CONFIG, omp
-    # How OpenMP threads wait (spin while computing, or sleep) is per rank, and torch reads it once
-    # when it loads: see shardline/omp.py.
-    omp.choose_wait_policy(args.model_dir)
+    # This rank's OpenMP threads (how many, pinned where, spinning or sleeping) are set up before
+    # torch loads, since it reads them once: see shardline/omp.py.
+    threads = omp.configure(args.model_dir, args.threads, args.microbatches)
     from shardline.node import start
-    node = start(args.model_dir, args.slots, args.max_context, args.threads, args.microbatches)
+    node = start(args.model_dir, args.slots, args.max_context, threads, args.microbatches)
     if node is None:
         return EX_CONFIG
     if node.rank == 0:

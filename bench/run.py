@@ -96,7 +96,8 @@ def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
 
 
 PRESET_VARIANTS = [
-    "default=",                            # spinning threads on ranks with blocks, sleeping on rank 0
+    "default=",                            # pinned threads, spinning on ranks with blocks, sleeping on rank 0
+    "unpinned=OMP_PROC_BIND=false",        # the same, but the OS places the threads
     "spin=OMP_WAIT_POLICY=ACTIVE",         # every rank spins while computing, rank 0 too
     "sleep=OMP_WAIT_POLICY=PASSIVE",       # every rank's threads sleep between operations
     "threads1=--threads 1",                # one thread per rank

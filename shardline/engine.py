@@ -206,8 +206,9 @@ class Engine:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 x = self.stage.forward(self.stage.embed(torch.tensor(ids), seqs), seqs)   # [T, d]
+            if self.link is not None:
+                self.threads.handoff()           # the next rank may need these cores
             compute = time.perf_counter() - t0
-            self.threads.computed()
             flight = Flight(time.monotonic(), batch, seqs, flags, compute)
             self.step += 1
             self.metrics.batch.observe(len(batch))

@@ -14,43 +14,23 @@ import time
 
 import numpy as np
 
+from shardline import omp
 from shardline.manifest import ShardError, check_world, load_manifest, verify_shard, verify_tokenizer
 from shardline.metrics import rss_bytes
 from shardline.stage import Stage
 
 RECORD = 4096  # bytes per rank in the roll call
-LAUNCH_ENV = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")
 
 
 def init_dist():
     """(comm, rank, size); comm is None for a plain `python main.py` (one rank, no MPI at all)."""
-    if not any(v in os.environ for v in LAUNCH_ENV):
+    if not omp.launched():
         return None, 0, 1
     import mpi4py
     mpi4py.rc.thread_level = "funneled"   # only each rank's main thread calls MPI
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     return comm, comm.Get_rank(), comm.Get_size()
-
-
-def local_ranks() -> int:
-    """How many ranks share this host (so they can share its cores)."""
-    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
-        if var in os.environ:
-            return max(1, int(os.environ[var]))
-    return 1
-
-
-def default_threads(size: int, microbatches: int | None = None) -> int:
-    """Torch threads when --threads is not given: all the host's cores, since a rank's threads run
-    only while it computes (shardline/omp.py). Ranks that share a host take turns when the ring
-    holds one micro-batch (the default when every rank is on one host); only where they may compute
-    at once (several hosts, or --microbatches above 1) do they split the cores. Measured with
-    `python -m bench`, 3 ranks on 2 cores: see bench/README.md."""
-    cores = os.cpu_count() or 1
-    local = local_ranks()
-    alone = local == 1 or (local >= size and (microbatches or 1) == 1)
-    return cores if alone else max(1, cores // local)
 
 
 def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | None):
@@ -113,10 +93,11 @@ class Node:
 def start(model_dir, slots: int, max_context: int | None = None, threads: int | None = None,
           microbatches: int | None = None) -> Node | None:
     """Every rank: join MPI, check and load its own shard, and take part in the roll call.
-    Returns None (after rank 0 has printed why) when any rank cannot serve."""
+    Returns None (after rank 0 has printed why) when any rank cannot serve. threads: torch's thread
+    count (main.py has omp.configure choose it; else omp.default_threads)."""
     comm, rank, size = init_dist()
     import torch
-    torch.set_num_threads(threads or default_threads(size, microbatches))
+    torch.set_num_threads(threads or omp.default_threads(size, microbatches))
     stage, manifest, tok_dir, record = load_stage(model_dir, rank, size, slots, max_context)
     go, records = roll_call(comm, rank, size, record)
     return Node(comm, rank, size, stage, manifest, tok_dir, records) if go else None

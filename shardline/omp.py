@@ -1,16 +1,26 @@
-"""How each rank's OpenMP threads wait, so ranks sharing a host's cores take turns with all of them.
+"""Each rank's OpenMP threads: how many, where they run, how they wait. Ranks sharing a host's cores
+take turns with all of them.
 
-OpenMP threads that sleep between parallel regions (OMP_WAIT_POLICY=PASSIVE) pay a wake-up per
-region, several per layer; on a virtual machine, where an idle vCPU halts, that doubled a stage's
-time (measured on the 2-core dev VM, three layers, one token, 2 threads: 5.9 ms passive, 2.8 ms
-spinning, 5.5 ms on one thread). Spinning threads (ACTIVE) are fast but would burn the cores the next
-rank needs, and an idle board's cores. So a rank with blocks spins, and calls Threads.idle() as soon
-as it has nothing to compute: omp_pause_resource_all (OpenMP 5.0) ends the pool's threads, and the
-next parallel region starts them again (one thread start per step instead of a wake-up per region).
-A rank without blocks (rank 0 when it holds only the embeddings and the head) runs a few regions
-per step, so its threads sleep instead: no thread starts at all, and one wake-up per region.
-Measured with `python -m bench --try-variants`, 3 ranks on 2 cores (bench/README.md): one request
-0.885x of transformers, against 0.76x with rank 0 spinning too and 0.70x with every rank sleeping.
+Decided by configure() before torch loads (the OpenMP runtime reads its environment once), from the
+launcher's environment and the manifest, unless the user has set the variable:
+
+- Threads: all the cores this rank may use, since its threads run only while it computes. Ranks
+  sharing a host take turns when the ring holds one micro-batch (the default when every rank is on
+  one host); only where they may compute at once (several hosts, or --microbatches above 1) do they
+  split the cores, each local rank its own.
+- Pinning (OMP_PROC_BIND=close, OMP_PLACES one core each): thread i of every rank that takes turns
+  runs on core i. Unpinned, a starting or waking thread was often placed on the core its own
+  master thread was spinning on and waited there for a scheduler tick; the ring ran at 12 ms a
+  token in some runs and 33 ms in others (3 ranks, 2 cores, the dev VM).
+- Waiting (OMP_WAIT_POLICY): threads that sleep between parallel regions pay a wake-up per region,
+  several per layer; on a virtual machine, where an idle vCPU halts, that doubled a stage's time
+  (three layers, one token, 2 threads: 5.9 ms sleeping, 2.8 ms spinning). So a rank with blocks
+  spins (ACTIVE), and calls Threads.idle() before it hands its output on and whenever it has nothing
+  to compute: omp_pause_resource_all (OpenMP 5.0) ends the pool's threads, so the next rank finds
+  the cores free, and the next parallel region starts them again (one thread start per step instead
+  of a wake-up per region). A rank without blocks (rank 0 when it holds only the embeddings and the
+  head) runs a few regions per step, so its threads sleep (PASSIVE): no thread starts at all.
+Measured with `python -m bench` (bench/README.md).
 """
 from __future__ import annotations
 
@@ -22,6 +32,80 @@ from pathlib import Path
 
 OMP_PAUSE_SOFT = 1
 _lib = None
+
+# What a launcher sets in each process: the rank, the world size, and this host's share of it.
+RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+LOCAL_SIZE_ENV = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+LOCAL_RANK_ENV = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+LAUNCH_ENV = RANK_ENV + SIZE_ENV + LOCAL_SIZE_ENV
+
+
+def _env_int(names, default: int) -> int:
+    return int(next((os.environ[v] for v in names if v in os.environ), default))
+
+
+def launched() -> bool:
+    """Started by mpirun (or another MPI launcher), rather than as a plain one-process `python main.py`."""
+    return any(v in os.environ for v in LAUNCH_ENV)
+
+
+def local_ranks() -> int:
+    """How many ranks share this host (so they can share its cores)."""
+    return max(1, _env_int(LOCAL_SIZE_ENV, 1))
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (an MPI launcher may have bound it to some)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def takes_turns(size: int, microbatches: int | None) -> bool:
+    """Whether the ranks on this host compute one at a time: alone on it, or all ranks on this one
+    host with one micro-batch in the ring."""
+    local = local_ranks()
+    return local == 1 or (local >= size and (microbatches or 1) == 1)
+
+
+def default_threads(size: int, microbatches: int | None = None) -> int:
+    """Torch threads when --threads is not given: every usable core when this host's ranks take turns,
+    else an equal share of them."""
+    cores = len(usable_cpus())
+    return cores if takes_turns(size, microbatches) else max(1, cores // local_ranks())
+
+
+def configure(model_dir, threads: int | None = None, microbatches: int | None = None) -> int:
+    """Set this rank's OpenMP environment (see the module's doc) and return its torch thread count.
+    Must run before torch is imported."""
+    size = max(1, _env_int(SIZE_ENV, 1))
+    threads = threads or default_threads(size, microbatches)
+    choose_wait_policy(model_dir)
+    if not any(v in os.environ for v in ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")):
+        cpus = usable_cpus()
+        first = 0 if takes_turns(size, microbatches) else _env_int(LOCAL_RANK_ENV, 0) * threads
+        mine = cpus[first:first + threads]
+        if len(mine) == threads:         # else more threads than cores: leave placement to the system
+            os.environ["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in mine)
+            os.environ["OMP_PROC_BIND"] = "close"
+    return threads
+
+
+def choose_wait_policy(model_dir) -> str:
+    """Set OMP_WAIT_POLICY for this rank, unless the user has: PASSIVE for a rank without blocks,
+    ACTIVE otherwise."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        policy = "ACTIVE"
+        try:
+            rank = _env_int(RANK_ENV, 0)
+            a, b = json.loads((Path(model_dir) / "manifest.json").read_text())["stages"][rank]["layers"]
+            policy = "PASSIVE" if b == a else "ACTIVE"
+        except Exception:  # noqa: BLE001 - a bad manifest is reported by the start-up checks
+            pass
+        os.environ["OMP_WAIT_POLICY"] = policy
+    return os.environ["OMP_WAIT_POLICY"]
 
 
 def _libgomp():
@@ -41,24 +125,6 @@ def _libgomp():
     return _lib
 
 
-RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
-
-
-def choose_wait_policy(model_dir) -> str:
-    """Set OMP_WAIT_POLICY for this rank, unless the user has: PASSIVE for a rank without blocks,
-    ACTIVE otherwise. Must run before torch is imported (the OpenMP runtime reads it once)."""
-    if "OMP_WAIT_POLICY" not in os.environ:
-        policy = "ACTIVE"
-        try:
-            rank = int(next((os.environ[v] for v in RANK_ENV if v in os.environ), "0"))
-            a, b = json.loads((Path(model_dir) / "manifest.json").read_text())["stages"][rank]["layers"]
-            policy = "PASSIVE" if b == a else "ACTIVE"
-        except Exception:  # noqa: BLE001 - a bad manifest is reported by the start-up checks
-            pass
-        os.environ["OMP_WAIT_POLICY"] = policy
-    return os.environ["OMP_WAIT_POLICY"]
-
-
 class Threads:
     """Tracks whether this rank's OpenMP threads may be spinning, and lets them go when it goes idle."""
 
@@ -68,6 +134,12 @@ class Threads:
 
     def computed(self) -> None:
         self.busy = True
+
+    def handoff(self) -> None:
+        """This rank has computed and is about to pass its output on: end its spinning threads first,
+        so the next rank, maybe on these same cores, starts on free ones."""
+        self.busy = True
+        self.idle()
 
     def idle(self) -> None:
         if self.busy and self.release:

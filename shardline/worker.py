@@ -39,9 +39,9 @@ def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, sil
             if last:
                 x = wire.ring_output(x, msg.seqs, msg.flags)
             msg.payload = x.numpy()
+            threads.handoff()
             compute += time.perf_counter() - t0
             steps += 1
-            threads.computed()
         elif msg.kind == wire.STATS:
             rss, peak = rss_bytes()
             row = [rank, compute, link.bytes_sent, link.bytes_recv, steps, rss, peak]
