@@ -6,6 +6,11 @@ slot (the same row on every stage); the next tokens of the ready sequences go ou
 packed micro-batch, and up to one micro-batch per stage is in the ring at once so every stage works.
 A slot needs no message to be freed: it is a free-list entry here, and a new sequence in it starts
 at position 0, so stale rows past its length are never read.
+
+The critical path of a step is: a micro-batch comes back, the head samples, the next tokens go out.
+Detokenizing (incremental, tokenizers' DecodeStream) and handing text to the HTTP thread wait until
+the ring is busy again (_texts), so the next step does not wait for them (and for the HTTP thread,
+which needs the GIL): 1-2 % more tokens/s at 1 and 16 clients in `python -m bench`, 3 ranks on 2 cores.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tokenizers.decoders import DecodeStream
 
 from shardline import omp, wire
 from shardline.metrics import STAT_FIELDS, Metrics, rss_bytes
@@ -47,6 +53,9 @@ class Request:
     pos: int = 0                      # tokens already in the KV cache
     feed: list[int] = field(default_factory=list)   # tokens to send next
     generated: list[int] = field(default_factory=list)
+    detok: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
+    texted: int = 0                   # tokens of generated already in text
+    cut: bool = False                 # text ends where a stop string began
     text: str = ""                    # the continuation so far (cut at a stop string)
     emitted: int = 0                  # characters of text already passed to on_text
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
@@ -100,6 +109,8 @@ class Engine:
         self._stats_sent_at = 0.0
         self._stats_pending = False
         self.threads = omp.Threads()
+        self.backend = tokenizer.backend_tokenizer         # the `tokenizers` object DecodeStream steps
+        self.untexted: list[Request] = []                  # new tokens not yet detokenized (see _texts)
 
     # ---- called from other threads ----
     def submit(self, req: Request) -> Request:
@@ -146,6 +157,7 @@ class Engine:
                         break
                 self._admit()
                 self._launch()
+                self._texts()
                 got = self._collect()
                 self._maybe_stats()
                 if self._timed_out():
@@ -242,6 +254,8 @@ class Engine:
         sampling = []
         for i, (r, n) in enumerate(f.batch):
             r.in_flight = False
+            if r.done.is_set():      # ended (a stop string) while this step was out; its slot is free
+                continue             # already, and a new owner's steps come after this one on every stage
             r.pos += n
             del r.feed[:n]
             if r.want_logits:
@@ -262,7 +276,7 @@ class Engine:
             for j, (r, _) in enumerate(sampling):
                 try:
                     tok = greedy[j] if r.params.temperature == 0 else sample(logits[j], r.params, r.gen)
-                    self._emit(r, tok)
+                    self._accept(r, tok)
                 except Exception as err:  # one request's bad parameters must not take the others down
                     self._finish(r, "error", f"sampling failed: {type(err).__name__}: {err}")
         compute = f.compute + time.perf_counter() - t0
@@ -279,7 +293,8 @@ class Engine:
                   f"Recv {recv / 1024:10.1f} kB", flush=True)
         self._gauges()
 
-    def _emit(self, r: Request, tok: int) -> None:
+    def _accept(self, r: Request, tok: int) -> None:
+        """A sampled token: end the request, or feed the token back in. Its text comes later (_texts)."""
         now = time.monotonic()
         if r.t_first is None:
             r.t_first = now
@@ -291,21 +306,33 @@ class Engine:
         if tok == self.eos:
             return self._finish(r, "stop")
         r.generated.append(tok)
-        text = self.tok.decode(r.generated, skip_special_tokens=True)
-        for s in r.stop:
-            at = text.find(s, max(0, r.emitted - len(s)))
-            if at != -1:
-                r.text = text[:at]
-                return self._finish(r, "stop")
-        r.text = text
         if len(r.generated) >= r.max_new_tokens or r.pos + 1 >= self.max_context:
             return self._finish(r, "length")
         r.feed = [tok]
+        self.untexted.append(r)
+
+    def _texts(self) -> None:
+        """Detokenize the tokens sampled last step and pass the new text on; a stop string ends a request."""
+        for r in self.untexted:
+            if not r.done.is_set() and self._detokenize(r):
+                self._finish(r, "stop")
+        self.untexted.clear()
+
+    def _detokenize(self, r: Request) -> bool:
+        """Bring r.text up to r.generated and stream what is safe to show. A stop string cuts the text
+        there (r.cut) and returns True."""
+        seen = len(r.text)
+        for tok in r.generated[r.texted:]:
+            r.text += r.detok.step(self.backend, tok) or ""
+        r.texted = len(r.generated)
+        for s in r.stop:
+            at = r.text.find(s, max(0, seen - len(s) + 1))
+            if at != -1:
+                r.text, r.cut = r.text[:at], True
+                return True
         hold = max((len(s) - 1 for s in r.stop), default=0)       # a stop string may be starting
-        safe = len(text) - hold
-        while safe > r.emitted and text[safe - 1] == "\ufffd":    # an incomplete UTF-8 character
-            safe -= 1
-        self._send_text(r, safe)
+        self._send_text(r, len(r.text) - hold)
+        return False
 
     def _send_text(self, r: Request, upto: int) -> None:
         if upto > r.emitted:
@@ -316,9 +343,17 @@ class Engine:
     def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
         if r.done.is_set():
             return
-        r.finish_reason, r.error = reason, error
         if error is None:
+            if not r.cut and self._detokenize(r):
+                reason = "stop"                  # a stop string in the last tokens wins over the length
+            if not r.cut:
+                # The end: bytes the stream still holds (an incomplete UTF-8 character) come out as
+                # the full decode has them, so the text is exactly tokenizer.decode(generated).
+                full = self.tok.decode(r.generated, skip_special_tokens=True)
+                if full.startswith(r.text):
+                    r.text = full
             self._send_text(r, len(r.text))
+        r.finish_reason, r.error = reason, error
         if r in self.active:
             self.active.remove(r)
         if r.slot is not None:

@@ -1,0 +1,110 @@
+"""Rank 0's engine in one process: the rest of the ring is a stand-in link that runs the other stages'
+blocks, so streaming, stop strings and slot bookkeeping are checked step by step, with a real
+micro-batch in flight while text is produced."""
+import threading
+from collections import deque
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from shardline import wire
+from shardline.engine import Engine, Request
+from shardline.sampling import SamplingParams
+from shardline.stage import Stage
+from tests.helpers import hf_greedy_ids, hf_model
+
+
+class LoopLink:
+    """Stands in for ranks 1..: a FORWARD comes back after the blocks of `stages`, in order."""
+
+    def __init__(self, stages):
+        self.stages, self.inbox = stages, deque()
+        self.bytes_sent = self.bytes_recv = 0
+        self.last_traffic = 0.0
+
+    def send(self, msg):
+        if msg.kind == wire.FORWARD:
+            x = torch.from_numpy(msg.payload)
+            for st in self.stages:
+                x = st.forward(x, msg.seqs)
+            msg.payload = wire.ring_output(x, msg.seqs, msg.flags).numpy()
+        self.inbox.append(msg)
+
+    def poll(self):
+        return self.inbox.popleft() if self.inbox else None
+
+    def reap(self):
+        pass
+
+    def drain(self, timeout=0):
+        return True
+
+
+@pytest.fixture(scope="module")
+def ring(tiny_model_dir):
+    """An engine over stage 0 (embeddings + head) and two stand-in stages of three layers each."""
+    model = hf_model(tiny_model_dir)
+    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}   # tied head
+    cfg, slots = model.config, 4
+    head = Stage(cfg, tensors, (0, 0), True, slots, cfg.n_positions)
+    rest = [Stage(cfg, tensors, layers, False, slots, cfg.n_positions) for layers in ((0, 3), (3, 6))]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = Engine(head, tok, LoopLink(rest), 3, ["here"] * 3, slots)
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    yield engine, tok
+    engine.stop(grace=0)
+    loop.join(10)
+
+
+def run(engine, prompt_ids, n, stop=()):
+    """Submit one greedy request and wait; returns it with the deltas its stream got, in order."""
+    deltas = []
+    req = engine.submit(Request(prompt_ids, n, SamplingParams(temperature=0), tuple(stop),
+                                on_text=lambda r, d: deltas.append(d)))
+    assert req.done.wait(60), "the request never finished"
+    return req, deltas
+
+
+def test_streamed_text_is_the_decoded_greedy_continuation(ring, tiny_model_dir):
+    engine, tok = ring
+    prompt = tok("the cat sat on")["input_ids"]
+    req, deltas = run(engine, prompt, 40)
+    assert req.generated == hf_greedy_ids(tiny_model_dir, prompt, 40)
+    assert req.text == tok.decode(req.generated, skip_special_tokens=True)
+    assert "".join(deltas) == req.text and len(deltas) > 5          # streamed token by token, nothing lost
+    assert req.finish_reason == "length"
+
+
+@pytest.mark.parametrize("span", [1, 5], ids=["within-a-token", "across-tokens"])
+def test_a_stop_string_cuts_the_text_and_frees_the_slot_once(ring, span):
+    engine, tok = ring
+    prompt = tok("once upon a time")["input_ids"]
+    full, _ = run(engine, prompt, 40)
+    # a stop string from the middle of the text, free of replacement characters
+    text = full.text
+    stop = next(text[i:i + span] for i in range(8, len(text) - span)
+                if "\ufffd" not in text[i:i + span] and text[i:i + span].strip() and text.index(text[i:i + span]) == i)
+    req, deltas = run(engine, prompt, 40, stop=[stop])
+    assert (req.text, req.finish_reason) == (text[:text.index(stop)], "stop")
+    assert "".join(deltas) == req.text                                 # the stop string never reached the client
+    # The stop is found after the next step went out (text comes after the send): the slot comes back
+    # once, and serves its next owner correctly although that step was still in the ring.
+    for _ in range(200):
+        if not engine.flights:
+            break
+        threading.Event().wait(0.01)
+    assert sorted(engine.free_slots) == list(range(engine.slots))
+    again, _ = run(engine, prompt, 40)                                 # a reused slot serves correctly
+    assert again.generated == full.generated
+
+
+def test_requests_together_get_what_they_get_alone(ring):
+    engine, tok = ring
+    prompts = [tok(p)["input_ids"] for p in ("a b c", "the dog", "in the beginning there was", "x")]
+    alone = [run(engine, p, 24)[0].text for p in prompts]
+    reqs = [engine.submit(Request(p, 24, SamplingParams(temperature=0))) for p in prompts]
+    assert all(r.done.wait(60) for r in reqs)
+    assert [r.text for r in reqs] == alone
+    assert sorted(engine.free_slots) == list(range(engine.slots))
