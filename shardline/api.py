@@ -88,6 +88,117 @@ class ChatBody(OpenAIBody):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
 
 
+# ---- what the API answers, for the OpenAPI schema (the handlers build plain dicts of these shapes) ----
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error, in OpenAI's shape."""
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateReply(BaseModel):
+    text: str = Field(..., description="the continuation only")
+    tokens: int
+    prompt_tokens: int
+    finish_reason: Literal["stop", "length"]
+    seconds: float
+    tokens_per_second: float | None
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatReplyMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatReplyMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class StageInfo(BaseModel):
+    rank: int
+    host: str
+    layers: list[int]
+    rss_mb: float | None = None
+    load_seconds: float | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "stopping", "failed"]
+    model: str
+    random_weights: bool
+    ranks: int
+    slots: int
+    max_context: int
+    stages: list[StageInfo]
+    active_sequences: int
+    queue_depth: int
+    error: str | None = None
+
+
+ERRORS = {"4XX": {"model": ErrorBody, "description": "a bad request (400), a missing or wrong API key (401), an "
+                  "unknown model (404), a body over the limit (413)"},
+          503: {"model": ErrorBody, "description": "busy (the queue is full), shutting down, or a rank failed; "
+                "see Retry-After"}}
+# With stream: true, server-sent events; the schema is one event's (OpenAPI 3.1 has no itemSchema yet).
+SSE = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "one chunk in OpenAI's format (JSON; "
+                            "`{\"error\": ...}` if the request failed mid-stream), then the last event: `[DONE]`"},
+                   "event": {"type": "string"}}}}}
+
+
 class BodyLimit:
     """ASGI middleware: a POST body over `limit` bytes gets 413 before the app sees it, chunked or not.
 
@@ -135,7 +246,9 @@ class BodyLimit:
 
 def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: str | None = None,
                cors_origins: list[str] | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    app = FastAPI(title="shardline", version="0.1.0",
+    # Every route documents OpenAI-shaped errors ("4XX" also keeps FastAPI from listing its own 422,
+    # which this API never sends: a body that fails validation is a 400).
+    app = FastAPI(title="shardline", version="0.1.0", responses=ERRORS,
                   description="A language model split by layers over a cluster of small boards.")
     metrics = engine.metrics
     created = int(time.time())
@@ -271,7 +384,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                 engine.cancel(req)
 
     # ---- endpoints ----
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}, 503: {"model": Health, "description": "stopping or failed"}})
     async def health():
         status = "failed" if engine.failed else "stopping" if engine.stopping.is_set() else "ok"
         body = {"status": status, **info, "active_sequences": len(engine.active), "queue_depth": engine.queue_depth}
@@ -279,7 +392,9 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
             body["error"] = engine.failed
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -288,7 +403,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
     async def page():
         return FileResponse(STATIC / "index.html")
 
-    @app.post("/generate")
+    @app.post("/generate", responses={200: {"model": GenerateReply}})
     async def generate(body: GenerateBody, http: HTTPRequest):
         """Plain generation: the continuation of `prompt` (temperature 0 = greedy, the default)."""
         t0 = time.monotonic()
@@ -299,7 +414,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                 "finish_reason": req.finish_reason, "seconds": round(took, 4),
                 "tokens_per_second": round(len(req.generated) / took, 2) if took > 0 else None}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "shardline"}]}
@@ -309,7 +424,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", type_="not_found_error")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={200: {"model": Completion, "content": SSE}})
     async def completions(body: CompletionBody, http: HTTPRequest):
         check_model(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -342,7 +457,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant:"
         return text, (SIMPLE_CHAT_STOP,)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletion, "content": SSE}})
     async def chat(body: ChatBody, http: HTTPRequest):
         check_model(body)
         prompt, extra_stop = chat_prompt(body.messages)
