@@ -475,14 +475,25 @@ def test_metrics_cover_requests_tokens_latency_queue_and_every_rank(server):
 def test_a_full_queue_answers_503_with_retry_after(strict):
     auth = {"Authorization": f"Bearer {KEY}"}
     flood = 10
-    start = threading.Barrier(flood)
 
     def one(i):
-        start.wait()
         return web.post(strict.url + CMPL, json={"prompt": f"flood {i}", "max_tokens": 100, "temperature": 0},
-                          headers=auth, timeout=60)
-    with ThreadPoolExecutor(flood) as pool:
-        replies = list(pool.map(one, range(flood)))
+                        headers=auth, timeout=60)
+    with ThreadPoolExecutor(flood + 1) as pool:
+        # The one slot is taken first, so the flood finds it busy and the queue (of one) empty: the
+        # queue takes one of them, the rest are refused. (Without waiting, which thread runs first
+        # decides whether the first request still sits in the queue when the flood arrives.)
+        first = pool.submit(one, -1)
+        deadline = time.monotonic() + 30
+        while web.get(strict.url + "/health").json()["active_sequences"] < 1 and not first.done():
+            assert time.monotonic() < deadline, "the first request never started"
+            time.sleep(0.01)
+        start = threading.Barrier(flood)
+
+        def flooded(i):
+            start.wait()
+            return one(i)
+        replies = [first.result(), *pool.map(flooded, range(flood))]
     codes = sorted(r.status_code for r in replies)
     assert set(codes) <= {200, 503}, codes
     assert codes.count(200) >= 2, codes          # the one in the slot and the one in the queue
