@@ -8,19 +8,21 @@ launcher's environment and the manifest, unless the user has set the variable:
   sharing a host take turns when the ring holds one micro-batch (the default when every rank is on
   one host); only where they may compute at once (several hosts, or --microbatches above 1) do they
   split the cores, each local rank its own.
-- Pinning (OMP_PROC_BIND=close, OMP_PLACES one core each): thread i of every rank that takes turns
-  runs on core i. Unpinned, a starting or waking thread was often placed on the core its own
-  master thread was spinning on and waited there for a scheduler tick; the ring ran at 12 ms a
-  token in some runs and 33 ms in others (3 ranks, 2 cores, the dev VM).
 - Waiting (OMP_WAIT_POLICY): threads that sleep between parallel regions pay a wake-up per region,
   several per layer; on a virtual machine, where an idle vCPU halts, that doubled a stage's time
   (three layers, one token, 2 threads: 5.9 ms sleeping, 2.8 ms spinning). So a rank with blocks
-  spins (ACTIVE), and calls Threads.idle() before it hands its output on and whenever it has nothing
-  to compute: omp_pause_resource_all (OpenMP 5.0) ends the pool's threads, so the next rank finds
-  the cores free, and the next parallel region starts them again (one thread start per step instead
-  of a wake-up per region). A rank without blocks (rank 0 when it holds only the embeddings and the
-  head) runs a few regions per step, so its threads sleep (PASSIVE): no thread starts at all.
-Measured with `python -m bench` (bench/README.md).
+  spins (ACTIVE) while it computes. A rank without blocks (rank 0 when it holds only the embeddings
+  and the head) runs a few regions per step, so its threads sleep (PASSIVE) and need no release.
+- Hand-off (Threads.handoff): a spinning rank ends its threads (omp_pause_resource_all, OpenMP 5.0)
+  before it sends its output on, so the next rank, maybe on the same cores, starts on free ones; the
+  next parallel region starts them again. Threads.idle() does the same whenever a rank has nothing
+  to compute, so an idle board does not spin.
+- Pinning (OMP_PROC_BIND=close, OMP_PLACES one core each): thread i of every rank that takes turns
+  runs on core i, so a starting thread is never put on the core its own master spins on. The
+  HTTP thread on rank 0 inherits core 0 (measured better than letting it run anywhere).
+Measured with `python -m bench` (3 ranks on 2 cores, one request, against transformers): hand-off
+after the send, unpinned (before) 0.86-0.98x; hand-off before the send 1.00-1.02x unpinned and
+1.01-1.07x pinned; pinned with the hand-off after the send 0.84x. See bench/README.md.
 """
 from __future__ import annotations
 
