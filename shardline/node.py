@@ -7,7 +7,6 @@ no-go, so a bad shard on any board stops the whole job with a message naming the
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 import time
