@@ -31,7 +31,7 @@ def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, sil
             quiet = time.monotonic() - link.last_traffic
             if silence_timeout and quiet > silence_timeout:
                 raise Silence(f"no message from rank {link.prev} for {quiet:.0f}s")
-            wire.idle_sleep(time.monotonic() - link.last_traffic)
+            wire.idle_sleep(quiet)
             continue
         if msg.kind == wire.FORWARD:
             t0 = time.perf_counter()
