@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shardline import wiredtype
 from shardline.stage import Seq
 
 FORWARD, STATS, SHUTDOWN = 1, 2, 3       # kinds
@@ -20,6 +21,11 @@ FLAG_ALL_ROWS = 1                        # the last stage returns every token's 
 TAG_HEADER, TAG_PAYLOAD = 11, 12
 FIXED, MAX_SEQS = 6, 1024
 PAYLOAD_DTYPE = {FORWARD: np.float32, STATS: np.float64}
+
+
+def payload_dtype(msg) -> type:
+    """A FORWARD payload travels in the --wire-dtype its header's flags name (shardline/wiredtype.py)."""
+    return wiredtype.numpy_dtype(msg.flags) if msg.kind == FORWARD else PAYLOAD_DTYPE[msg.kind]
 
 
 @dataclass
@@ -66,7 +72,7 @@ class Link:
         self.pending.append((self.comm.Isend(header, dest=self.next, tag=TAG_HEADER), (header,)))
         self.bytes_sent += header.nbytes
         if msg.payload is not None:
-            payload = np.ascontiguousarray(msg.payload, dtype=PAYLOAD_DTYPE[msg.kind])
+            payload = np.ascontiguousarray(msg.payload, dtype=payload_dtype(msg))
             self.pending.append((self.comm.Isend(payload, dest=self.next, tag=TAG_PAYLOAD), (payload,)))
             self.bytes_sent += payload.nbytes
         self.reap()
@@ -83,7 +89,7 @@ class Link:
         msg, (rows, cols) = decode_header(self.hbuf, count)
         self.bytes_recv += 4 * count
         if rows:
-            msg.payload = np.empty((rows, cols), PAYLOAD_DTYPE[msg.kind])
+            msg.payload = np.empty((rows, cols), payload_dtype(msg))
             self.comm.Recv(msg.payload, source=self.prev, tag=TAG_PAYLOAD)  # already on its way
             self.bytes_recv += msg.payload.nbytes
         self.req = self.comm.Irecv(self.hbuf, source=self.prev, tag=TAG_HEADER)
