@@ -4,9 +4,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
-from shardline import omp, wire
+from shardline import omp, wire, wiredtype
 from shardline.metrics import rss_bytes
 from shardline.stage import Stage
 
@@ -35,10 +34,10 @@ def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, sil
             continue
         if msg.kind == wire.FORWARD:
             t0 = time.perf_counter()
-            x = stage.forward(torch.from_numpy(msg.payload), msg.seqs)               # [T, d]
+            x = stage.forward(wiredtype.decode(msg.payload, msg.flags), msg.seqs)   # [T, d] float32
             if last:
                 x = wire.ring_output(x, msg.seqs, msg.flags)
-            msg.payload = x.numpy()
+            msg.payload = wiredtype.encode(x, msg.flags)   # back in the --wire-dtype it came in
             threads.handoff()
             compute += time.perf_counter() - t0
             steps += 1
