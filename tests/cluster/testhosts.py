@@ -7,13 +7,20 @@ namespace), its own sshd listening on its address only, and a TMPDIR of its own 
 The filesystem is otherwise shared, so the hosts see this work tree and its virtual environment at
 the same paths.
 
+A test host can also be made to look like a board (`Board`): the cores it may use (a cpuset), a
+CPU share (a CFS quota, for a slower board), a memory limit (a board's RAM: going over it gets the
+process killed by the kernel's OOM killer, as on a real board) and a link rate (a `tc tbf` qdisc on
+both ends of its veth: 1 Gbit Ethernet, 100 Mbit Wi-Fi). The limits are cgroup v1 groups named
+after the host under this process's own groups; the host's first process joins them before it
+starts sshd, so every session and rank it starts inherits them. `stop()` removes them.
+
 Only the test hosts' addresses and loopback are ever contacted: the namespaces have no default
 route, and this machine reaches them through the bridge's address in SUBNET.
 
 Everything made here carries a fixed prefix (PREFIX), so that `cleanup_leftovers()` can remove what
 a crashed run left behind: processes in our namespaces, the namespaces, the bridge, temp dirs.
 
-    hosts = TestHosts(3, shared_paths=[Path(sys.base_prefix)])
+    hosts = TestHosts(3, shared_paths=[Path(sys.base_prefix)], boards=[Board(cpus="0", memory="1g", rate="1gbit")] * 3)
     try:
         hosts.start()
         hosts.run(hosts.hosts[0], "hostname")
@@ -91,6 +98,7 @@ class TestHost:
     netns: str
     veth: str  # the bridge end of its veth pair; the other end is eth0 inside
     root: Path  # its private files on this machine: home/, etc-ssh/, hosts, sshd.log
+    board: Board | None = None  # the limits that make it look like a board; None: this machine's resources
     process: subprocess.Popen | None = None
 
     @property
@@ -98,11 +106,175 @@ class TestHost:
         return self.root / "home"
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CONTROLLERS = ("cpu", "cpuset", "memory")  # cgroup v1 hierarchies a Board uses
+CFS_PERIOD_US = 100_000
+SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'512m', '2g', '1073741824' -> bytes."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = t[-1] if t and t[-1] in SIZE_UNITS else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * SIZE_UNITS[unit])
+    except ValueError:
+        raise ValueError(f"memory size {text!r}: expected bytes or a number with k, m or g (e.g. 2g)") from None
+
+
+def parse_rate(text: str) -> int:
+    """A tc rate ('1gbit', '100mbit', '500kbit') -> bits per second."""
+    t = text.strip().lower()
+    for unit, mult in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3), ("bit", 1)):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    raise ValueError(f"link rate {text!r}: expected a number with gbit, mbit or kbit (e.g. 100mbit)")
+
+
+@dataclass(frozen=True)
+class Board:
+    """What one emulated board may use. None = no limit (this machine's)."""
+
+    cpus: str | None = None  # the cores it may run on, cpuset syntax: "0", "0-1", "0,2"
+    cpu_share: float | None = None  # cores' worth of CPU time per period (CFS quota): 0.5 = a board half as fast
+    memory: str | int | None = None  # its RAM: "1g", "512m"; going over it gets a process OOM-killed
+    rate: str | None = None  # its link, both directions (tc tbf): "1gbit" Ethernet, "100mbit" Wi-Fi
+
+    def __post_init__(self):
+        if self.cpus is not None and not all(p.replace("-", "").isdigit() for p in self.cpus.split(",")):
+            raise ValueError(f"Board cpus {self.cpus!r}: expected cpuset syntax such as 0, 0-1 or 0,2")
+        if self.cpu_share is not None and not self.cpu_share > 0:
+            raise ValueError(f"Board cpu_share {self.cpu_share}: expected a positive number of cores")
+        if self.memory is not None and parse_size(self.memory) < 16 * 2**20:
+            raise ValueError(f"Board memory {self.memory!r}: below 16 MiB nothing starts")
+        if self.rate is not None:
+            parse_rate(self.rate)
+
+    @property
+    def limits_cpu(self) -> bool:
+        return self.cpus is not None or self.cpu_share is not None
+
+    def describe(self) -> str:
+        parts = [f"cpus {self.cpus}" if self.cpus is not None else "",
+                 f"{self.cpu_share} core(s) of CPU time" if self.cpu_share is not None else "",
+                 f"{self.memory} RAM" if self.memory is not None else "",
+                 f"{self.rate} link" if self.rate is not None else ""]
+        return ", ".join(p for p in parts if p) or "no limits"
+
+
+def _own_cgroup(controller: str) -> Path:
+    """This process's group in a cgroup v1 hierarchy (test hosts' groups nest under it)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if controller in names.split(","):
+            return CGROUP_ROOT / controller / path.lstrip("/")
+    raise HostsUnavailable(f"no cgroup v1 {controller} hierarchy in /proc/self/cgroup")
+
+
+def board_skip_reason(board: Board | None = None) -> str | None:
+    """Why boards (cgroup limits, tbf) cannot be emulated here, or None when they can."""
+    board = board or Board(cpus="0", cpu_share=1.0, memory="1g", rate="1gbit")
+    needed = [c for c, wanted in (("cpu", board.cpu_share), ("cpuset", board.cpus), ("memory", board.memory))
+              if wanted is not None]
+    for controller in needed:
+        try:
+            group = _own_cgroup(controller)
+        except HostsUnavailable as err:
+            return f"{err} (emulated boards need cgroup v1 cpu, cpuset and memory controllers)"
+        if not os.access(group, os.W_OK):
+            return f"cannot make cgroups under {group} (not writable)"
+    if board.rate is not None:
+        if shutil.which("tc") is None:
+            return "`tc` is missing (iproute2): run tests/cluster/setup_host.sh as root"
+    return None
+
+
+def _cgroup_dirs(name: str) -> dict[str, Path]:
+    return {c: _own_cgroup(c) / name for c in CONTROLLERS}
+
+
+def _cgroup_pids(group: Path) -> list[int]:
+    try:
+        return [int(p) for p in (group / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
+def make_board_cgroups(name: str, board: Board) -> list[Path]:
+    """cgroups for one board; returns the cgroup.procs files its first process must join."""
+    join = []
+    dirs = _cgroup_dirs(name)
+    if board.limits_cpu:
+        cpu = dirs["cpu"]
+        cpu.mkdir(exist_ok=True)
+        quota = int(board.cpu_share * CFS_PERIOD_US) if board.cpu_share is not None else -1
+        (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+        (cpu / "cpu.cfs_quota_us").write_text(str(quota))
+        join.append(cpu / "cgroup.procs")
+        if board.cpus is not None:
+            cpuset = dirs["cpuset"]
+            cpuset.mkdir(exist_ok=True)
+            try:
+                (cpuset / "cpuset.cpus").write_text(board.cpus)
+            except OSError as err:
+                raise ValueError(f"Board cpus {board.cpus!r}: not cores of this machine "
+                                 f"({(cpuset.parent / 'cpuset.effective_cpus').read_text().strip()}): {err}") from None
+            (cpuset / "cpuset.mems").write_text((cpuset.parent / "cpuset.mems").read_text().strip())
+            join.append(cpuset / "cgroup.procs")
+    if board.memory is not None:
+        memory = dirs["memory"]
+        memory.mkdir(exist_ok=True)
+        limit = str(parse_size(board.memory))
+        (memory / "memory.limit_in_bytes").write_text(limit)
+        if (memory / "memory.memsw.limit_in_bytes").exists():  # no swap either: over the limit is over
+            (memory / "memory.memsw.limit_in_bytes").write_text(limit)
+        join.append(memory / "cgroup.procs")
+    return join
+
+
+def remove_board_cgroups(name: str, grace: float = 5) -> None:
+    """Stop every process left in the board's groups, then remove the groups."""
+    dirs = [d for d in _cgroup_dirs(name).values() if d.is_dir()]
+    _terminate(lambda: sorted({pid for d in dirs for pid in _cgroup_pids(d)}), grace)
+    for d in dirs:
+        for _ in range(50):  # a process just killed may take a moment to leave its group
+            try:
+                d.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def set_link_rate(netns: str, veth: str, rate: str | None) -> None:
+    """Limit a test host's link to rate in both directions (tbf on each end of its veth); None: no limit."""
+    for prefix in ((), ("-n", netns)):
+        dev = veth if not prefix else "eth0"
+        _run(["tc", *prefix, "qdisc", "del", "dev", dev, "root"], check=False)  # back to the default
+        if rate is None:
+            continue
+        bps = parse_rate(rate)
+        # A bucket of 10 ms at the rate (at least 32 KiB) lets a burst through as a NIC's queue
+        # does; a queue of 20 ms of traffic, then drops, as a switch port would.
+        burst = max(32 * 1024, bps // 8 // 100)
+        result = _run(["tc", *prefix, "qdisc", "add", "dev", dev, "root", "tbf", "rate", str(bps),
+                       "burst", str(burst), "latency", "20ms"], check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"tc tbf on {dev} ({netns}) failed: {result.stderr.strip()}")
+
+
 class TestHosts:
     """A few test hosts on a bridge. `start()` makes them, `stop()` removes all of it, always safe to call."""
 
-    def __init__(self, count: int, shared_paths: list[Path] = ()):
+    def __init__(self, count: int, shared_paths: list[Path] = (), boards: list[Board | None] | None = None):
         self.count = count
+        self.boards = list(boards) if boards is not None else [None] * count
+        if len(self.boards) != count:
+            raise ValueError(f"{len(self.boards)} boards given for {count} test hosts")
         # Paths under /root the hosts must still see (e.g. a pyenv Python the venv links to):
         # each host's own /root hides this machine's.
         self.shared_paths = [Path(p).resolve() for p in shared_paths]
@@ -132,6 +304,7 @@ class TestHosts:
                 netns=f"{PREFIX}-h{k}",
                 veth=f"{PREFIX}v{k}",
                 root=self.workdir / f"host{k}",
+                board=self.boards[k],
             )
             for k in range(self.count)
         ]
@@ -246,6 +419,15 @@ class TestHosts:
         _ip("-n", host.netns, "addr", "add", f"{host.address}/{PREFIX_LEN}", "dev", "eth0")
         _ip("-n", host.netns, "link", "set", "eth0", "up")
         _ip("-n", host.netns, "link", "set", "lo", "up")
+        if host.board is not None and host.board.rate is not None:
+            try:
+                set_link_rate(host.netns, host.veth, host.board.rate)
+            except RuntimeError as err:  # a kernel without sch_tbf
+                raise HostsUnavailable(f"cannot limit test host {host.name}'s link: {err}") from None
+
+    def set_rate(self, host: TestHost, rate: str | None) -> None:
+        """Change a test host's link rate while it runs (tbf on both ends of its veth); None: no limit."""
+        set_link_rate(host.netns, host.veth, rate)
 
     def _make_files(self, host: TestHost) -> None:
         host.root.mkdir(mode=0o755)
@@ -356,6 +538,15 @@ class TestHosts:
             start_new_session=True,
         )
         log.close()
+        if host.board is not None:
+            # The same pid runs ip, unshare, sh and then sshd (each execs the next): in its groups
+            # before sshd accepts a session, so every session and rank of this host inherits them.
+            try:
+                for procs in make_board_cgroups(host.netns, host.board):
+                    procs.write_text(str(host.process.pid))
+            except (OSError, ValueError) as err:
+                raise HostsUnavailable(f"cannot give test host {host.name} its board limits "
+                                       f"({host.board.describe()}): {err}") from None
 
     def _wait_for_sshd(self, host: TestHost, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
@@ -411,6 +602,11 @@ def cleanup_leftovers(remove_tmp: bool = True) -> None:
         if netns.startswith(f"{PREFIX}-h"):
             _kill_netns_processes(netns)
             _run(["ip", "netns", "del", netns], check=False)
+    # Board limits: the groups named after a test host, under this process's own groups.
+    for controller in CONTROLLERS:
+        with contextlib.suppress(HostsUnavailable, OSError):
+            for group in _own_cgroup(controller).glob(f"{PREFIX}-h*"):
+                remove_board_cgroups(group.name)
     for line in _run(["ip", "-o", "link", "show"]).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         if name == BRIDGE or name.startswith(f"{PREFIX}v"):
