@@ -1,0 +1,192 @@
+"""Read a GGUF file tensor by tensor, as the Hugging Face model transformers would load from it.
+
+The splitter's `open_source(path)` hands a `.gguf` path here. What comes out is exactly what
+`AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)` puts in its model -- same config, same
+tensor names, same float32 values -- but one tensor at a time, so a file larger than the head board's
+memory still splits:
+
+- the config and the tokenizer are built by transformers' own GGUF code (metadata only, no tensor data);
+- names come from transformers' GGUF -> HF name map (`get_gguf_hf_weights_map`), run on the model
+  built on the meta device;
+- a tensor is read with an ordinary file read (not through the memory map, whose pages would stay
+  counted in the process' RSS), dequantized with `gguf.quants.dequantize` and post-processed by
+  transformers' tensor processor for the architecture (llama.cpp's q/k row permutation undone for
+  llama/mistral, GPT-2's transposed projections turned back), as the transformers loader does.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Architectures as a GGUF file names them (general.architecture), and the families they become.
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")  # "mistral" files say "llama"
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+class GGUFSource:
+    """A GGUF model file read lazily: `names()`, `shape(name)`, `get(name)` in Hugging Face terms."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"{self.path}: no such GGUF file")
+        try:
+            import gguf
+        except ImportError as err:  # pragma: no cover - requirements.txt pins it
+            raise ValueError(f"{self.path}: reading GGUF files needs the `gguf` package "
+                             "(pip install -r requirements.txt)") from err
+        self._gguf = gguf
+        try:
+            self._reader = gguf.GGUFReader(str(self.path), "r")
+        except Exception as err:
+            raise ValueError(f"{self.path}: not a readable GGUF file ({type(err).__name__}: {err}); "
+                             "the file is damaged or truncated -- download or convert it again") from err
+        self._check_complete()
+        self.architecture = self._field("general.architecture")
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"{self.path}: GGUF architecture {self.architecture!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Mistral files say 'llama')")
+        supported = {getattr(gguf.GGMLQuantizationType, t) for t in SUPPORTED_TYPES}
+        bad = sorted({t.tensor_type.name for t in self._reader.tensors if t.tensor_type not in supported})
+        if bad:
+            example = next(t.name for t in self._reader.tensors if t.tensor_type.name == bad[0])
+            raise ValueError(f"{self.path}: tensor type(s) {', '.join(bad)} (e.g. {example}) are not supported; "
+                             f"supported: {', '.join(SUPPORTED_TYPES)} -- requantize the model to one of them "
+                             "(llama.cpp's llama-quantize, e.g. Q4_K_M or Q8_0)")
+        self._tensors = {t.name: t for t in self._reader.tensors}
+
+        self.config = self._load_config()
+        self._processor = self._tensor_processor()
+        self._hf_to_gguf, self._shapes = self._name_map()
+        self.tokenizer = self._load_tokenizer()
+        self.generation_config = self._generation_config()
+        self._file = open(self.path, "rb")
+
+    # ---- the contract ----
+
+    def names(self) -> list[str]:
+        """Hugging Face state-dict names of the tensors this file holds, in file order."""
+        return list(self._hf_to_gguf)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[self._check_name(name)]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor as float32, dequantized and laid out as transformers' GGUF loader lays it out."""
+        gguf_name = self._hf_to_gguf[self._check_name(name)]
+        t = self._tensors[gguf_name]
+        raw = np.empty(t.data.shape, dtype=t.data.dtype)  # the reader's view gives layout only: no page is read
+        self._file.seek(t.data_offset)
+        if self._file.readinto(memoryview(raw).cast("B")) != t.n_bytes:
+            raise ValueError(f"{self.path}: tensor {gguf_name} is cut short; the file is truncated")
+        weights = self._gguf.quants.dequantize(raw, t.tensor_type)
+        del raw
+        scratch = {"tensors": {}}  # GPT-2's processor files output.weight here under lm_head.weight
+        result = self._processor.process(weights=weights, name=gguf_name, parsed_parameters=scratch)
+        weights = result.weights if result.name is not None else scratch["tensors"].pop("lm_head.weight")
+        out = torch.from_numpy(np.ascontiguousarray(weights)).to(torch.float32)
+        if tuple(out.shape) != self._shapes[name]:  # validated in __init__; a processor surprise stops here
+            raise ValueError(f"{self.path}: tensor {gguf_name} came out {tuple(out.shape)}, "
+                             f"the model expects {self._shapes[name]} for {name}")
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+            self._file = None
+        self._reader = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- construction ----
+
+    def _field(self, key: str, default=None):
+        from transformers.modeling_gguf_pytorch_utils import read_field
+        value = read_field(self._reader, key)
+        return value[0] if len(value) == 1 else (value or default)
+
+    def _check_complete(self) -> None:
+        """Every tensor's bytes must lie inside the file: a truncated download is refused here, not mid-split."""
+        size = os.path.getsize(self.path)
+        for t in self._reader.tensors:
+            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                raise ValueError(f"{self.path}: tensor {t.name} runs past the end of the file "
+                                 f"(needs bytes up to {t.data_offset + t.n_bytes}, the file has {size}); "
+                                 "the file is truncated -- download or convert it again")
+
+    def _load_config(self):
+        from transformers import AutoConfig
+        try:
+            return AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except Exception as err:
+            raise ValueError(f"{self.path}: transformers cannot build a config from this GGUF's metadata "
+                             f"({type(err).__name__}: {err})") from err
+
+    def _tensor_processor(self):
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+        return TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=self.config.to_dict())
+
+    def _name_map(self) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+        """{hf name: gguf name} in file order, and the shape the model has for each hf name."""
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.config)
+        expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+        gguf_to_hf = get_gguf_hf_weights_map(model, self._processor)
+        if self.architecture == "gpt2":  # its processor renames output.weight itself (see transformers)
+            gguf_to_hf["output.weight"] = "lm_head.weight"
+        hf_to_gguf, shapes = {}, {}
+        for t in self._reader.tensors:
+            hf = gguf_to_hf.get(t.name)
+            if hf is None:  # transformers' loader skips it too (e.g. llama3's rope_freqs)
+                continue
+            file_shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if self.architecture == "gpt2" and file_shape != expected[hf] and file_shape[::-1] == expected[hf]:
+                file_shape = file_shape[::-1]  # GPT-2's Conv1D projections are stored transposed
+            if file_shape != expected[hf]:
+                raise ValueError(f"{self.path}: tensor {t.name} has shape {file_shape}, but the config built from "
+                                 f"the file's metadata makes {hf} {expected[hf]}; metadata and tensors disagree")
+            hf_to_gguf[hf], shapes[hf] = t.name, file_shape
+        missing = [n for n in expected if n not in hf_to_gguf and not self._tied(n)]
+        if missing:
+            raise ValueError(f"{self.path}: the file lacks {len(missing)} tensor(s) the {self.config.model_type} "
+                             f"model needs, e.g. {', '.join(missing[:3])}")
+        return hf_to_gguf, shapes
+
+    def _tied(self, name: str) -> bool:
+        return name == "lm_head.weight" and bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except Exception as err:
+            raise ValueError(f"{self.path}: transformers cannot build the tokenizer from this GGUF "
+                             f"({type(err).__name__}: {err})") from err
+
+    def _generation_config(self):
+        """eos/bos from the file; the end-of-turn and end-of-message tokens also stop generation."""
+        from transformers import GenerationConfig
+        gen = GenerationConfig.from_model_config(self.config)
+        eos = [self._field(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
+        eos = list(dict.fromkeys(int(i) for i in eos if isinstance(i, int)))
+        if eos:
+            gen.eos_token_id = eos[0] if len(eos) == 1 else eos
+        bos = self._field("tokenizer.ggml.bos_token_id")
+        if isinstance(bos, int):
+            gen.bos_token_id = bos
+        return gen
+
+    def _check_name(self, name: str) -> str:
+        if name not in self._hf_to_gguf:
+            raise KeyError(f"{self.path}: no tensor {name!r} (the file holds {len(self._hf_to_gguf)}, "
+                           f"e.g. {', '.join(list(self._hf_to_gguf)[:3])})")
+        return name

@@ -1,0 +1,163 @@
+"""Write GGUF files for tests the way llama.cpp's convert_hf_to_gguf.py writes them, from a tiny model.
+
+Same metadata keys, same tensor names (gguf's own name map), the same q/k row permutation for llama
+files and the same transposed GPT-2 projections, and a byte-level BPE tokenizer ("gpt2" model) with its
+merges, special-token types and chat template. Tensors are written in the type `qtype(name, array)`
+picks; gguf-py quantizes F16/BF16/Q8_0/Q4_0/Q4_1 itself. It has no k-quant quantizer, so Q4_K/Q5_K/Q6_K
+tensors are written as random *valid* blocks (finite scales): the model's values are replaced, which is
+fine for tests that compare against transformers loading the same file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+Q = gguf.GGMLQuantizationType
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+GPT2_TRANSPOSED = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+
+
+def permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: interleave each head's two rotary halves (HF -> GGUF order)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def float_only(name: str, w: np.ndarray) -> Q:
+    return Q.F32
+
+
+def uniform(qtype: Q) -> Callable[[str, np.ndarray], Q]:
+    """Matrices in `qtype` where their rows allow it (else F32, llama.cpp's fallback); vectors F32."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return lambda name, w: qtype if w.ndim == 2 and w.shape[-1] % block == 0 else Q.F32
+
+
+def random_blocks(qtype: Q, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random but valid k-quant blocks for a tensor of `shape` (last dim a multiple of 256), as uint8."""
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    n_blocks = int(np.prod(shape)) // block_elems
+    raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+    scale = lambda: rng.uniform(0.002, 0.02, size=n_blocks).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    if qtype in (Q.Q4_K, Q.Q5_K):  # d, dmin (f16) first, then 6-bit scales and the quants
+        raw[:, 0:2], raw[:, 2:4] = scale(), scale()
+    elif qtype == Q.Q6_K:  # ql, qh, int8 scales, then d (f16) last
+        raw[:, -2:] = scale()
+    else:
+        raise ValueError(f"no random-block recipe for {qtype.name}")
+    return raw.reshape(*shape[:-1], shape[-1] // block_elems * block_bytes)
+
+
+def encode(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray:
+    if qtype == Q.F32:
+        return w.astype(np.float32)
+    if qtype == Q.F16:
+        return w.astype(np.float16)
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        return random_blocks(qtype, w.shape, rng)
+    return gguf.quants.quantize(w.astype(np.float32), qtype)
+
+
+def tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, chat_template: str | None,
+                       eot_token: str | None = None) -> None:
+    """A byte-level BPE as convert_hf_to_gguf writes one: tokens by id, token types, merges, special ids."""
+    vocab = tokenizer.get_vocab()
+    tokens = [None] * len(vocab)
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    special = set(tokenizer.all_special_ids)
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])
+    writer.add_token_merges(merges)
+    if tokenizer.bos_token_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+    if tokenizer.eos_token_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+    if eot_token is not None:
+        writer.add_eot_token_id(vocab[eot_token])
+    writer.add_add_bos_token(False)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+def hparams(writer: gguf.GGUFWriter, config) -> None:
+    if config.model_type == "gpt2":
+        writer.add_block_count(config.n_layer)
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_feed_forward_length(4 * config.n_embd)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+        return
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if config.model_type in ("llama", "mistral"):
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_rope_dimension_count(head_dim)
+    if config.model_type == "qwen3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def gguf_tensors(model):
+    """(gguf name, float32 array) in llama.cpp's layout, for every tensor the converter writes."""
+    config = model.config
+    arch = gguf.MODEL_ARCH[ARCH[config.model_type].upper()]
+    n_layers = config.n_layer if config.model_type == "gpt2" else config.num_hidden_layers
+    name_map = gguf.get_tensor_name_map(arch, n_layers)
+    tied = config.tie_word_embeddings
+    for name, t in model.state_dict().items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or (tied and name == "lm_head.weight"):
+            continue
+        w = t.detach().float().numpy()
+        if ARCH[config.model_type] == "llama" and name.endswith("q_proj.weight"):
+            w = permute(w, config.num_attention_heads, config.num_attention_heads)
+        elif ARCH[config.model_type] == "llama" and name.endswith("k_proj.weight"):
+            w = permute(w, config.num_attention_heads, config.num_key_value_heads)
+        elif config.model_type == "gpt2" and name.endswith(GPT2_TRANSPOSED):
+            w = w.T
+        new = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ValueError(f"gguf has no name for {name}")
+        yield new, np.ascontiguousarray(w)
+
+
+def write_gguf(path: Path, model, tokenizer, qtype: Callable[[str, np.ndarray], Q] = float_only, *,
+               name: str = "tiny", chat_template: str | None = CHAT_TEMPLATE, eot_token: str | None = None,
+               seed: int = 0) -> Path:
+    """Write `model` (a transformers CausalLM) and `tokenizer` as one GGUF file at `path`."""
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), ARCH[config.model_type])
+    writer.add_name(name)
+    hparams(writer, config)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tokenizer_metadata(writer, tokenizer, chat_template, eot_token)
+    rng = np.random.default_rng(seed)
+    for gname, w in gguf_tensors(model):
+        qt = qtype(gname, w) if w.ndim > 1 else Q.F32  # llama.cpp keeps norms and biases in F32
+        data = encode(w, qt, rng)
+        writer.add_tensor(gname, data, raw_dtype=None if qt in (Q.F32, Q.F16) else qt)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
