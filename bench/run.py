@@ -443,6 +443,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "of the medians, a concurrency level is run again (default 0.2)")
     ap.add_argument("--noise-retries", type=int, default=1, help="reruns of a noisy concurrency level (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="weights seed")
+    ap.add_argument("--boards", type=int, metavar="N", help="instead: one emulated board against N over TCP "
+                    "(root; bench/boards.py, its options: python -m bench --boards N --help)")
     a = ap.parse_args(argv)
     a.max_tokens = a.max_tokens or (16 if a.quick else 64)
     a.prompts = a.prompts or (4 if a.quick else 16)
@@ -473,6 +475,9 @@ def git_commit() -> str | None:
 
 
 def main(argv=None) -> int:
+    if any(a.split("=")[0] == "--boards" for a in (sys.argv[1:] if argv is None else argv)):
+        from bench.boards import main as boards_main
+        return boards_main(argv)
     from bench.baseline import Worker
     cfg = parse_args(argv)
     t_run = time.monotonic()

@@ -22,6 +22,24 @@ TAG_HEADER, TAG_PAYLOAD = 11, 12
 FIXED, MAX_SEQS = 6, 1024
 PAYLOAD_DTYPE = {FORWARD: np.float32, STATS: np.float64}
 
+# Open MPI settings for ranks on different boards, which talk over its TCP transport (btl tcp).
+# Measured (Open MPI 5.0, tests/cluster/progress_check.py): a message above btl_tcp_eager_limit
+# (64 KiB: a prefill chunk, a decode batch of 22+ sequences of distilgpt2) goes by rendezvous, and
+# its data leaves only at the sender's next MPI call: a rank that sends a 768 KiB prefill chunk and
+# then computes for 300 ms delivers it 300 ms late, while its neighbour idles. Smaller (eager)
+# messages leave at once. Open MPI's TCP progress thread moves the data while the rank computes
+# (and makes Open MPI lock its own state, so one-thread MPI use stays safe). launch.sh, the bench
+# and the README's mpirun pass exactly these (tests/test_boards.py checks that they agree).
+TCP_MCA = (
+    ("btl", "tcp,self"),
+    ("btl_tcp_progress_thread", "1"),
+)
+
+
+def mca_args(mca=TCP_MCA) -> list[str]:
+    """TCP_MCA as mpirun arguments: ['--mca', name, value, ...]."""
+    return [a for name, value in mca for a in ("--mca", name, value)]
+
 
 def payload_dtype(msg) -> type:
     """A FORWARD payload travels in the --wire-dtype its header's flags name (shardline/wiredtype.py)."""
