@@ -140,7 +140,10 @@ class GGUFSource:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.config)
         expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-        gguf_to_hf = get_gguf_hf_weights_map(model, self._processor)
+        # transformers names a file "mistral" when general.name says so, but gguf-py has no such arch: its
+        # tensors are llama's (transformers' own loader stops here with NotImplementedError)
+        model_type = "llama" if self.config.model_type == "mistral" else None
+        gguf_to_hf = get_gguf_hf_weights_map(model, self._processor, model_type=model_type)
         if self.architecture == "gpt2":  # its processor renames output.weight itself (see transformers)
             gguf_to_hf["output.weight"] = "lm_head.weight"
         hf_to_gguf, shapes = {}, {}

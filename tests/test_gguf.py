@@ -1,0 +1,248 @@
+"""GGUF import (issue 10, items 3 and 4): GGUFSource reads a .gguf file as the model transformers loads from it.
+
+Every file is written here, by tests/gguf_util.py, from a tiny transformers model, the way llama.cpp's
+convert_hf_to_gguf.py writes one (names, q/k permutation, transposed GPT-2 projections, BPE tokenizer).
+The reference is transformers itself loading the same file: `from_pretrained(dir, gguf_file=name)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from splitter.gguf_source import GGUFSource
+from splitter.random_model import build_tokenizer
+from tests.gguf_util import CHAT_TEMPLATE, Q, float_only, uniform, write_gguf
+from tests.helpers import ROOT
+
+VOCAB = 400
+SPECIALS = ["<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer():
+    """Byte-level BPE with EOS and the two chat-template specials: VOCAB ids in all."""
+    tok = build_tokenizer(VOCAB - len(SPECIALS))
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS})
+    assert len(tok) == VOCAB
+    return tok
+
+
+EOS = VOCAB - len(SPECIALS) - 1  # build_tokenizer puts <|endoftext|> last
+LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=EOS, eos_token_id=EOS)
+
+
+def by_role(**types):
+    """A per-tensor type: the first key that occurs in the GGUF name wins, else F32."""
+    return lambda name, w: next((t for k, t in types.items() if k in name), Q.F32)
+
+
+# id: (model class, config, tensor types, whether the file keeps the model's exact values)
+CASES = {
+    "llama-gqa-untied-f32": (LlamaForCausalLM, LlamaConfig(**LLAMA, tie_word_embeddings=False), float_only, "f32"),
+    "llama-f16": (LlamaForCausalLM, LlamaConfig(**LLAMA, tie_word_embeddings=False), uniform(Q.F16), "f16"),
+    "llama-bf16": (LlamaForCausalLM, LlamaConfig(**LLAMA, tie_word_embeddings=True), uniform(Q.BF16), None),
+    "llama-q8_0": (LlamaForCausalLM, LlamaConfig(**LLAMA, tie_word_embeddings=False), uniform(Q.Q8_0), None),
+    "llama-q4_0-tied": (LlamaForCausalLM, LlamaConfig(**LLAMA, tie_word_embeddings=True), uniform(Q.Q4_0), None),
+    "llama-q4_1": (LlamaForCausalLM, LlamaConfig(**LLAMA, tie_word_embeddings=False), uniform(Q.Q4_1), None),
+    # k-quants need rows of 256: hidden and intermediate 256, as in llama.cpp's Q4_K_M mix
+    "llama-kquants": (LlamaForCausalLM, LlamaConfig(**{**LLAMA, "hidden_size": 256, "intermediate_size": 256},
+                                                    tie_word_embeddings=False),
+                      by_role(attn_q=Q.Q4_K, attn_k=Q.Q4_K, attn_v=Q.Q6_K, attn_output=Q.Q4_K, ffn_gate=Q.Q5_K,
+                              ffn_up=Q.Q5_K, ffn_down=Q.Q6_K, output=Q.Q6_K, token_embd=Q.Q4_K), None),
+    "qwen2-bias-tied-q8_0": (Qwen2ForCausalLM, Qwen2Config(**LLAMA, tie_word_embeddings=True), uniform(Q.Q8_0), None),
+    "qwen2-f32": (Qwen2ForCausalLM, Qwen2Config(**LLAMA, tie_word_embeddings=False), float_only, "f32"),
+    # transformers' GGUF config for qwen3 takes head_dim from the class default (128): real Qwen3 files match it
+    "qwen3-qknorm-q4_0": (Qwen3ForCausalLM, Qwen3Config(**{**LLAMA, "num_attention_heads": 2, "num_key_value_heads": 1},
+                                                        head_dim=128, tie_word_embeddings=False), uniform(Q.Q4_0), None),
+    "gpt2-f32": (GPT2LMHeadModel, GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                                             bos_token_id=EOS, eos_token_id=EOS), float_only, "f32"),
+    "gpt2-q8_0": (GPT2LMHeadModel, GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                                              bos_token_id=EOS, eos_token_id=EOS), uniform(Q.Q8_0), None),
+}
+
+
+def make(tmp_path, cls, config, qtype, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    path = write_gguf(tmp_path / "model.gguf", model, tiny_tokenizer(), qtype, eot_token="<|im_end|>", **kw)
+    return model, path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tensors_and_config_match_transformers(tmp_path, case):
+    cls, config, qtype, exact = CASES[case]
+    model, path = make(tmp_path, cls, config, qtype)
+    src = GGUFSource(path)
+    try:
+        ref_config = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
+        assert src.config.to_dict() == ref_config.to_dict()
+        assert src.config.model_type == config.model_type
+        ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+        sd = ref.state_dict()
+        tied = ref.config.tie_word_embeddings
+        assert tied == config.tie_word_embeddings
+        assert set(src.names()) == set(sd) - ({"lm_head.weight"} if tied else set())
+        assert ("lm_head.weight" in src.names()) == (not tied)
+        original = model.state_dict()
+        for name in src.names():
+            got = src.get(name)
+            assert got.dtype == torch.float32 and src.shape(name) == tuple(got.shape) == tuple(sd[name].shape), name
+            assert torch.equal(got, sd[name]), f"{case}: {name} differs from transformers' GGUF loader"
+            if exact:  # a float file gives back the model it was written from: layouts undone exactly
+                want = original[name].half().float() if exact == "f16" else original[name]
+                assert torch.equal(got, want), f"{case}: {name} differs from the model written"
+    finally:
+        src.close()
+
+
+def test_quantized_values_are_the_models_values_within_quantization_error(tmp_path):
+    """Q8_0 keeps ~2-3 significant digits: q/k come back in HF order, not in llama.cpp's permuted one."""
+    model, path = make(tmp_path, LlamaForCausalLM, LlamaConfig(**LLAMA, tie_word_embeddings=False), uniform(Q.Q8_0))
+    with GGUFSource(path) as src:
+        for name, want in model.state_dict().items():
+            got = src.get(name)
+            err = (got - want).abs().max().item()
+            assert err <= 0.01 * want.abs().max().item() + 1e-6, (name, err)
+
+
+def test_mistral_file_named_mistral(tmp_path):
+    """transformers makes a llama-architecture file whose general.name is "mistral" a Mistral model; its
+    own loader then stops (gguf-py has no "mistral" tensor map), so the reference here is the model written."""
+    cfg = MistralConfig(**LLAMA, tie_word_embeddings=False)
+    model, path = make(tmp_path, MistralForCausalLM, cfg, float_only, name="mistral")
+    with GGUFSource(path) as src:
+        assert src.config.to_dict() == AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name).to_dict()
+        assert src.config.model_type == "mistral"
+        assert set(src.names()) == set(model.state_dict())
+        for name, want in model.state_dict().items():
+            assert torch.equal(src.get(name), want), name
+
+
+def test_tokenizer_chat_template_and_stops(tmp_path):
+    _, path = make(tmp_path, Qwen2ForCausalLM, Qwen2Config(**LLAMA, tie_word_embeddings=True), uniform(Q.Q8_0))
+    original = tiny_tokenizer()
+    original.chat_template = CHAT_TEMPLATE
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    with GGUFSource(path) as src:
+        tok = src.tokenizer
+        assert tok.is_fast and len(tok) == VOCAB
+        for text in ["hello world", "the quick brown fox, jumps!", " spaced  out\n\tlines 123",
+                     "<|im_start|>user\nhi<|im_end|>"]:
+            ids = tok.encode(text, add_special_tokens=False)
+            assert ids == ref.encode(text, add_special_tokens=False) == original.encode(text, add_special_tokens=False)
+            assert tok.decode(ids) == ref.decode(ids) == text
+        assert tok.encode("<|im_end|>", add_special_tokens=False) == [VOCAB - 1]
+        assert tok.chat_template == CHAT_TEMPLATE
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+        got = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert got == original.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert got.endswith("<|im_start|>assistant\n")
+        # generation stops at the file's eos and at its end-of-turn token
+        assert src.generation_config.eos_token_id == [EOS, VOCAB - 1]
+        assert src.generation_config.bos_token_id == EOS
+        assert src.config.eos_token_id == EOS
+
+
+# ---- refusals ----
+
+def test_truncated_file_is_refused(tmp_path):
+    _, path = make(tmp_path, LlamaForCausalLM, LlamaConfig(**LLAMA), uniform(Q.Q8_0))
+    data = path.read_bytes()
+    for keep in (len(data) - 1, len(data) * 3 // 4):
+        path.write_bytes(data[:keep])
+        with pytest.raises(ValueError, match=r"model\.gguf.*truncated"):
+            GGUFSource(path)
+    path.write_bytes(data[:200])  # cut inside the metadata
+    with pytest.raises(ValueError, match=r"model\.gguf: not a readable GGUF file.*damaged or truncated"):
+        GGUFSource(path)
+
+
+def test_not_a_gguf_file_is_refused(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match=r"model\.gguf: not a readable GGUF file"):
+        GGUFSource(path)
+    with pytest.raises(ValueError, match="no such GGUF file"):
+        GGUFSource(tmp_path / "missing.gguf")
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    import gguf
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"mamba\.gguf: GGUF architecture 'mamba' is not supported; "
+                                         r"supported: llama, qwen2, qwen3, gpt2"):
+        GGUFSource(path)
+
+
+def test_unsupported_tensor_type_is_refused(tmp_path):
+    _, path = make(tmp_path, LlamaForCausalLM, LlamaConfig(**LLAMA), by_role(ffn_down=Q.Q5_0))
+    with pytest.raises(ValueError, match=r"model\.gguf: tensor type\(s\) Q5_0 \(e\.g\. blk\.0\.ffn_down\.weight\) "
+                                         r"are not supported; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K"):
+        GGUFSource(path)
+
+
+def test_metadata_that_disagrees_with_tensors_is_refused(tmp_path):
+    """A GPT-2 file whose context length is not the 1024 positions transformers' GPT-2 config assumes."""
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=128)
+    _, path = make(tmp_path, GPT2LMHeadModel, cfg, float_only)
+    with pytest.raises(ValueError, match=r"position_embd\.weight has shape \(128, 64\).*\(1024, 64\)"):
+        GGUFSource(path)
+
+
+# ---- memory: one tensor at a time ----
+
+PROBE = textwrap.dedent("""
+    import json, sys
+    from splitter.gguf_source import GGUFSource
+
+    def status(key):  # kB figures of this process from /proc
+        line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+
+    src = GGUFSource(sys.argv[1])
+    # Peak RSS of the reading alone: reset the high-water mark (getrusage's ru_maxrss cannot be reset and
+    # even carries the parent's peak over fork and exec, so it would measure pytest, not this).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    largest = total = 0
+    for name in src.names():
+        t = src.get(name)
+        largest, total = max(largest, t.numel() * 4), total + t.numel() * 4
+        del t
+    print(json.dumps({"before": before, "peak": status("VmHWM"), "largest": largest, "total": total}))
+""")
+
+
+def test_iterating_a_200mb_file_holds_about_one_tensor(tmp_path):
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=1024, intermediate_size=4096, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128,
+                      bos_token_id=EOS, eos_token_id=EOS, tie_word_embeddings=False)
+    _, path = make(tmp_path, LlamaForCausalLM, cfg, float_only)
+    size = path.stat().st_size
+    assert size > 190e6
+    out = subprocess.run([sys.executable, "-c", PROBE, str(path)], cwd=ROOT, capture_output=True, text=True,
+                         check=True, timeout=300)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["total"] >= 0.99 * size
+    growth = m["peak"] - m["before"]
+    print(f"file {size / 2**20:.0f} MiB, largest tensor {m['largest'] / 2**20:.0f} MiB, "
+          f"RSS growth while reading all tensors {growth / 2**20:.0f} MiB")
+    assert growth < 3 * m["largest"] + 16 * 2**20 < size / 2, m
