@@ -27,6 +27,7 @@ from pathlib import Path
 
 MB = 2**20
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
 
 def _meminfo() -> dict[str, int]:
@@ -48,7 +49,7 @@ def _cgroup_dirs(controller: str) -> list[Path]:
     """The cgroup directories above this process for a controller (memory, cpu), innermost first:
     cgroup v2's unified tree, or v1's per-controller tree ([] when neither is there)."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = PROC_CGROUP.read_text().splitlines()
     except OSError:
         return []
     for line in lines:

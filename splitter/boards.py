@@ -344,9 +344,9 @@ class _Model:
 _INF = (math.inf, math.inf)
 
 
-def _solve(m: _Model, res: list[_Res], hop: float, cap: float = math.inf, force: int | None = None):
+def _solve(m: _Model, res: list[_Res], hop: float, cap: float = math.inf, force: frozenset = frozenset()):
     """Least (sum of stage seconds + hops, sum of squared stage seconds) with every stage within `cap`
-    seconds and its board's memory; workers take >= 1 layer or are skipped (never `force`).
+    seconds and its board's memory; workers take >= 1 layer or are skipped (never those in `force`).
     Returns (score, ranges per board with None for skipped) or (_INF, None)."""
     n, R = m.n, len(res)
     best = [[_INF] * (n + 1) for _ in range(R + 1)]
@@ -354,7 +354,7 @@ def _solve(m: _Model, res: list[_Res], hop: float, cap: float = math.inf, force:
     best[R][n] = (0.0, 0.0)
     for r in range(R - 1, 0, -1):
         for j in range(n, -1, -1):
-            if r != force:
+            if r not in force:
                 best[r][j], take[r][j] = best[r + 1][j], None
             for k in range(j + 1, n + 1):
                 shard, kv = m.memory(j, k, False)
@@ -438,7 +438,7 @@ def _left_out_reason(m: _Model, res: list[_Res], r: int, hop: float, plan_s: flo
         need = one_layer / MB + (runtime_mb if board.device == "cpu" else CUDA_DEVICE_MB)
         return (f"too little memory: one layer with its KV cache and the runtime needs {need:.0f} MB, "
                 f"it has {board.usable_mb:.0f} MB less headroom")
-    score, _ = _solve(m, res, hop, force=r)
+    score, _ = _solve(m, res, hop, force=frozenset([r]))
     if score[0] == math.inf:
         return "no plan that fits the other boards' memory can give it layers"
     delta = (score[0] - plan_s) * 1e3
@@ -507,8 +507,17 @@ def make_plan(boards, cost: ModelCost, slots: int, max_context: int, runtime_mb:
         else:
             lo = mid + 1
     score, ranges = chosen
+    # Equal boards share the work: a board left out joins when that keeps the slowest stage and the
+    # time per token within the same bounds (it only adds a hop, and spreads memory and heat).
+    cap = max(m.seconds(r, *rng, k == 0) for k, (r, rng) in enumerate(zip(res, ranges)) if rng is not None)
+    force = frozenset()
+    for k in range(1, len(res)):
+        if ranges[k] is None:
+            trial = _solve(m, res, hop, cap=cap * (1 + 1e-12), force=force | {k})
+            if trial[0][0] <= limit:
+                force, (score, ranges) = force | {k}, trial
     used = [k for k, rng in enumerate(ranges) if rng is not None]
-    left_out = [(res[k].name, _left_out_reason(m, res, k, hop, score[0], used, runtime_mb))
+    left_out = [(res[k].name, _left_out_reason(m, res, k, hop, best[0], used, runtime_mb))
                 for k, rng in enumerate(ranges) if rng is None]
     return _build(m, res, ranges, hop, **args, notes=notes, left_out=left_out)
 
