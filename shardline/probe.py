@@ -106,14 +106,14 @@ def cgroup_limits() -> dict:
     return {"memory_limit": mem_limit, "memory_free": mem_free, "cpu_quota": cpu}
 
 
-def shardline_rss() -> int:
-    """Bytes held by shardline ranks already running on this board (same UTS namespace, not us)."""
+def shardline_ranks() -> dict[int, int]:
+    """{pid: RSS bytes} of shardline ranks already running on this board (same UTS namespace, not us)."""
     import psutil
     try:
         own_uts = os.readlink("/proc/self/ns/uts")
     except OSError:
         own_uts = None
-    total = 0
+    ranks = {}
     for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
         try:
             cmd = proc.info["cmdline"] or []
@@ -123,10 +123,10 @@ def shardline_rss() -> int:
                 continue
             if own_uts is not None and os.readlink(f"/proc/{proc.info['pid']}/ns/uts") != own_uts:
                 continue
-            total += proc.info["memory_info"].rss
+            ranks[proc.info["pid"]] = proc.info["memory_info"].rss
         except (OSError, psutil.Error, TypeError, AttributeError):
             continue
-    return total
+    return ranks
 
 
 def memory() -> dict:
@@ -141,7 +141,7 @@ def memory() -> dict:
     if cg["memory_limit"] is not None:
         total = min(total, cg["memory_limit"])
         available = min(available, max(cg["memory_free"], 0))
-    running = shardline_rss()
+    running = sum(shardline_ranks().values())
     return {
         "memory_total_mb": round(total / MB, 1),
         "memory_available_mb": round(available / MB, 1),
