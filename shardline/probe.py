@@ -195,7 +195,7 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def probe(seconds: float = 3.0, gpu: bool = True) -> dict:
+def probe(seconds: float = 3.0, gpu: bool = True, name: str | None = None) -> dict:
     import torch
     mem = memory()
     cores = cpu_count()
@@ -204,6 +204,7 @@ def probe(seconds: float = 3.0, gpu: bool = True) -> dict:
     # Big enough to leave the caches (64 MB), small enough for a 1 GB board under load.
     weight = int(min(64 * MB, max(8 * MB, mem["memory_available_mb"] * MB / 8)))
     out = {
+        "name": name or socket.gethostname(),
         "host": socket.gethostname(),
         "arch": platform.machine(),
         "system": platform.system(),
@@ -230,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0,
                     help="time spent measuring speed, per device (default 3; the figures settle after about 1)")
     ap.add_argument("--no-gpu", action="store_true", help="do not look for a CUDA GPU")
+    ap.add_argument("--name", help="the board's name in the boards file (default: the host name; Ansible "
+                                   "passes the inventory name)")
     args = ap.parse_args(argv)
     if args.seconds <= 0:
         ap.error("--seconds must be positive")
-    json.dump(probe(args.seconds, gpu=not args.no_gpu), sys.stdout, indent=1)
+    json.dump(probe(args.seconds, gpu=not args.no_gpu, name=args.name), sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0
 

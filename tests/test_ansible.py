@@ -6,6 +6,7 @@ playbook over SSH on test hosts).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -24,6 +25,7 @@ SETUP_TAGS = [
     "ssh",
     "copy_mainpy_to_workers",
     "ensure_model_dir",
+    "plan",
     "download_new_model_on_boss",
     "distribute_new_model_to_workers",
     "hostfile",
@@ -142,3 +144,46 @@ def test_systemd_unit_runs_the_launch_script_and_restarts_on_failure(tmp_path):
         "Restart=on-failure",
         "WantedBy=multi-user.target",
     } <= lines
+
+
+def _local_run(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    """The playbook with every board of the example inventory played by this machine (no SSH), its
+    install directory and this machine's copies under tmp_path."""
+    return playbook(
+        "-e", "ansible_connection=local", "-e", f"ansible_python_interpreter={sys.executable}",
+        "-e", f"shardline_user={os.environ.get('USER', 'root')}", "-e", f"shardline_dir={tmp_path / 'board'}",
+        "-e", f"shardline_fetch_dir={tmp_path / 'control'}", "-e", f"shardline_local_hostfile={tmp_path / 'cluster'}",
+        *argv,
+    )  # fmt: skip
+
+
+def _write_plan(tmp_path: Path, stages: list[str], left_out: list[str], spec: str) -> None:
+    (tmp_path / "control").mkdir(exist_ok=True)
+    (tmp_path / "control" / "plan.json").write_text(json.dumps({
+        "stages": [{"board": b, "layers": [0, 0], "shard_mb": 1.0, "kv_mb": 1.0, "est_ms": 1.0} for b in stages],
+        "left_out": [{"board": b, "reason": "too slow to help"} for b in left_out], "layers_spec": spec,
+    }))  # fmt: skip
+
+
+def test_hostfile_and_launch_follow_the_plan_and_leave_out_boards_without_layers(tmp_path):
+    # The plan tag's result: pi1 too slow, left out; pi0 (head) and pi2 run the layers.
+    _write_plan(tmp_path, ["pi0", "pi2"], ["pi1"], "none,0-5")
+    result = _local_run(tmp_path, "--tags", "hostfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "cluster").read_text() == "192.168.1.50 slots=1\n192.168.1.52 slots=1\n"
+    assert (tmp_path / "board" / "hostfiles" / "cluster").read_text() == (tmp_path / "cluster").read_text()
+    assert "-np 2 " in (tmp_path / "board" / "launch.sh").read_text()
+
+
+def test_a_plan_made_for_another_inventory_stops_the_split_and_the_hostfile(tmp_path):
+    _write_plan(tmp_path, ["pi0", "pi1"], [], "none,0-5")             # pi2 joined since the plan was made
+    result = _local_run(tmp_path, "--tags", "hostfile")
+    assert result.returncode != 0
+    assert "The inventory has changed since the last plan" in result.stdout and "--tags plan" in result.stdout
+    assert not (tmp_path / "cluster").exists()
+
+
+def test_without_a_plan_the_hostfile_lists_the_inventory(tmp_path):
+    result = _local_run(tmp_path, "--tags", "hostfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "cluster").read_text() == "192.168.1.50 slots=1\n192.168.1.51 slots=1\n192.168.1.52 slots=1\n"

@@ -14,14 +14,14 @@ from shardline import probe
 from splitter.boards import board_from_probe, make_plan
 from tests.test_plan import gpt2_cost
 
-KEYS = {"host": str, "arch": str, "system": str, "cores": int, "memory_total_mb": float, "memory_available_mb": float,
+KEYS = {"name": str, "host": str, "arch": str, "system": str, "cores": int, "memory_total_mb": float, "memory_available_mb": float,
         "memory_shardline_mb": float, "memory_mb": float, "threads": int, "gbps": float, "gflops": float,
         "dtype": str, "torch": str}
 
 
 @pytest.fixture(scope="module")
 def facts():
-    out = subprocess.run([sys.executable, "-m", "shardline.probe", "--seconds", "0.3", "--no-gpu"],
+    out = subprocess.run([sys.executable, "-m", "shardline.probe", "--seconds", "0.3", "--no-gpu", "--name", "pi-7"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -35,7 +35,7 @@ def test_probe_prints_the_documented_fields(facts):
 
 
 def test_probe_figures_are_plausible(facts):
-    assert facts["host"] == socket.gethostname() and facts["arch"] == platform.machine()
+    assert facts["name"] == "pi-7" and facts["host"] == socket.gethostname() and facts["arch"] == platform.machine()
     assert 1 <= facts["threads"] <= facts["cores"]
     assert 0 < facts["memory_available_mb"] <= facts["memory_total_mb"]
     assert facts["memory_available_mb"] <= facts["memory_mb"] <= facts["memory_total_mb"]
@@ -46,7 +46,12 @@ def test_probe_figures_are_plausible(facts):
     assert facts["gflops"] / facts["gbps"] > 0.1                   # a batch reuses weights: more flops than bytes
 
 
-def test_the_planner_takes_the_probe_output(facts):
+def test_the_planner_takes_the_probe_output(facts, tmp_path):
+    import yaml
+    from splitter.boards import load_boards
+    path = tmp_path / "boards.yml"                               # what the Ansible plan tag writes
+    path.write_text(yaml.safe_dump([facts, dict(facts, name="pi-8")], sort_keys=False))
+    assert [b.name for b in load_boards(path)] == ["pi-7", "pi-8"]
     board = board_from_probe("here", facts)
     plan = make_plan([board], gpt2_cost(), slots=1, max_context=64)
     assert plan.stages[0].board == "here" and plan.stages[0].gbps == facts["gbps"] and not plan.stages[0].speed_assumed
