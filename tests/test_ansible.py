@@ -187,3 +187,12 @@ def test_without_a_plan_the_hostfile_lists_the_inventory(tmp_path):
     result = _local_run(tmp_path, "--tags", "hostfile")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "cluster").read_text() == "192.168.1.50 slots=1\n192.168.1.51 slots=1\n192.168.1.52 slots=1\n"
+
+
+def test_launch_passes_the_slots_and_context_the_plan_counted(tmp_path):
+    _write_plan(tmp_path, ["pi0", "pi1", "pi2"], [], "none,0-2,3-5")
+    result = _local_run(tmp_path, "--tags", "hostfile", "-e", "shardline_slots=4", "-e", "shardline_max_context=2048")
+    assert result.returncode == 0, result.stdout + result.stderr
+    script = (tmp_path / "board" / "launch.sh").read_text()
+    assert "--slots 4 \\\n" in script and "--max-context 2048 \\\n" in script
+    assert subprocess.run(["sh", "-n", str(tmp_path / "board" / "launch.sh")]).returncode == 0
