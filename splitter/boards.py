@@ -445,10 +445,9 @@ def _left_out_reason(m: _Model, res: list[_Res], r: int, hop: float, plan_s: flo
     per_layer = lambda x: m.seconds(x, 0, m.n, False) / m.n
     others = statistics.median(per_layer(res[u]) for u in used)
     if per_layer(board) > others * 1.2:
-        return (f"too slow to help: giving it layers makes a token at least {delta:.1f} ms slower "
-                f"({score[0] * 1e3:.1f} instead of {plan_s * 1e3:.1f} ms)")
-    return (f"not needed: the model fits the other boards, and the extra hop ({hop * 1e3:.2f} ms) costs more than "
-            f"its share saves (a token at least {delta:.2f} ms slower)")
+        return f"too slow to help: with layers on it, a token takes at least {delta:.1f} ms more than without it"
+    return (f"not needed: the model fits the other boards, and with layers on it (one more hop of {hop * 1e3:.2f} ms) "
+            f"a token takes at least {delta:.2f} ms more")
 
 
 def make_plan(boards, cost: ModelCost, slots: int, max_context: int, runtime_mb: float = 350, headroom: float = 0.1,
