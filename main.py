@@ -47,6 +47,10 @@ def parse_args(argv=None):
     ap.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
     ap.add_argument("--model-name", default=None, help="model id in /v1/models (default: the split's source)")
     ap.add_argument("--verbose", action="store_true", help="print a timing line per pipeline step")
+    ap.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                    help="type of the hidden states sent between ranks (the same on every rank): float16 or "
+                         "bfloat16 halve the bytes per hop for slow links at a small cost in accuracy "
+                         "(ranks compute in float32 either way; default float32, exact)")
     return ap.parse_args(argv)
 
 
@@ -99,14 +103,24 @@ def _serve_head(args, node) -> int:
     from shardline.engine import Engine
     size = manifest.num_stages
     hosts = [r["host"] for r in records]
+    other = [r for r in records if r.get("wire_dtype", args.wire_dtype) != args.wire_dtype]
+    if other:
+        from shardline import EX_CONFIG
+        for r in other:
+            print(f"shardline: rank {r['rank']} on {r['host']} was started with --wire-dtype {r['wire_dtype']} but "
+                  f"rank 0 with {args.wire_dtype}; start every rank with the same --wire-dtype", file=sys.stderr, flush=True)
+        if link is not None:
+            link.comm.Abort(EX_CONFIG)
+        return EX_CONFIG
     engine = Engine(stage, AutoTokenizer.from_pretrained(tok_dir), link, size, hosts, args.slots,
                     queue_size=args.queue_size, max_batch_tokens=args.max_batch_tokens,
                     step_timeout=args.step_timeout, log_steps=args.verbose, stats_interval=STATS_INTERVAL,
-                    microbatches=args.microbatches or len(set(hosts)))
+                    microbatches=args.microbatches or len(set(hosts)), stop_ids=stop_ids(tok_dir),
+                    wire_dtype=args.wire_dtype)
     data = manifest.data
     name = args.model_name or os.path.basename(str(data["source"]).rstrip("/")) or "model"
     info = {"model": name, "random_weights": data.get("random_weights", False), "ranks": size,
-            "slots": args.slots, "max_context": stage.max_context,
+            "slots": args.slots, "max_context": stage.max_context, "wire_dtype": args.wire_dtype,
             "stages": [{"rank": r["rank"], "host": r["host"], "layers": r["layers"], "rss_mb": r.get("rss_mb"),
                         "load_seconds": r.get("load_seconds")} for r in records]}
     app = create_app(engine, AutoTokenizer.from_pretrained(tok_dir), info, name, api_key=args.api_key,
@@ -146,6 +160,17 @@ def _serve_head(args, node) -> int:
     if code and link is not None:
         link.comm.Abort(code)  # a hung rank would block a clean exit; end the job for the supervisor
     return code
+
+
+def stop_ids(tok_dir) -> set[int]:
+    """Token ids that end generation besides the tokenizer's EOS: generation_config.json's eos_token_id
+    (an int or a list: a chat model's end-of-turn tokens), which the splitter writes beside the tokenizer."""
+    from pathlib import Path
+    if not (Path(tok_dir) / "generation_config.json").is_file():
+        return set()
+    from transformers import GenerationConfig
+    eos = GenerationConfig.from_pretrained(tok_dir).eos_token_id
+    return set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(i) for i in eos}
 
 
 def _banner(args, info, records) -> None:

@@ -12,7 +12,7 @@ import secrets
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +25,8 @@ from shardline.sampling import SamplingParams
 
 STATIC = Path(__file__).parent / "static"
 MAX_PROMPT_CHARS = 100_000
+MAX_PROMPTS = 32          # prompts in one /v1/completions request (lm-evaluation-harness batches them)
+MAX_LOGPROBS = 20         # top log probabilities per token (OpenAI's chat limit; vLLM's default)
 SIMPLE_CHAT_STOP = "\nUser:"
 
 
@@ -74,9 +76,16 @@ class OpenAIBody(Sampling):
     user: str | None = None
 
 
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
 class CompletionBody(OpenAIBody):
-    prompt: str | list[str] = Field(..., description="a string, or a list with one string")
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        ..., description=f"a string, a list of token ids, or a list of up to {MAX_PROMPTS} of either (one choice each)")
     echo: bool = False
+    max_tokens: int | None = Field(None, ge=0, le=100_000, description="0 only with echo: score the prompt")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="log probabilities of each token and of its k likeliest alternatives")
 
 
 class ChatMessage(BaseModel):
@@ -86,6 +95,8 @@ class ChatMessage(BaseModel):
 
 class ChatBody(OpenAIBody):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
 
 
 # ---- what the API answers, for the OpenAPI schema (the handlers build plain dicts of these shapes) ----
@@ -117,10 +128,19 @@ class GenerateReply(BaseModel):
     tokens_per_second: float | None
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token of the returned text (the echoed prompt first): the prompt's first token has no
+    log probability (null); top_logprobs holds the k likeliest tokens plus the chosen one."""
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -138,10 +158,24 @@ class ChatReplyMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatReplyMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -181,6 +215,7 @@ class Health(BaseModel):
     ranks: int
     slots: int
     max_context: int
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     stages: list[StageInfo]
     active_sequences: int
     queue_depth: int
@@ -312,7 +347,8 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                                param="prompt") from None
         return tokenizer(text)["input_ids"]
 
-    def start(prompt_ids: list[int], max_tokens: int, body: Sampling, extra_stop: tuple[str, ...] = ()):
+    def start(prompt_ids: list[int], max_tokens: int, body: Sampling, extra_stop: tuple[str, ...] = (),
+              logprobs: int | None = None, prompt_logprobs: int | None = None):
         """Submit to the engine; returns (request, asyncio queue of ('text', str) / ('done', None))."""
         stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
         if len(stop) > 4 or any(not s for s in stop):
@@ -322,7 +358,8 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         req = Request(prompt_ids, max_tokens,
                       SamplingParams(body.temperature, body.top_k, body.top_p, body.seed), tuple(stop) + extra_stop,
                       on_text=lambda r, d: loop.call_soon_threadsafe(events.put_nowait, ("text", d)),
-                      on_finish=lambda r: loop.call_soon_threadsafe(events.put_nowait, ("done", None)))
+                      on_finish=lambda r: loop.call_soon_threadsafe(events.put_nowait, ("done", None)),
+                      logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         try:
             engine.submit(req)
         except ValueError as err:
@@ -348,8 +385,64 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
     def max_tokens_of(body: OpenAIBody, default: int, prompt_ids: list[int]) -> int:
         # Asked for: must fit the context (the engine says 400 otherwise). Not asked for: OpenAI's
         # default, cut to the room the prompt leaves (at least 1, so an over-long prompt still gets its 400).
-        asked = body.max_completion_tokens or body.max_tokens
-        return asked or max(1, min(default, engine.max_context - len(prompt_ids)))
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return asked if asked is not None else max(1, min(default, engine.max_context - len(prompt_ids)))
+
+    def token_texts(ids: list[int]) -> list[str]:
+        """Each token's own text (a byte-level piece of a character shows as U+FFFD)."""
+        return tokenizer.batch_decode([[i] for i in ids])
+
+    def streamed_texts(ids: list[int], skip_special: bool) -> list[str]:
+        """What each token adds to the decoded text: they join to exactly that text, and a token that
+        ends inside a multi-byte character adds "" (the one that completes it adds the character)."""
+        from tokenizers.decoders import DecodeStream
+        stream = DecodeStream(skip_special_tokens=skip_special)
+        return [stream.step(tokenizer.backend_tokenizer, i) or "" for i in ids]
+
+    def logprob_entries(req: Request, echo_ids: list[int] | None, text: str) -> list[tuple]:
+        """(token's text in the returned text, its own text, log p or None, [(alternative's own text,
+        log p)] or None, offset in text) per token of the returned text: the echoed prompt's (the first
+        has no log probability), then the generated ones up to where a stop string cut the text."""
+        entries, pieces = [], []   # (id, logprob or None, [(id, logprob)] or None)
+        if echo_ids is not None:
+            entries.append((echo_ids[0], None, None))
+            entries += [(i, lp, top) for i, (lp, top) in zip(echo_ids[1:], req.prompt_token_logprobs)]
+            pieces = streamed_texts(echo_ids, skip_special=False)
+        prompt_entries = len(entries)
+        entries += [(i, lp, top) for i, (lp, top) in zip(req.generated, req.token_logprobs)]
+        pieces += streamed_texts(req.generated[:len(req.token_logprobs)], skip_special=True)   # as the engine did
+        names = token_texts([e[0] for e in entries])
+        alternatives = sorted({i for e in entries for i, _ in (e[2] or ())})
+        alt_name = dict(zip(alternatives, token_texts(alternatives)))
+        out, offset = [], 0
+        for k, ((_, lp, top), piece, name) in enumerate(zip(entries, pieces, names)):
+            if req.cut and k >= prompt_entries and offset >= len(text):
+                break                      # past where a stop string cut the text
+            out.append((piece, name, lp, None if top is None else [(alt_name[i], v) for i, v in top], offset))
+            offset += len(piece)
+        return out
+
+    def completion_logprobs(req: Request, echo_ids: list[int] | None, text: str) -> dict:
+        """OpenAI's legacy completions logprobs: top_logprobs has the k likeliest tokens and the chosen one."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for piece, name, lp, top, offset in logprob_entries(req, echo_ids, text):
+            out["tokens"].append(piece)
+            out["token_logprobs"].append(lp)
+            if top is None:
+                out["top_logprobs"].append(None)
+            else:
+                d = dict(reversed(top))          # a text two ids share keeps the likelier one's value
+                d.setdefault(name, lp)
+                out["top_logprobs"].append(d)
+            out["text_offset"].append(offset)
+        return out
+
+    def chat_logprobs(req: Request) -> dict:
+        """OpenAI's chat logprobs: each generated token with its UTF-8 bytes and the k likeliest tokens."""
+        def item(name, lp):
+            return {"token": name, "logprob": lp, "bytes": list(name.encode("utf-8", "replace"))}
+        return {"content": [{**item(piece, lp), "top_logprobs": [item(n, v) for n, v in top]}
+                            for piece, _, lp, top, _ in logprob_entries(req, None, req.text)]}
 
     def usage(req: Request) -> dict:
         return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.generated),
@@ -424,16 +517,52 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", type_="not_found_error")
 
+    def completion_prompts(body: CompletionBody) -> list[tuple[list[int], str]]:
+        """(token ids, text) of each prompt: strings are encoded, token ids (what lm-evaluation-harness
+        sends) are checked against the vocabulary and decoded for echo."""
+        p = body.prompt
+        items = [p] if isinstance(p, str) or (p and all(isinstance(v, int) for v in p)) else list(p)
+        if not 1 <= len(items) <= MAX_PROMPTS:
+            raise APIError(400, f"prompt: a string, a list of token ids, or a list of 1 to {MAX_PROMPTS} of "
+                           "either", param="prompt")
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                if not item or len(item) > MAX_PROMPT_CHARS:
+                    raise APIError(400, f"prompt: each string must have 1 to {MAX_PROMPT_CHARS} characters",
+                                   param="prompt")
+                out.append((encode(item), item))
+                continue
+            if not item:
+                raise APIError(400, "prompt: an empty list of token ids", param="prompt")
+            if max(item) >= len(tokenizer):
+                raise APIError(400, f"prompt: token id {max(item)} is not in the vocabulary "
+                               f"(0..{len(tokenizer) - 1})", param="prompt")
+            out.append((list(item), tokenizer.decode(item)))
+        return out
+
     @app.post("/v1/completions", responses={200: {"model": Completion, "content": SSE}})
     async def completions(body: CompletionBody, http: HTTPRequest):
         check_model(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1 or len(prompts[0]) > MAX_PROMPT_CHARS:
-            raise APIError(400, f"prompt: one string of at most {MAX_PROMPT_CHARS} characters", param="prompt")
-        ids = encode(prompts[0])
-        req, events = start(ids, max_tokens_of(body, 16, ids), body)
+        prompts = completion_prompts(body)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing; it is for scoring a prompt with echo: true "
+                           "and logprobs", param="max_tokens")
+        if body.stream and (len(prompts) > 1 or body.logprobs is not None):
+            raise APIError(400, "stream: one prompt and no logprobs when streaming; ask without stream "
+                           "for several prompts or for logprobs", param="stream")
+        k = body.logprobs
+        reqs = []
+        try:
+            for ids, _ in prompts:
+                reqs.append(start(ids, max_tokens_of(body, 16, ids), body, logprobs=k,
+                                  prompt_logprobs=k if body.echo else None))
+        except APIError:
+            for r, _ in reqs:             # all or nothing
+                engine.cancel(r)
+            raise
         rid = f"cmpl-{uuid.uuid4().hex}"
-        echo = prompts[0] if body.echo else ""
+        echo = prompts[0][1] if body.echo else ""
 
         def chunk(delta, finish):
             if delta is None:
@@ -442,12 +571,24 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                     "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
         if body.stream:
+            req, events = reqs[0]
             return StreamingResponse(stream(req, events, chunk, bool(body.stream_options and body.stream_options.include_usage)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        await wait(req, events, http)
+        try:
+            for req, events in reqs:
+                await wait(req, events, http)
+        finally:
+            for req, _ in reqs:
+                if not req.done.is_set():
+                    engine.cancel(req)
+        choices = []
+        for i, ((req, _), (ids, text)) in enumerate(zip(reqs, prompts)):
+            full = (text if body.echo else "") + req.text
+            choices.append({"text": full, "index": i, "finish_reason": req.finish_reason,
+                            "logprobs": None if k is None else completion_logprobs(req, ids if body.echo else None, full)})
+        counts = [usage(req) for req, _ in reqs]
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"text": echo + req.text, "index": 0, "logprobs": None,
-                             "finish_reason": req.finish_reason}], "usage": usage(req)}
+                "choices": choices, "usage": {f: sum(c[f] for c in counts) for f in counts[0]}}
 
     def chat_prompt(messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
@@ -463,8 +604,13 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         prompt, extra_stop = chat_prompt(body.messages)
         if len(prompt) > MAX_PROMPT_CHARS:
             raise APIError(400, f"messages: over {MAX_PROMPT_CHARS} characters in all", param="messages")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        if body.stream and body.logprobs:
+            raise APIError(400, "logprobs: not with stream: true; ask without stream for logprobs", param="logprobs")
         ids = encode(prompt)
-        req, events = start(ids, max_tokens_of(body, 256, ids), body, extra_stop)
+        req, events = start(ids, max_tokens_of(body, 256, ids), body, extra_stop,
+                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
         def chunk(delta, finish):
@@ -478,6 +624,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         await wait(req, events, http)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": req.text},
-                             "logprobs": None, "finish_reason": req.finish_reason}], "usage": usage(req)}
+                             "logprobs": chat_logprobs(req) if body.logprobs else None,
+                             "finish_reason": req.finish_reason}], "usage": usage(req)}
 
     return app

@@ -25,10 +25,21 @@ import numpy as np
 import torch
 from tokenizers.decoders import DecodeStream
 
-from shardline import omp, wire
+from shardline import omp, wire, wiredtype
 from shardline.metrics import STAT_FIELDS, Metrics, rss_bytes
 from shardline.sampling import SamplingParams, sample
 from shardline.stage import Seq, Stage
+
+
+def top_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each row of raw logits [rows, vocab] (before any temperature): (log p of targets[row],
+    the k likeliest (id, log p)), from a float32 log-softmax."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(targets).view(-1, 1)).view(-1).tolist()
+    if k <= 0:
+        return [(c, []) for c in chosen]
+    vals, ids = lp.topk(min(k, lp.shape[1]), dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), vals.tolist())]
 
 
 class QueueFull(Exception):
@@ -48,6 +59,8 @@ class Request:
     on_text: Callable[["Request", str], None] | None = None   # called on the engine thread
     on_finish: Callable[["Request"], None] | None = None      # likewise, exactly once
     want_logits: bool = False                                  # keep every prompt position's logits (tests)
+    logprobs: int | None = None         # log probabilities of each generated token and its top-k (None = off)
+    prompt_logprobs: int | None = None  # likewise for each prompt token after the first (echo; None = off)
     # engine state
     slot: int | None = None
     pos: int = 0                      # tokens already in the KV cache
@@ -63,6 +76,9 @@ class Request:
     cancelled: bool = False
     in_flight: bool = False
     logits: list[torch.Tensor] = field(default_factory=list)
+    # (log p(token), [(id, log p)] of the top-k) per generated token / per prompt token after the first
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     gen: torch.Generator | None = None    # this request's sampling RNG (seeded when asked)
     t_submit: float = 0.0
     t_first: float | None = None
@@ -84,7 +100,7 @@ class Engine:
     def __init__(self, stage: Stage, tokenizer, link: wire.Link | None, size: int, hosts: list[str],
                  slots: int, queue_size: int = 64, max_batch_tokens: int = 256, step_timeout: float = 8.0,
                  metrics: Metrics | None = None, log_steps: bool = False, stats_interval: float = 2.0,
-                 microbatches: int | None = None):
+                 microbatches: int | None = None, stop_ids: set[int] | None = None, wire_dtype: str = "float32"):
         self.stage, self.tok, self.link, self.size, self.hosts = stage, tokenizer, link, size, hosts
         self.slots = slots
         # Micro-batches in the ring at once. One per stage keeps every board busy; when stages share
@@ -98,7 +114,10 @@ class Engine:
         self.max_batch_tokens, self.step_timeout = max_batch_tokens, step_timeout
         self.metrics = metrics or Metrics()
         self.log_steps, self.stats_interval = log_steps, stats_interval
-        self.eos = tokenizer.eos_token_id
+        # Generation ends at any of these (the tokenizer's EOS plus generation_config.json's eos_token_id:
+        # a chat model's end-of-turn tokens); they are never part of the text.
+        self.stop_ids = frozenset(stop_ids or ()) | ({tokenizer.eos_token_id} - {None})
+        self.wire_flags = wiredtype.flags_of(wire_dtype)   # hidden states between ranks travel in this type
         self.max_context = stage.max_context
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -213,7 +232,8 @@ class Engine:
                 seqs.append(Seq(r.slot, r.pos, n))
                 ids.extend(r.feed[:n])
                 budget -= n
-                flags |= wire.FLAG_ALL_ROWS if r.want_logits else 0
+                if r.want_logits or (r.prompt_logprobs is not None and n > 1):
+                    flags |= wire.FLAG_ALL_ROWS       # every prompt row comes back, not just the last
                 r.in_flight = True
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -228,7 +248,9 @@ class Engine:
                 self._complete(flight, wire.ring_output(x, seqs, flags), self.step)
             else:
                 self.flights[self.step] = flight
-                self.link.send(wire.Message(wire.FORWARD, self.step, flags, seqs, x.numpy()))
+                flags |= self.wire_flags
+                flight.flags = flags
+                self.link.send(wire.Message(wire.FORWARD, self.step, flags, seqs, wiredtype.encode(x, flags)))
         self.metrics.in_flight.set(len(self.flights))
 
     def _collect(self) -> bool:
@@ -239,7 +261,7 @@ class Engine:
             self.link.reap()
             return False
         if msg.kind == wire.FORWARD:
-            self._complete(self.flights.pop(msg.step), torch.from_numpy(msg.payload), msg.step)
+            self._complete(self.flights.pop(msg.step), wiredtype.decode(msg.payload, msg.flags), msg.step)
         elif msg.kind == wire.STATS:
             self.rank_stats = msg.payload
             self.metrics.set_rank_stats(msg.payload, self.hosts)
@@ -256,6 +278,8 @@ class Engine:
             r.in_flight = False
             if r.done.is_set():      # ended (a stop string) while this step was out; its slot is free
                 continue             # already, and a new owner's steps come after this one on every stage
+            if r.prompt_logprobs is not None and r.pos + 1 < len(r.prompt_ids):
+                self._prompt_logprobs(r, x[last[i] - n + 1:last[i] + 1])
             r.pos += n
             del r.feed[:n]
             if r.want_logits:
@@ -276,6 +300,8 @@ class Engine:
             for j, (r, _) in enumerate(sampling):
                 try:
                     tok = greedy[j] if r.params.temperature == 0 else sample(logits[j], r.params, r.gen)
+                    if r.logprobs is not None and tok not in self.stop_ids:
+                        r.token_logprobs.append(top_logprobs(logits[j:j + 1], [tok], r.logprobs)[0])
                     self._accept(r, tok)
                 except Exception as err:  # one request's bad parameters must not take the others down
                     self._finish(r, "error", f"sampling failed: {type(err).__name__}: {err}")
@@ -303,13 +329,22 @@ class Engine:
             self.metrics.tpot.observe(now - r.t_last)
         r.t_last = now
         self.metrics.generated_tokens.inc()
-        if tok == self.eos:
+        if tok in self.stop_ids:
             return self._finish(r, "stop")
         r.generated.append(tok)
         if len(r.generated) >= r.max_new_tokens or r.pos + 1 >= self.max_context:
             return self._finish(r, "length")
         r.feed = [tok]
         self.untexted.append(r)
+
+    def _prompt_logprobs(self, r: Request, rows: torch.Tensor) -> None:
+        """rows: the final hidden states of r's prompt positions pos..pos+n-1; each predicts the prompt
+        token after it (the last prompt position predicts the first generated token: not here)."""
+        targets = r.prompt_ids[r.pos + 1:r.pos + 1 + rows.shape[0]]
+        for a in range(0, len(targets), 64):          # at most 64 rows of vocab-wide logits at once
+            with torch.inference_mode():
+                logits = self.stage.head(rows[a:a + 64][:len(targets) - a])
+            r.prompt_token_logprobs += top_logprobs(logits, targets[a:a + 64], r.prompt_logprobs)
 
     def _texts(self) -> None:
         """Detokenize the tokens sampled last step and pass the new text on; a stop string ends a request."""

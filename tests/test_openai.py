@@ -263,8 +263,9 @@ USER = [{"role": "user", "content": "hi"}]
 BAD = [
     # (id, path, json body or raw bytes, expected status or None for any 4xx)
     ("prompt-int", CMPL, {"prompt": 123}, 400),
-    ("prompt-token-ids", CMPL, {"prompt": [1, 2, 3]}, 400),
-    ("prompt-two-strings", CMPL, {"prompt": ["a", "b"]}, 400),
+    ("prompt-token-id-outside-vocab", CMPL, {"prompt": [1, 2, 600]}, 400),
+    ("prompt-mixed-list", CMPL, {"prompt": ["a", 1]}, 400),
+    ("prompt-empty-token-list", CMPL, {"prompt": [[]]}, 400),
     ("prompt-empty-list", CMPL, {"prompt": []}, 400),
     ("prompt-empty", CMPL, {"prompt": ""}, 400),
     ("prompt-missing", CMPL, {"max_tokens": 4}, 400),
