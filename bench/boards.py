@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 MPIRUN = str(Path(PY).parent / "mpirun")
 PORT = 8000
+BOARD_WEIGHT = 8192                           # cpu.shares of a board (an ordinary process: 1024)
 TARGET_AGGREGATE, TARGET_SINGLE = 1.7, 0.9   # issue 11: 2 boards of one core each at 1 Gbit, 32 clients / one request
 
 
@@ -59,16 +60,20 @@ def cluster_mpirun(addresses: list[str], parts: Path, port: int, cidr: str, rsh_
             "--host", addresses[0], "--port", str(port)]
 
 
-def split_for(hf: Path, stages: int, out: Path) -> Path:
-    """hf split into `stages` shards at out (reused when its manifest says so)."""
+def split_for(hf: Path, stages: int, out: Path, layers: str | None = None) -> Path:
+    """hf split into `stages` shards at out (reused when made from the same weights with the same plan)."""
+    stamp = {"stages": stages, "layers": layers, "weights": (hf / "config.json").stat().st_mtime}
     try:
-        manifest = json.loads((out / "manifest.json").read_text())
-        if manifest["num_stages"] == stages and (out / "manifest.json").stat().st_mtime > (hf / "config.json").stat().st_mtime:
+        if json.loads((out / "bench-stamp.json").read_text()) == stamp:
             return out
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         pass
-    subprocess.run([PY, "-m", "splitter", "--model", str(hf), "--stages", str(stages), "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, text=True)
+    extra = ["--layers", layers] if layers else []
+    run = subprocess.run([PY, "-m", "splitter", "--model", str(hf), "--stages", str(stages), "--out", str(out), *extra],
+                         cwd=ROOT, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"python -m splitter --stages {stages} {' '.join(extra)} failed:\n{run.stderr[-2000:]}")
+    (out / "bench-stamp.json").write_text(json.dumps(stamp))
     return out
 
 
@@ -129,8 +134,10 @@ class Served:
 
 def measure(srv: Served, hosts, cfg, prompts: list[str], hidden: int, label: str) -> dict:
     from bench.load import run_level
-    from bench.run import summarize, traffic
+    from bench.cpu import CpuWatch
+    from bench.run import breakdown, summarize, traffic
     from bench.server import fresh_metrics
+    watch_ours = ours(hosts)
     res = {"label": label, "boards": srv.ranks, "log": str(srv.log_path), "rates": {}}
     t0 = time.monotonic()
     health = srv.wait_healthy()
@@ -147,20 +154,45 @@ def measure(srv: Served, hosts, cfg, prompts: list[str], hidden: int, label: str
         for n in cfg.clients:
             m0 = m1
             total = len(prompts) if n == 1 else n * cfg.rounds
+            watch = CpuWatch(watch_ours).start()
             runs, wall = run_level(srv.url, prompts, n, total, cfg.max_tokens)
+            machine = watch.stop()
             m1 = fresh_metrics(srv.url, srv.ranks)
             ph = summarize(runs, wall)
+            ph["machine"] = machine   # foreign_cores: CPU other processes on this machine took meanwhile
+            ph["time"] = breakdown(m0, m1, {}, {}, wall, srv.ranks)   # compute ms per micro-batch, per rank
             steps = m1["step_count"] - m0["step_count"]
             ph["step_ms"] = rnd((m1["step_sum"] - m0["step_sum"]) / steps * 1e3 if steps else None)
             ph["traffic"] = traffic(m0, m1, ph, hidden, srv.ranks) if srv.ranks > 1 else None
             ph["metrics_fresh"] = bool(m0.get("fresh") and m1.get("fresh"))
             levels[str(n)] = ph
             print(f"[bench]   {n:2d} client(s): {ph['aggregate_tok_s']} tok/s aggregate, decode {ph['decode_tok_s']} "
-                  f"tok/s, TTFT p50 {ph['ttft_ms_p50']} ms, step {ph['step_ms']} ms, errors {ph['errors']}", flush=True)
+                  f"tok/s, TTFT p50 {ph['ttft_ms_p50']} ms, step {ph['step_ms']} ms (compute per rank "
+                  f"{[r['compute_ms_per_step'] for r in ph['time']['ranks'].values()]}), errors {ph['errors']}, "
+                  f"other processes {machine['foreign_cores']} cores", flush=True)
         res["rates"][rate] = {"levels": levels}
     final = fresh_metrics(srv.url, srv.ranks)
     res["peak_rss_mb"] = {str(r): rnd(v["peak_rss_bytes"] / 2**20, 1) for r, v in sorted(final["ranks"].items())}
     return res
+
+
+def ours(hosts):
+    """The processes whose CPU counts as the benchmark's own: this one and its children (the load
+    generator, mpirun, ssh) and everything running on the boards."""
+    import psutil
+
+    from bench.cpu import self_and_children
+
+    def procs():
+        found = self_and_children()
+        for pids in hosts.pids().values():
+            for pid in pids:
+                try:
+                    found.append(psutil.Process(pid))
+                except psutil.Error:
+                    continue
+        return found
+    return procs
 
 
 # ---- table, plot ----
@@ -199,6 +231,9 @@ def markdown(results: dict) -> str:
             lv = many["rates"][rate]["levels"][c]
             rows.append(f"| bytes per token per hop, {c} client(s) (hops {' / '.join(lv['traffic']['hops'])}) | {rate} | "
                         f"— | {hop_bytes(lv)} | |")
+        a = max(lv["machine"]["foreign_cores"] for lv in one["rates"][rate]["levels"].values())
+        b = max(lv["machine"]["foreign_cores"] for lv in many["rates"][rate]["levels"].values())
+        rows.append(f"| other processes on this machine, cores (worst level) | {rate} | {a} | {b} | |")
     rows.append(f"| peak RSS per board, MiB | | {' / '.join(str(v) for v in one['peak_rss_mb'].values())} | "
                 f"{' / '.join(str(v) for v in many['peak_rss_mb'].values())} | |")
     return "\n".join(rows)
@@ -247,6 +282,11 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (32; quick 16)")
     ap.add_argument("--prompts", type=int, default=None, help="requests one after another for single-request (8; quick 4)")
     ap.add_argument("--rounds", type=int, default=1, help="requests per client at each level above 1 (1)")
+    ap.add_argument("--board-weight", type=int, default=BOARD_WEIGHT,
+                    help=f"each board's cpu.shares against this machine's other processes (default {BOARD_WEIGHT}; "
+                         "an ordinary process has 1024, 262144 keeps nearly everything else off the boards' cores)")
+    ap.add_argument("--layers", default=None, help="the N boards' layer plan, splitter syntax (e.g. none,0-5); "
+                    "default: the splitter's own plan, what users get")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.boards < 2:
@@ -286,12 +326,14 @@ def main(argv=None) -> int:
     prepare(model_dir, cfg.seed)
     hf = model_dir / "hf"
     one_parts = split_for(hf, 1, model_dir / "parts-1")
-    many_parts = split_for(hf, cfg.boards, model_dir / f"parts-{cfg.boards}")
+    many_parts = split_for(hf, cfg.boards, model_dir / f"parts-{cfg.boards}", cfg.layers)
     hidden = json.loads((one_parts / "manifest.json").read_text())["config"]["n_embd"]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(cfg.prompts)]
     cores = sorted(os.sched_getaffinity(0))
-    boards = [testhosts.Board(cpus=str(cores[i % len(cores)]), memory=cfg.board_memory, rate=cfg.rates[0])
-              for i in range(cfg.boards)]
+    # Each board's core is its own: a weight of 8 ordinary processes keeps this machine's other work
+    # mostly off it (what is left is reported as foreign_cores per phase).
+    boards = [testhosts.Board(cpus=str(cores[i % len(cores)]), memory=cfg.board_memory, rate=cfg.rates[0],
+                              weight=cfg.board_weight) for i in range(cfg.boards)]
     notes = []
     if cfg.boards > len(cores):
         notes.append(f"{cfg.boards} boards on {len(cores)} cores: boards share cores, the ring is slower than real boards")
@@ -329,9 +371,9 @@ def main(argv=None) -> int:
                        "cores": os.cpu_count(), "python": platform.python_version(), "notes": notes,
                        "seconds": rnd(time.monotonic() - t_run, 1),
                        "model": f"random distilgpt2-shaped weights (seed {cfg.seed})"}
-    results["config"] = {"boards": cfg.boards, "board_memory": cfg.board_memory, "board_cpus": [b.cpus for b in boards],
+    results["config"] = {"boards": cfg.boards, "board_memory": cfg.board_memory, "board_cpus": [b.cpus for b in boards], "board_weight": cfg.board_weight,
                          "rates": cfg.rates, "clients": cfg.clients, "max_tokens": cfg.max_tokens,
-                         "prompts": cfg.prompts, "rounds": cfg.rounds, "quick": cfg.quick,
+                         "prompts": cfg.prompts, "rounds": cfg.rounds, "quick": cfg.quick, "layers": cfg.layers,
                          "mpirun": cluster_mpirun(["BOARD0", "BOARD1"], many_parts, PORT, testhosts.CIDR, ["ssh"])}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)

@@ -144,6 +144,9 @@ class Board:
     cpu_share: float | None = None  # cores' worth of CPU time per period (CFS quota): 0.5 = a board half as fast
     memory: str | int | None = None  # its RAM: "1g", "512m"; going over it gets a process OOM-killed
     rate: str | None = None  # its link, both directions (tc tbf): "1gbit" Ethernet, "100mbit" Wi-Fi
+    # Its claim on its cores against this machine's other processes (cpu.shares; a process's is
+    # 1024): a board's core is its own, so a benchmark may give it 8192 to keep neighbours off.
+    weight: int | None = None
 
     def __post_init__(self):
         if self.cpus is not None and not all(p.replace("-", "").isdigit() for p in self.cpus.split(",")):
@@ -154,10 +157,12 @@ class Board:
             raise ValueError(f"Board memory {self.memory!r}: below 16 MiB nothing starts")
         if self.rate is not None:
             parse_rate(self.rate)
+        if self.weight is not None and not 2 <= self.weight <= 262144:
+            raise ValueError(f"Board weight {self.weight}: expected cpu.shares between 2 and 262144")
 
     @property
     def limits_cpu(self) -> bool:
-        return self.cpus is not None or self.cpu_share is not None
+        return self.cpus is not None or self.cpu_share is not None or self.weight is not None
 
     def describe(self) -> str:
         parts = [f"cpus {self.cpus}" if self.cpus is not None else "",
@@ -215,6 +220,7 @@ def make_board_cgroups(name: str, board: Board) -> list[Path]:
         quota = int(board.cpu_share * CFS_PERIOD_US) if board.cpu_share is not None else -1
         (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
         (cpu / "cpu.cfs_quota_us").write_text(str(quota))
+        (cpu / "cpu.shares").write_text(str(board.weight or 1024))
         join.append(cpu / "cgroup.procs")
         if board.cpus is not None:
             cpuset = dirs["cpuset"]
