@@ -336,7 +336,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                             headers=getattr(err, "headers", None))
 
     # ---- helpers ----
-    def encode(text: str) -> list[int]:
+    def encode(text: str, special_tokens: bool = True) -> list[int]:
         # JSON may carry lone surrogates ("\ud800") that some validators let through; the tokenizer
         # raises TypeError on them (a 500), so refuse them here.
         if not text.isascii():
@@ -345,7 +345,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
             except UnicodeEncodeError as err:
                 raise APIError(400, f"prompt: not valid Unicode ({err.reason} at character {err.start})",
                                param="prompt") from None
-        return tokenizer(text)["input_ids"]
+        return tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
 
     def start(prompt_ids: list[int], max_tokens: int, body: Sampling, extra_stop: tuple[str, ...] = (),
               logprobs: int | None = None, prompt_logprobs: int | None = None):
@@ -608,7 +608,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
             raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         if body.stream and body.logprobs:
             raise APIError(400, "logprobs: not with stream: true; ask without stream for logprobs", param="logprobs")
-        ids = encode(prompt)
+        ids = encode(prompt, special_tokens=not chat_template)   # a template writes its own BOS, if any
         req, events = start(ids, max_tokens_of(body, 256, ids), body, extra_stop,
                             logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
