@@ -1,8 +1,9 @@
 """The shard format: which tensors a stage holds, the manifest, and the checks a rank runs before serving.
 
 model_parts/
-  manifest.json            format, architecture, config, tokenizer files, per stage: layers, file, bytes, sha256
-  stage_K.safetensors      stage K's tensors under their Hugging Face names; metadata: split_id, stage
+  manifest.json            format, family (transformers model_type), config, tokenizer files, quantization,
+                           per stage: layers, file, bytes, sha256, tensor names
+  stage_K.safetensors      stage K's tensors (names: shardline/models/<family>.py specs); metadata: split_id, stage
   tokenizer/               the tokenizer (needed by rank 0 only)
 """
 from __future__ import annotations
@@ -13,28 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT = "shardline-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: any family (`family`), fused projections, optional quantization
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 FIX_DISTRIBUTE = ("re-run the splitter (python -m splitter ... --out DIR) or, on a cluster, "
                   "ansible-playbook ansible/site.yml --tags download_new_model_on_boss,distribute_new_model_to_workers")
 
-BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                "mlp.c_proj.weight", "mlp.c_proj.bias")
-EDGE_PARAMS = ("transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias")
-
-
 class ShardError(Exception):
     """A shard or manifest problem; the message names the file and the fix."""
-
-
-def stage_tensor_names(first: bool, layers: tuple[int, int], tied: bool = True) -> list[str]:
-    """Every tensor stage holds: its blocks, and on the first stage the embeddings, final norm and head.
-    GPT-2 ties lm_head to wte, so the head is stored once (as wte) unless the model unties it."""
-    names = list(EDGE_PARAMS) + ([] if tied else ["lm_head.weight"]) if first else []
-    names += [f"transformer.h.{i}.{p}" for i in range(*layers) for p in BLOCK_PARAMS]
-    return names
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -62,9 +49,13 @@ class Manifest:
         return self.data["stages"][k]
 
     @property
+    def family(self) -> str:
+        return self.data["family"]
+
+    @property
     def config(self):
-        from transformers import GPT2Config
-        return GPT2Config.from_dict(self.data["config"])
+        from shardline.models import config_from_dict
+        return config_from_dict(self.data["config"])
 
 
 def load_manifest(model_dir: Path) -> Manifest:
@@ -78,8 +69,11 @@ def load_manifest(model_dir: Path) -> Manifest:
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise ShardError(f"{path}: format {data.get('format')!r} v{data.get('format_version')} is not "
                          f"{FORMAT} v{FORMAT_VERSION}; {FIX_DISTRIBUTE}")
-    if data.get("architecture") != "gpt2":
-        raise ShardError(f"{path}: architecture {data.get('architecture')!r} is not supported (gpt2 only)")
+    from shardline.models import family
+    try:
+        family(data.get("family"))
+    except ValueError as err:
+        raise ShardError(f"{path}: {err}; this shardline cannot serve it (update shardline, or split another model)") from err
     return Manifest(path, data)
 
 

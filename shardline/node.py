@@ -16,7 +16,7 @@ import numpy as np
 from shardline import omp
 from shardline.manifest import ShardError, check_world, load_manifest, verify_shard, verify_tokenizer
 from shardline.metrics import rss_bytes
-from shardline.stage import Stage
+from shardline.stage import load_stage as load_family_stage
 
 RECORD = 4096  # bytes per rank in the roll call
 
@@ -43,9 +43,8 @@ def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | N
         record["layers"] = entry["layers"]
         path = verify_shard(manifest, rank)
         tok_dir = verify_tokenizer(manifest) if rank == 0 else None
-        config = manifest.config
         t0 = time.time()
-        stage = Stage.load(path, config, entry["layers"], rank == 0, slots, max_context or config.n_positions)
+        stage = load_family_stage(manifest, rank, path, slots, max_context)
         rss, peak = rss_bytes()
         record.update(ok=True, load_seconds=round(time.time() - t0, 2), rss_mb=round(rss / 2**20, 1),
                       shard_mb=round(entry["bytes"] / 2**20, 1))

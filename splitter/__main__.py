@@ -1,7 +1,8 @@
 """python -m splitter --model distilgpt2 --stages 3 --out model_parts
 
-Reads a model once (hub name, local `save_pretrained` directory, or --random-weights), plans the
-stages, and writes stage_K.safetensors + manifest.json + the tokenizer into --out.
+Reads a model tensor by tensor (hub name, local `save_pretrained` directory, a .gguf file, or
+--random-weights), plans the stages, and writes stage_K.safetensors + manifest.json + the tokenizer
+into --out. --plan-only prints the plan and writes nothing.
 """
 from __future__ import annotations
 
@@ -13,29 +14,37 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m splitter", description=__doc__.split("\n\n")[1])
-    ap.add_argument("--model", default="distilgpt2", help="hub name or local model directory (default: distilgpt2)")
-    ap.add_argument("--stages", type=int, required=True, help="number of pipeline stages = MPI ranks")
-    ap.add_argument("--out", type=Path, required=True, help="output directory (model_parts)")
+    ap.add_argument("--model", default="distilgpt2",
+                    help="hub name, local model directory, or .gguf file (default: distilgpt2)")
+    ap.add_argument("--stages", type=int, help="number of pipeline stages = MPI ranks")
+    ap.add_argument("--out", type=Path, help="output directory (model_parts)")
     ap.add_argument("--random-weights", action="store_true",
                     help="MODEL's architecture with random weights and a locally built tokenizer (no hub needed)")
     ap.add_argument("--layers", help="override the plan: inclusive layer ranges per stage, e.g. 0-1,2-3,4-5")
+    ap.add_argument("--quantize", choices=("int8", "int4"),
+                    help="store matmul weights as int8 (per output channel) or int4 (per group); default float32")
+    ap.add_argument("--group-size", type=int, default=None, help="int4 group size (default: shardline.quant's)")
+    ap.add_argument("--plan-only", action="store_true", help="print each stage's layers and bytes; write nothing")
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     args = ap.parse_args(argv)
+    if args.stages is None or args.stages < 1:
+        ap.error("--stages N (N >= 1) is required")
+    if args.out is None and not args.plan_only:
+        ap.error("--out DIR is required (or --plan-only)")
 
     from splitter.hub import hub_reachable
-    local = Path(args.model).is_dir()
-    if not local:
-        if not hub_reachable():
-            os.environ["HF_HUB_OFFLINE"] = "1"  # fail fast instead of retrying for half a minute
-            if not args.random_weights:
-                print(f"splitter: {args.model!r} is not a local directory and the model hub is unreachable; "
-                      "pass a local save_pretrained directory, or --random-weights for a meaningless test model",
-                      file=sys.stderr)
-                return 2
+    local = Path(args.model).exists()
+    if not local and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # fail fast instead of retrying for half a minute
+        if not args.random_weights:
+            print(f"splitter: {args.model!r} is not a local directory or file and the model hub is unreachable; "
+                  "pass a local save_pretrained directory or .gguf file, or --random-weights for a meaningless "
+                  "test model", file=sys.stderr)
+            return 2
     from splitter.split import split
     try:
-        split(args.model, args.stages, args.out, random_weights=args.random_weights,
-              layers=args.layers, seed=args.seed)
+        split(args.model, args.stages, args.out, random_weights=args.random_weights, layers=args.layers,
+              seed=args.seed, quantize=args.quantize, group_size=args.group_size, plan_only=args.plan_only)
     except ValueError as err:
         print(f"splitter: {err}", file=sys.stderr)
         return 2

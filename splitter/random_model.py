@@ -8,28 +8,71 @@ from __future__ import annotations
 
 import itertools
 import string
+from pathlib import Path
 
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
-# Shapes of models we know, so --random-weights works with no hub at all.
+# Shapes of models we know, so --random-weights (and the "what fits" table) works with no hub at all.
+# Copied from each model's config.json on the hub.
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 KNOWN_CONFIGS = {
-    "distilgpt2": dict(n_layer=6, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
+    "distilgpt2": dict(model_type="gpt2", n_layer=6, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
+    "gpt2": dict(model_type="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
+    "SmolLM2-135M": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True),
+    "SmolLM2-1.7B": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49152, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 130000.0}, tie_word_embeddings=True),
+    "TinyLlama-1.1B-Chat-v1.0": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                                     max_position_embeddings=2048, tie_word_embeddings=False),
+    "Llama-3.2-1B": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                         max_position_embeddings=131072, rope_parameters=_LLAMA3_ROPE, tie_word_embeddings=True),
+    "Llama-3.2-3B": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                         max_position_embeddings=131072, rope_parameters=_LLAMA3_ROPE, tie_word_embeddings=True),
+    "Qwen2.5-0.5B": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True),
+    "Qwen2.5-1.5B": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True),
+    "Qwen2.5-7B": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False),
+    "Qwen3-0.6B": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                       tie_word_embeddings=True),
+    "Mistral-7B-v0.1": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                            max_position_embeddings=32768, sliding_window=4096, tie_word_embeddings=False),
 }
+# The benchmark's --shape names
+SHAPES = {"distilgpt2": "distilgpt2", "smollm2-135m": "SmolLM2-135M", "tinyllama": "TinyLlama-1.1B-Chat-v1.0"}
 EOS = "<|endoftext|>"
 
 
-def config_for(model: str) -> GPT2Config:
+def known_config(key: str) -> PretrainedConfig:
+    spec = dict(KNOWN_CONFIGS[key])
+    vocab = spec["vocab_size"]
+    return AutoConfig.for_model(spec.pop("model_type"), **spec, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+
+
+def config_for(model: str) -> PretrainedConfig:
     """The model's config: a local directory, the hub, or the built-in shape for a known name."""
-    from transformers import AutoConfig
+    key = model.rstrip("/").split("/")[-1]
+    key = SHAPES.get(key, key)
+    if key in KNOWN_CONFIGS and not Path(model).is_dir():
+        return known_config(key)
     try:
         return AutoConfig.from_pretrained(model)
     except Exception as err:  # hub unreachable, or not a model name
-        key = model.rstrip("/").split("/")[-1]
-        if key not in KNOWN_CONFIGS:
-            raise SystemExit(f"splitter: cannot read the config of {model!r} ({err}); "
-                             f"known offline: {', '.join(KNOWN_CONFIGS)}") from err
-        return GPT2Config(**KNOWN_CONFIGS[key], bos_token_id=50256, eos_token_id=50256)
+        raise ValueError(f"cannot read the config of {model!r} ({err}); "
+                         f"known offline: {', '.join(list(KNOWN_CONFIGS) + list(SHAPES))}") from err
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -81,8 +124,9 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
                                    model_max_length=1024)
 
 
-def random_model(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:
+def random_model(config: PretrainedConfig, seed: int = 0):
     """MODEL's architecture with random weights (seeded, so two runs give the same shards)."""
     import torch
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()

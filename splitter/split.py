@@ -1,42 +1,127 @@
-"""Write one safetensors shard per stage, the tokenizer, and the manifest, from a single loaded model."""
+"""Plan the stages of a model and write one safetensors shard per stage, the tokenizer and the manifest.
+
+The model is read tensor by tensor from its source (splitter/source.py) and at most one stage's
+tensors are in memory at a time, so a head board can split a model larger than its RAM allows to load.
+Which tensors a stage holds, and what a layer costs, come from the model's family (shardline/models/).
+"""
 from __future__ import annotations
 
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from shardline.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, sha256_file,
-                                stage_tensor_names)
+import torch
+
+from shardline.manifest import FORMAT, FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, sha256_file
+from shardline.models import Spec, family
 from splitter.plan import parse_layers, plan_layers
 
 
-def _load(model: str, random_weights: bool, seed: int):
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-    if random_weights:
-        from splitter.random_model import build_tokenizer, config_for, random_model
-        config = config_for(model)
-        print(f"[splitter] {model}: RANDOM WEIGHTS ({config.n_layer} layers, hidden {config.n_embd}); "
-              "generated text will be meaningless", flush=True)
-        return random_model(config, seed), build_tokenizer(config.vocab_size)
-    print(f"[splitter] loading {model} ...", flush=True)
-    return GPT2LMHeadModel.from_pretrained(model).eval(), AutoTokenizer.from_pretrained(model)
+@dataclass
+class Model:
+    """A source with its family and the facts the plan needs."""
+    source: object
+    config: object
+    fam: object
+    tied: bool
+
+    @property
+    def n_layers(self) -> int:
+        return self.fam.n_layers(self.config)
+
+
+def open_model(model: str, random_weights: bool = False, seed: int = 0) -> Model:
+    from splitter.source import open_source
+    src = open_source(model, random_weights, seed)
+    config = src.config
+    fam = family(config.model_type)          # ValueError naming it and listing the supported ones
+    fam.check(config)
+    names = set(src.names())
+    head = "lm_head.weight"
+    tied = bool(getattr(config, "tie_word_embeddings", True)) or head not in names
+    if not getattr(config, "tie_word_embeddings", True) and head not in names:
+        raise ValueError(f"{model}: the config unties the LM head but the weights have no {head}")
+    return Model(src, config, fam, tied)
+
+
+def spec_bytes(m: Model, spec: Spec, quant: dict | None) -> int:
+    """Bytes this tensor takes in the shard (float32, or its quantized parts)."""
+    numel = sum(_numel(m.source.shape(s)) for s in spec.sources)
+    if not (quant and spec.matmul):
+        return 4 * numel
+    rows = sum(m.source.shape(s)[1 if spec.conv1d else 0] for s in spec.sources)
+    if quant["scheme"] == "int8":
+        return numel + 4 * rows
+    return numel // 2 + 2 * 4 * (numel // quant["group_size"])   # int4: packed nibbles, scale and zero per group
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def plan(m: Model, n_stages: int, layers: str | None, quant: dict | None = None) -> list[tuple[int, int]]:
+    cost = m.fam.cost(m.config, m.tied)
+    ranges = (parse_layers(layers, m.n_layers) if layers
+              else plan_layers(m.n_layers, n_stages, cost.layer_params, cost.head_params))
+    if len(ranges) != n_stages:
+        raise ValueError(f"--layers gives {len(ranges)} stages but --stages is {n_stages}")
+    return ranges
+
+
+def plan_table(m: Model, ranges, quant: dict | None) -> tuple[str, list[int]]:
+    sizes = [sum(spec_bytes(m, s, quant) for s in m.fam.specs(m.config, k == 0, r, m.tied))
+             for k, r in enumerate(ranges)]
+    lines = [f"{'stage':>5}  {'layers':>9}  {'shard MB':>9}  holds"]
+    for k, ((a, b), size) in enumerate(zip(ranges, sizes)):
+        extra = "embeddings, final norm, LM head" + (" (tied)" if m.tied else "") if k == 0 else ""
+        lines.append(f"{k:>5}  {f'{a}..{b - 1}' if b > a else 'none':>9}  {size / 1e6:>9.1f}  "
+                     f"{b - a} layers{', ' + extra if extra else ''}")
+    lines.append(f"total {sum(sizes) / 1e6:.1f} MB in {len(ranges)} stages "
+                 f"({(quant or {}).get('scheme', 'float32')})")
+    return "\n".join(lines), sizes
+
+
+def build_tensor(m: Model, spec: Spec, quant: dict | None) -> dict[str, torch.Tensor]:
+    """One shard tensor (its sources concatenated along dim 0), quantized into its parts if asked."""
+    parts = [m.source.get(s) for s in spec.sources]
+    w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    del parts
+    if not (quant and spec.matmul):
+        return {spec.name: w.contiguous()}
+    from shardline.quant import quantize
+    if spec.conv1d:
+        w = w.t()                                     # GPT-2's Conv1D [in, out] -> [out, in]
+    q = quantize(w.contiguous(), quant["scheme"], quant.get("group_size"))
+    return {f"{spec.name}.{suffix}": t.contiguous() for suffix, t in q.items()}
 
 
 def split(model: str, n_stages: int, out: Path, random_weights: bool = False, layers: str | None = None,
-          seed: int = 0) -> dict:
+          seed: int = 0, quantize: str | None = None, group_size: int | None = None,
+          plan_only: bool = False, ranges: list[tuple[int, int]] | None = None) -> dict | None:
     t0 = time.time()
-    lm, tokenizer = _load(model, random_weights, seed)
-    config = lm.config
-    if config.model_type != "gpt2":
-        raise ValueError(f"{model}: architecture {config.model_type!r} is not supported yet (gpt2 family only)")
-    params = dict(lm.named_parameters(remove_duplicate=False))
-    tied = params["lm_head.weight"].data_ptr() == params["transformer.wte.weight"].data_ptr()
-    layer_cost = sum(p.numel() for n, p in params.items() if n.startswith("transformer.h.0."))
-    head_cost = params["lm_head.weight"].numel()
-    ranges = parse_layers(layers, config.n_layer) if layers else plan_layers(config.n_layer, n_stages, layer_cost, head_cost)
-    if len(ranges) != n_stages:
-        raise ValueError(f"--layers gives {len(ranges)} stages but --stages is {n_stages}")
+    m = open_model(model, random_weights, seed)
+    quant = None
+    if quantize:
+        from shardline.quant import SCHEMES
+        if quantize not in SCHEMES:
+            raise ValueError(f"--quantize {quantize!r}: unknown scheme; supported: {', '.join(SCHEMES)}")
+        quant = {"scheme": quantize, "group_size": group_size if quantize == "int4" else None}
+        if quantize == "int4" and not group_size:
+            from shardline.quant import DEFAULT_GROUP_SIZE
+            quant["group_size"] = DEFAULT_GROUP_SIZE
+    ranges = ranges or plan(m, n_stages, layers, quant)
+    kind = "RANDOM WEIGHTS, " if random_weights else ""
+    print(f"[splitter] {model}: {kind}{m.config.model_type}, {m.n_layers} layers, hidden "
+          f"{m.fam.cost(m.config, m.tied).hidden}, {'tied' if m.tied else 'untied'} LM head", flush=True)
+    table, sizes = plan_table(m, ranges, quant)
+    print(table, flush=True)
+    if plan_only:
+        return None
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("stage_*.safetensors"):
@@ -45,28 +130,40 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
     split_id = uuid.uuid4().hex
     stages = []
     for k, (a, b) in enumerate(ranges):
-        names = stage_tensor_names(k == 0, (a, b), tied)
-        tensors = {n: params[n].detach().contiguous() for n in names}
+        specs = m.fam.specs(m.config, k == 0, (a, b), m.tied)
+        tensors: dict[str, torch.Tensor] = {}
+        last = time.time()
+        for i, spec in enumerate(specs):
+            tensors.update(build_tensor(m, spec, quant))
+            if time.time() - last > 2:
+                print(f"[splitter] stage {k + 1}/{n_stages}: {i + 1}/{len(specs)} tensors "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+                last = time.time()
         path = out / f"stage_{k}.safetensors"
         save_file(tensors, str(path), metadata={"split_id": split_id, "stage": str(k), "format": FORMAT})
+        names = list(tensors)
+        del tensors
         size = path.stat().st_size
         stages.append({"stage": k, "layers": [a, b], "file": path.name, "bytes": size,
-                       "sha256": sha256_file(path), "tensors": names,
-                       "extras": [n for n in names if not n.startswith("transformer.h.")]})
+                       "sha256": sha256_file(path), "tensors": names})
         print(f"[splitter] stage {k + 1}/{n_stages}: {f'layers {a}..{b - 1}' if b > a else 'no layers'}"
-              f"{' + embeddings, ln_f, lm_head (tied to wte)' if k == 0 else ''}: {size / 2**20:.1f} MiB "
+              f"{' + embeddings, norm, LM head' if k == 0 else ''}: {size / 2**20:.1f} MiB "
               f"({time.time() - t0:.1f}s)", flush=True)
 
     tdir = out / TOKENIZER_DIR
-    tokenizer.save_pretrained(tdir)
+    m.source.tokenizer.save_pretrained(tdir)
+    gen = m.source.generation_config
+    if gen is not None:
+        gen.save_pretrained(tdir)              # rank 0 stops at every id of its eos_token_id
     tok_files = {p.name: sha256_file(p) for p in sorted(tdir.iterdir()) if p.is_file()}
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "architecture": "gpt2",
+        "format": FORMAT, "format_version": FORMAT_VERSION, "family": m.config.model_type,
         "source": model, "random_weights": random_weights, "split_id": split_id,
-        "config": config.to_dict(), "tied_lm_head": tied,
+        "config": m.config.to_dict(), "tied_lm_head": m.tied, "quantization": quant,
         "tokenizer": {"dir": TOKENIZER_DIR, "files": tok_files},
         "num_stages": n_stages, "stages": stages,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    m.source.close()
     print(f"[splitter] wrote {out / MANIFEST} ({n_stages} stages, {time.time() - t0:.1f}s)", flush=True)
     return manifest

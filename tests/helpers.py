@@ -42,8 +42,8 @@ def split(model: Path | str, stages: int, out: Path, *extra: str) -> Path:
 
 
 def hf_model(model_dir: Path):
-    from transformers import GPT2LMHeadModel
-    return GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
 
 
 def hf_greedy_ids(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -46,10 +46,9 @@ def test_pipeline_matches_transformers(ranks, layers, tiny_model_dir, reference,
 
 def _stage_of_whole_model(model_dir, tmp_path, slots=8):
     from shardline.manifest import load_manifest
-    from shardline.stage import Stage
+    from shardline.stage import load_stage
     parts = split(model_dir, 1, tmp_path / "parts1")
-    m = load_manifest(parts)
-    return Stage.load(parts / "stage_0.safetensors", m.config, (0, m.config.n_layer), True, slots, 128)
+    return load_stage(load_manifest(parts), 0, parts / "stage_0.safetensors", slots, 128)
 
 
 @pytest.mark.parametrize("tied", [True, False])

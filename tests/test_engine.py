@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from shardline import wire
 from shardline.engine import Engine, Request
 from shardline.sampling import SamplingParams
-from shardline.stage import Stage
+from shardline.models.gpt2 import Stage
 from tests.helpers import hf_greedy_ids, hf_model
 
 

@@ -5,7 +5,8 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-from shardline.manifest import ShardError, check_world, load_manifest, stage_tensor_names, verify_shard, verify_tokenizer
+from shardline.manifest import ShardError, check_world, load_manifest, verify_shard, verify_tokenizer
+from shardline.models import gpt2
 from splitter.plan import parse_layers, plan_layers
 from tests.helpers import split
 
@@ -51,13 +52,13 @@ def parts3(tiny_model_dir, tmp_path_factory):
 
 def test_each_shard_holds_exactly_its_tensors_and_none_twice(parts3, tiny_model_dir):
     m = load_manifest(parts3)
-    assert m.num_stages == 3 and m.data["format_version"] == 1 and m.data["architecture"] == "gpt2"
+    assert m.num_stages == 3 and m.data["format_version"] == 2 and m.data["family"] == "gpt2"
     seen = set()
     for k in range(3):
         entry = m.stage(k)
         with safe_open(parts3 / entry["file"], framework="pt") as f:
             names = set(f.keys())
-        assert names == set(stage_tensor_names(k == 0, tuple(entry["layers"]))), k
+        assert names == {s.name for s in gpt2.specs(m.config, k == 0, tuple(entry["layers"]), True)}, k
         assert not names & seen
         seen |= names
         assert ("lm_head.weight" in names) is False         # tied: stored once, as wte, on rank 0

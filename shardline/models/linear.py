@@ -1,0 +1,76 @@
+"""The matmul weights of a stage: float (as stored) or quantized (shardline/quant.py), one callable each."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Dense:
+    """x @ W^T + b on a float weight. conv1d: W is stored [in, out] (GPT-2's Conv1D), so x @ W + b is one
+    addmm with no transpose; else W is [out, in] as nn.Linear keeps it."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, conv1d: bool = False):
+        self.w, self.b, self.conv1d = w, b, conv1d
+        self.out_features = w.shape[1] if conv1d else w.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv1d:
+            return torch.addmm(self.b, x, self.w) if self.b is not None else x @ self.w
+        return F.linear(x, self.w, self.b)
+
+    def to(self, device) -> "Dense":
+        return Dense(self.w.to(device), None if self.b is None else self.b.to(device), self.conv1d)
+
+
+def linear(t: dict[str, torch.Tensor], name: str, bias: str | None = None, conv1d: bool = False,
+           quant: dict | None = None):
+    """The callable for weight `name` of a shard's tensors t (with bias `bias` if the model has one).
+    A quantized shard stores a matmul weight as name.<suffix> parts in [out, in] layout (GPT-2's Conv1D
+    weights are transposed by the splitter first); norms, biases and small tensors stay float."""
+    b = t.get(bias) if bias else None
+    if name in t:
+        return Dense(t[name], b, conv1d)
+    if quant:
+        from shardline.quant import QLinear, suffixes
+        parts = {s: t[f"{name}.{s}"] for s in suffixes(quant["scheme"]) if f"{name}.{s}" in t}
+        return QLinear.from_parts(parts, quant["scheme"], bias=b)
+    raise KeyError(name)
+
+
+class Ends:
+    """Stage 0's token embedding and LM head. A float head is kept transposed ([d, vocab]): x @ W^T with
+    W^T contiguous is 10-50% faster than F.linear on W (measured on the dev VM, 1-16 rows). A tied head
+    is the embedding matrix itself, stored once, so then it also serves the embedding lookups."""
+
+    def __init__(self, t: dict[str, torch.Tensor], embed: str, head: str, tied: bool, quant=None,
+                 head_t: torch.Tensor | None = None):
+        name = embed if tied else head
+        self.t, self.q = head_t, None
+        if self.t is None:
+            if name in t:
+                self.t = t[name].t().contiguous()                                # [d, vocab]
+            else:
+                self.q = linear(t, name, quant=quant)
+        self.table = None if tied else (t[embed] if embed in t else linear(t, embed, quant=quant))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            return self.t.index_select(1, ids).t() if self.t is not None else self.q.rows(ids)
+        return self.table[ids] if isinstance(self.table, torch.Tensor) else self.table.rows(ids)   # [T, d]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.t if self.t is not None else self.q(h)                  # [B, vocab]
+
+
+def read_shard(path, first: bool, embed: str, head: str, tied: bool):
+    """(tensors, head_t): a shard's tensors, with stage 0's float head matrix read straight into its
+    transposed form (one copy in memory, not two)."""
+    from safetensors import safe_open
+
+    from shardline.stage import read_transposed
+    name = embed if tied else head
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        skip = first and name in names
+        tensors = {n: f.get_tensor(n) for n in names if not (skip and n == name)}
+    return tensors, (read_transposed(path, name) if skip else None)

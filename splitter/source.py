@@ -1,0 +1,122 @@
+"""Where the splitter reads a model from, one tensor at a time: a hub name or local directory of
+safetensors files, a GGUF file (splitter/gguf_source.py), or random weights of a known shape.
+
+Every source gives the same small interface: `config` (a transformers config), `tokenizer`,
+`generation_config` (or None), `names()` (Hugging Face state-dict names), `shape(name)` and
+`get(name)` (one tensor, float32). Nothing reads the whole model: safetensors files are opened per
+tensor, so the pages of a memory-mapped file do not pile up in the splitter's RSS.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def open_source(model: str, random_weights: bool = False, seed: int = 0):
+    if random_weights:
+        return RandomSource(model, seed)
+    if str(model).lower().endswith(".gguf"):
+        if not Path(model).is_file():
+            raise ValueError(f"{model}: no such GGUF file")
+        from splitter.gguf_source import GGUFSource
+        return GGUFSource(model)
+    return SafetensorsSource(model)
+
+
+class SafetensorsSource:
+    """A save_pretrained directory or a hub repository: model.safetensors, or several files named by
+    model.safetensors.index.json. Repositories with only pickled .bin weights are refused: loading
+    them runs pickle, which can execute code."""
+
+    def __init__(self, model: str):
+        from transformers import AutoConfig
+        path = Path(model)
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+            print(f"[splitter] downloading {model} (safetensors, config, tokenizer) ...", flush=True)
+            path = Path(snapshot_download(model, allow_patterns=WEIGHT_PATTERNS))
+        self.dir = path
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file = {name: path / f for name, f in weight_map.items()}
+        elif (path / "model.safetensors").is_file():
+            self._file = {name: path / "model.safetensors" for name in _keys(path / "model.safetensors")}
+        else:
+            bins = sorted(p.name for p in path.glob("*.bin"))
+            what = f"only pickled weights ({', '.join(bins[:3])})" if bins else "no model.safetensors"
+            raise ValueError(f"{model}: {what}. shardline reads safetensors only (pickle can run code). Convert "
+                             "once on a trusted machine: AutoModelForCausalLM.from_pretrained(DIR)."
+                             "save_pretrained(OUT, safe_serialization=True), or pick a repository or revision "
+                             "that has model.safetensors")
+        for f in set(self._file.values()):
+            if not f.is_file():
+                raise ValueError(f"{f}: missing (named by model.safetensors.index.json); download the model again")
+        self.config = AutoConfig.from_pretrained(path)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    @property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(self.dir)
+
+    @property
+    def generation_config(self):
+        from transformers import GenerationConfig
+        try:
+            return GenerationConfig.from_pretrained(self.dir)
+        except OSError:
+            return None
+
+    def names(self) -> list[str]:
+        return list(self._file)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._shapes:
+            from safetensors import safe_open
+            with safe_open(str(self._file[name]), framework="pt") as f:
+                self._shapes[name] = tuple(f.get_slice(name).get_shape())
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+        with safe_open(str(self._file[name]), framework="pt") as f:
+            return f.get_tensor(name).to(torch.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def _keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+class RandomSource:
+    """MODEL's architecture with random weights (seeded) and a locally built byte-level tokenizer: for
+    machines without the model hub (tests, CI, the offline demo, the benchmark's shapes)."""
+
+    def __init__(self, model: str, seed: int = 0):
+        from splitter.random_model import build_tokenizer, config_for, random_model
+        self.config = config_for(model)
+        self.model = random_model(self.config, seed)
+        self._state = self.model.state_dict()
+        self.tokenizer = build_tokenizer(self.config.vocab_size)
+        self.generation_config = None
+
+    def names(self) -> list[str]:
+        return list(self._state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._state[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name].detach().to(torch.float32)
+
+    def close(self) -> None:
+        self._state = self.model = None
