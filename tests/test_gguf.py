@@ -246,3 +246,121 @@ def test_iterating_a_200mb_file_holds_about_one_tensor(tmp_path):
     print(f"file {size / 2**20:.0f} MiB, largest tensor {m['largest'] / 2**20:.0f} MiB, "
           f"RSS growth while reading all tensors {growth / 2**20:.0f} MiB")
     assert growth < 3 * m["largest"] + 16 * 2**20 < size / 2, m
+
+
+# ---- end to end: a GGUF file splits and serves what transformers computes from that file ----
+
+E2E = {  # family, tensor types: llama's q/k permutation (GQA, untied head) and qwen2's biases (tied head)
+    "llama-q8_0": ("llama", dict(tie_word_embeddings=False), uniform(Q.Q8_0)),
+    "qwen2-q4_0": ("qwen2", dict(tie_word_embeddings=True), uniform(Q.Q4_0)),
+}
+SCORE = [5, 300, 12, 41, 42, 99, 7, 250, 3, 77, 210, 18, 64, 200, 33, 1, 280, 90, 121, 8]
+GREEDY = [[40, 41, 42], [100, 7, 300, 2, 9], list(range(200, 240)), [17]]   # the 40-token one is chunked
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module", params=list(E2E))
+def gguf_split(request, tmp_path_factory):
+    """(GGUF file, its 2-stage split, transformers' model loaded from the file). The weights are random but
+    large (initializer_range 0.3), so that logits are far from flat; the margin check below makes sure."""
+    from tests.families import tiny_config
+    from tests.helpers import split
+    family, override, qtype = E2E[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    # transformers' GGUF config has no RoPE scaling, so the model written uses plain RoPE
+    cfg = tiny_config(family, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                      initializer_range=0.3, **override)
+    tok = build_tokenizer(cfg.vocab_size - len(SPECIALS))
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():                      # biases start non-zero, so a bias bug cannot hide
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.05)
+    path = write_gguf(d / "model.gguf", model, tok, qtype, eot_token="<|im_end|>")
+    parts = split(path, 2, d / "parts", "--layers", "0-1,2-%d" % (cfg.num_hidden_layers - 1))
+    ref = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=path.name, dtype=torch.float32).eval()
+    return path, parts, ref
+
+
+def stops(ref) -> set[int]:
+    """Where generation ends: the file's EOS and its end-of-turn token <|im_end|> (the last id)."""
+    return {ref.config.eos_token_id, ref.config.vocab_size - 1}
+
+
+def ref_greedy(ref, prompt: list[int], max_new: int, stop: set[int]) -> list[int]:
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long), eos_token_id=sorted(stop),
+                           pad_token_id=sorted(stop)[0])
+    ids = out[0, len(prompt):].tolist()
+    cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+    return ids[:cut]
+
+
+def test_gguf_split_serves_transformers_greedy_tokens(gguf_split, tmp_path):
+    from tests.helpers import launch_cmd, mpi_env
+    path, parts, ref = gguf_split
+    manifest = json.loads((parts / "manifest.json").read_text())
+    assert manifest["num_stages"] == 2 and manifest["source"] == str(path)
+    stop = stops(ref)
+    with torch.no_grad():
+        ref_logits = ref(torch.tensor([SCORE])).logits[0]
+        greedy = [ref_greedy(ref, p, MAX_NEW, stop) for p in GREEDY]
+        for p, g in zip(GREEDY, greedy):      # token equality means something only with clear margins
+            top2 = ref(torch.tensor([p + g])).logits[0, len(p) - 1:-1].topk(2).values
+            assert (top2[:, 0] - top2[:, 1]).min() > 1e-3, "reference logits too flat for a token comparison"
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps({"score": SCORE, "greedy": GREEDY, "max_new_tokens": MAX_NEW, "max_batch_tokens": 16}))
+    out = tmp_path / "out.json"
+    proc = subprocess.run(launch_cmd(2, str(ROOT / "tests" / "mpi_check.py"), "--model-dir", str(parts),
+                                     "--cases", str(cases), "--out", str(out)),
+                          cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(out.read_text())
+    diff = (torch.tensor(got["logits"]) - ref_logits).abs().max().item()
+    assert diff < 1e-4, f"teacher-forced logits differ from transformers' GGUF model by {diff}"
+    assert [g[:len(r)] for g, r in zip(got["greedy"], greedy)] == greedy
+    assert all(len(g) == len(r) or f == "stop" for g, r, f in zip(got["greedy"], greedy, got["finish"]))
+
+
+def test_gguf_split_chats_with_the_files_template(gguf_split, tmp_path):
+    """Over the real server: the file's chat template builds the prompt, and the reply is transformers'."""
+    from tests.helpers import http, serving
+    path, parts, ref = gguf_split
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    msgs = [{"role": "system", "content": "you tell stories"}, {"role": "user", "content": "once upon a time"}]
+    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\nyou tell stories<|im_end|>")
+    ids = tok.encode(prompt, add_special_tokens=False)
+    want = tok.decode(ref_greedy(ref, ids, 12, stops(ref)), skip_special_tokens=True)
+    assert want.strip(), "the reference reply is empty: nothing to compare"
+    with serving(parts, 2, tmp_path) as server:
+        status, body = http("POST", server.url + "/v1/chat/completions",
+                            {"messages": msgs, "max_tokens": 12, "temperature": 0})
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == want
+    assert body["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_plan_only_on_a_gguf_prints_the_plan(gguf_split, tmp_path):
+    path, _, ref = gguf_split
+    out = tmp_path / "nothing"
+    proc = subprocess.run([sys.executable, "-m", "splitter", "--model", str(path), "--stages", "3", "--plan-only"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    n = ref.config.num_hidden_layers
+    assert f"{ref.config.model_type}, {n} layers" in proc.stdout
+    assert "in 3 stages" in proc.stdout and not out.exists()
+
+
+def test_splitter_refuses_a_truncated_gguf(gguf_split, tmp_path):
+    path, _, _ = gguf_split
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    proc = subprocess.run([sys.executable, "-m", "splitter", "--model", str(cut), "--stages", "2", "--out",
+                           str(tmp_path / "parts")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "cut.gguf" in proc.stderr and "truncated" in proc.stderr
+    assert not (tmp_path / "parts" / "manifest.json").exists()
