@@ -14,6 +14,12 @@ aten._weight_int4pack_mm_for_cpu) with fp32 and bf16 activations; the dynamic in
 torch.ao (fbgemm/x86 and qnnpack engines: quantized.linear_dynamic); torchao's configs
 (Int8WeightOnly, Int8DynamicActivationInt8Weight, Int4WeightOnly) where they run on CPU; and the
 kernel shardline.quant.QLinear picks on this machine.
+
+torchao is not a pinned dependency: its rows need `pip install torchao==0.18.0` by hand (measured
+that way on torch 2.13: its CPU int8 weight-only path expands the int8 weight to float on every call
+in eager mode, its dynamic int8 path runs torch._int_mm after quantizing activations per row, and its
+int4 weight-only config needs the `mslk` GPU kernels; once installed, transformers imports it in
+every process, which prints load errors for its CUDA libraries). Without it those rows say so.
 """
 from __future__ import annotations
 
