@@ -5,7 +5,9 @@ The splitter's `open_source(path)` hands a `.gguf` path here. What comes out is 
 tensor names, same float32 values -- but one tensor at a time, so a file larger than the head board's
 memory still splits:
 
-- the config and the tokenizer are built by transformers' own GGUF code (metadata only, no tensor data);
+- the config and the tokenizer are built by transformers' own GGUF code (metadata only, no tensor data),
+  except that the RoPE scaling transformers drops (llama3's rope_freqs, linear, YaRN) is put back: without
+  it a Llama 3.1/3.2 file would run as a different model from the one converted (and from llama.cpp's);
 - names come from transformers' GGUF -> HF name map (`get_gguf_hf_weights_map`), run on the model
   built on the meta device;
 - a tensor is read with an ordinary file read (not through the memory map, whose pages would stay
@@ -59,6 +61,7 @@ class GGUFSource:
         self._tensors = {t.name: t for t in self._reader.tensors}
 
         self.config = self._load_config()
+        self._restore_rope_scaling()
         self._processor = self._tensor_processor()
         self._hf_to_gguf, self._shapes = self._name_map()
         self.tokenizer = self._load_tokenizer()
@@ -128,6 +131,84 @@ class GGUFSource:
         except Exception as err:
             raise ValueError(f"{self.path}: transformers cannot build a config from this GGUF's metadata "
                              f"({type(err).__name__}: {err})") from err
+
+    def _restore_rope_scaling(self) -> None:
+        """Put back the RoPE scaling that transformers' GGUF config drops.
+
+        transformers maps no `rope.scaling.*` key and ignores llama.cpp's `rope_freqs.weight`, so a Llama
+        3.1/3.2 file (llama3 scaling, stored as per-frequency factors in rope_freqs) or a file with linear or
+        YaRN scaling would load with plain RoPE: a different model from the one converted, and from the one
+        llama.cpp runs. The scaling is restored into `config.rope_parameters` here; factors that match no
+        scaling transformers implements are refused rather than ignored.
+        """
+        arch, rope = self.architecture, dict(getattr(self.config, "rope_parameters", None) or {})
+        kind = self._field(f"{arch}.rope.scaling.type")
+        factor = self._field(f"{arch}.rope.scaling.factor")
+        if kind in ("linear", "yarn") and factor and float(factor) != 1.0:
+            rope.update(rope_type=kind, factor=float(factor))
+            if kind == "yarn":
+                orig = self._field(f"{arch}.rope.scaling.original_context_length")
+                if orig:
+                    rope["original_max_position_embeddings"] = int(orig)
+                for key in ("beta_fast", "beta_slow"):
+                    if (v := self._field(f"{arch}.rope.scaling.yarn_{key}")) is not None:
+                        rope[key] = float(v)
+            self.config.rope_parameters = rope
+        elif kind not in (None, "none", "linear", "yarn"):
+            raise ValueError(f"{self.path}: RoPE scaling {kind!r} is not supported; supported: linear, yarn, "
+                             "llama3 (from rope_freqs.weight)")
+        if "rope_freqs.weight" in self._tensors:
+            t = self._tensors["rope_freqs.weight"]
+            factors = self._gguf.quants.dequantize(np.array(t.data), t.tensor_type).astype(np.float64).reshape(-1)
+            self.config.rope_parameters = self._llama3_from_factors(factors, rope)
+
+    def _llama3_from_factors(self, factors: np.ndarray, rope: dict) -> dict:
+        """llama3 RoPE parameters that reproduce llama.cpp's per-frequency factors (rope_freqs.weight).
+
+        llama.cpp divides frequency i by factors[i]: 1 above the high-frequency cut, `factor` below the
+        low-frequency one, and `1 / ((1 - s) / factor + s)` between, with s linear in 1/wavelength. Only the
+        two cuts matter at the model's discrete frequencies, so low_freq_factor = 1 is taken and
+        high_freq_factor and original_max_position_embeddings are read off the smooth part. The result is
+        checked by recomputing the frequencies with transformers' own llama3 code.
+        """
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        cfg = self.config
+        base = float(rope.get("rope_theta", 10000.0))
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        inv = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        if factors.shape != inv.shape:
+            raise ValueError(f"{self.path}: rope_freqs.weight has {factors.size} factors for {inv.size} RoPE "
+                             "frequencies; the file is inconsistent")
+        big = float(np.float32(factors.max()))
+        candidates = [dict(factor=big, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_position_embeddings=8192)]  # Llama 3.1/3.2's, llama.cpp's default
+        middle = (factors > 1 + 1e-6) & (factors < big * (1 - 1e-6))
+        wavelen = 2 * np.pi / inv
+        if big > 1 and middle.sum() >= 2:  # s = a / wavelength - b, with b = 1 / (high - 1), a = orig * b
+            s = (1 / factors[middle] - 1 / big) / (1 - 1 / big)
+            a, minus_b = np.polyfit(1 / wavelen[middle], s, 1)
+            if a > 0 and -minus_b > 0:
+                high = 1.0 - 1.0 / float(minus_b)
+                for h in (round(high, 3), high):  # the round figure a config would state, if it fits
+                    candidates.append(dict(factor=big, low_freq_factor=1.0, high_freq_factor=h,
+                                           original_max_position_embeddings=int(round(a * (h - 1)))))
+        ones, scaled = wavelen[factors <= 1 + 1e-6], wavelen[factors >= big * (1 - 1e-6)]
+        if big > 1 and not middle.any() and ones.size and scaled.size:
+            # no frequency between the cuts: any cuts between the last unscaled wavelength and the first
+            # scaled one give these factors; the low cut at a whole number, the high one between
+            orig = int(np.floor(scaled.min()))
+            if ones.max() < orig < scaled.min():
+                candidates.append(dict(factor=big, low_freq_factor=1.0,
+                                       high_freq_factor=float(np.sqrt(orig / ones.max())),
+                                       original_max_position_embeddings=orig))
+        for cand in candidates:
+            params = {**rope, "rope_type": "llama3", **cand}
+            trial = cfg.__class__.from_dict({**cfg.to_dict(), "rope_parameters": params})
+            scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](trial, torch.device("cpu"))
+            if np.allclose(inv / scaled.double().numpy(), factors, rtol=1e-4, atol=0):
+                return params
+        raise ValueError(f"{self.path}: rope_freqs.weight holds RoPE factors that are not llama3 scaling "
+                         f"(min {factors.min():.4g}, max {big:.4g}); supported RoPE scalings: linear, yarn, llama3")
 
     def _tensor_processor(self):
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor

@@ -141,6 +141,27 @@ def gguf_tensors(model):
         yield new, np.ascontiguousarray(w)
 
 
+def llama3_rope_factors(config) -> np.ndarray:
+    """convert_hf_to_gguf's rope_freqs.weight for llama3 RoPE scaling: the divisor of each frequency."""
+    import math
+    rope = config.rope_parameters
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def write_gguf(path: Path, model, tokenizer, qtype: Callable[[str, np.ndarray], Q] = float_only, *,
                name: str = "tiny", chat_template: str | None = CHAT_TEMPLATE, eot_token: str | None = None,
                seed: int = 0) -> Path:
@@ -152,6 +173,12 @@ def write_gguf(path: Path, model, tokenizer, qtype: Callable[[str, np.ndarray], 
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     tokenizer_metadata(writer, tokenizer, chat_template, eot_token)
     rng = np.random.default_rng(seed)
+    rope = (getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type") == "llama3":  # llama.cpp stores it as per-frequency factors, no metadata
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
+    elif rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
     for gname, w in gguf_tensors(model):
         qt = qtype(gname, w) if w.ndim > 1 else Q.F32  # llama.cpp keeps norms and biases in F32
         data = encode(w, qt, rng)

@@ -153,6 +153,52 @@ def test_tokenizer_chat_template_and_stops(tmp_path):
         assert src.config.eos_token_id == EOS
 
 
+# ---- RoPE scaling, which transformers' GGUF config drops and the source puts back ----
+
+ROPE = {  # hidden size, rope parameters: the three ways rope_freqs can pin llama3's cuts down, and linear
+    "llama3-3.2-like": (64, {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama3-cuts-fitted": (128, {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
+    "llama3-no-frequency-between-cuts": (64, {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 32}),
+    "linear": (64, {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE))
+def test_rope_scaling_is_restored(tmp_path, case):
+    hidden, rope = ROPE[case]
+    cfg = LlamaConfig(**{**LLAMA, "hidden_size": hidden}, rope_parameters=rope, tie_word_embeddings=False)
+    model, path = make(tmp_path, LlamaForCausalLM, cfg, float_only)
+    # transformers alone loads this file with plain RoPE: a different model
+    assert AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name).rope_parameters["rope_type"] == "default"
+    with GGUFSource(path) as src:
+        assert src.config.rope_parameters["rope_type"] == rope["rope_type"]
+        rebuilt = LlamaForCausalLM(src.config).eval()
+        rebuilt.load_state_dict({n: src.get(n) for n in src.names()}, strict=True)
+    torch.testing.assert_close(rebuilt.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    ids = torch.arange(100).remainder(VOCAB)[None]   # positions well past the llama3 cuts of the small cases
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_rope_factors_that_are_not_llama3_are_refused(tmp_path):
+    import gguf
+    from tests import gguf_util
+    cfg = LlamaConfig(**LLAMA, rope_parameters=ROPE["llama3-3.2-like"][1])
+    real = gguf_util.llama3_rope_factors
+    gguf_util.llama3_rope_factors = lambda c: np.linspace(1, 5, real(c).size, dtype=np.float32)[::-1].copy()
+    try:
+        _, path = make(tmp_path, LlamaForCausalLM, cfg, float_only)
+    finally:
+        gguf_util.llama3_rope_factors = real
+    assert gguf.GGUFReader(str(path)).get_tensor(0).name == "rope_freqs.weight"
+    with pytest.raises(ValueError, match=r"model\.gguf: rope_freqs\.weight holds RoPE factors that are not llama3"):
+        GGUFSource(path)
+
+
 # ---- refusals ----
 
 def test_truncated_file_is_refused(tmp_path):
