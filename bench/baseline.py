@@ -10,7 +10,8 @@ the same generate call. Commands, one JSON object per line:
     {"op": "run", "prompt": "...", "max_tokens": 64}    -> tokens, seconds, ttft_s, decode_s, text, ...
     {"op": "batched", "prompts": [...], "max_tokens": 64} -> one generate over all prompts (a reference)
     {"op": "stats"}                                      -> peak RSS, CPU seconds, load time
-The first line it writes is {"ready": true, ...} once the model is loaded and warm.
+The first line it writes is {"ready": true, ...} once the model is loaded and warm. Any family
+transformers' AutoModelForCausalLM loads (gpt2, llama, ...), in float32 like the pipeline's fp32 shards.
 """
 from __future__ import annotations
 
@@ -59,17 +60,18 @@ def main(argv=None) -> int:
     sys.stdout = sys.stderr            # whatever a library prints must not corrupt the answers
 
     import torch
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    model = GPT2LMHeadModel.from_pretrained(args.hf).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.hf)
     load_s = time.perf_counter() - t0
     rss_loaded = psutil.Process().memory_info().rss
     eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos     # the random shapes have one EOS id (the last id)
 
     def generate(enc, n: int, streamer=None) -> torch.Tensor:
         with torch.inference_mode():

@@ -1,11 +1,15 @@
-"""The benchmark's weights: one random distilgpt2-shaped model, saved once, then split by the splitter.
+"""The benchmark's weights: one random model of a known shape, saved once, then split by the splitter.
 
-    python -m bench.prepare --dir bench/out/model [--stages 3] [--seed 0]
+    python -m bench.prepare --dir bench/out/model [--shape distilgpt2|smollm2-135m|tinyllama]
+                            [--stages 3] [--seed 0] [--schemes fp32,int8,int4]
 
 Both sides of the benchmark read the same bytes: the baseline loads DIR/hf with
-GPT2LMHeadModel.from_pretrained, the pipeline serves DIR/parts, which `python -m splitter` made from
-DIR/hf. The result is cached (DIR/stamp.json records what was built); a half-built directory is never
-reused because it is built under a temporary name and renamed at the end.
+AutoModelForCausalLM.from_pretrained, the pipeline serves DIR/parts (float32) or DIR/parts-int8,
+DIR/parts-int4 (`--quantize`), which `python -m splitter` made from DIR/hf. DIR/hf is built with
+transformers' AutoModelForCausalLM.from_config on the shape's config (splitter/random_model.py) and a
+byte-level tokenizer of the model's vocabulary size. Everything is cached (DIR/stamp.json records the
+weights, DIR/parts*.stamp.json each split); a half-built directory is never reused because each is
+built under a temporary name and renamed at the end.
 """
 from __future__ import annotations
 
@@ -18,57 +22,116 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SCHEMES = ("fp32", "int8", "int4")
 
 
-def stamp_of(model: str, stages: int, seed: int) -> dict:
-    return {"model": model, "stages": stages, "seed": seed, "version": 1}
+def shape_key(shape: str) -> str:
+    """--shape name (distilgpt2, smollm2-135m, tinyllama) -> splitter.random_model.KNOWN_CONFIGS key."""
+    from splitter.random_model import KNOWN_CONFIGS, SHAPES
+    key = SHAPES.get(shape, shape)
+    if key not in KNOWN_CONFIGS:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    return key
 
 
-def ready(directory: Path, model: str, stages: int, seed: int) -> bool:
+def parts_dir(directory: Path, scheme: str = "fp32") -> Path:
+    return directory / ("parts" if scheme == "fp32" else f"parts-{scheme}")
+
+
+def stamp_of(model: str, seed: int) -> dict:
+    return {"model": model, "seed": seed, "version": 2}
+
+
+def _read(path: Path):
     try:
-        return json.loads((directory / "stamp.json").read_text()) == stamp_of(model, stages, seed)
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
+        return None
 
 
-def build(directory: Path, model: str = "distilgpt2", stages: int = 3, seed: int = 0) -> float:
-    """Build DIR/hf (save_pretrained: random weights + tokenizer) and DIR/parts; returns seconds taken."""
-    t0 = time.monotonic()
-    from transformers import GPT2Config
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + f".tmp{int(time.time() * 1e6)}")
 
-    from splitter.random_model import KNOWN_CONFIGS, build_tokenizer, random_model
-    tmp = directory.with_name(directory.name + f".tmp{int(time.time() * 1e6)}")
-    tmp.mkdir(parents=True)
+
+def _swap(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def build_weights(directory: Path, model: str, seed: int) -> None:
+    """DIR/hf: save_pretrained of a random model of the shape, and its tokenizer."""
+    from splitter.random_model import build_tokenizer, known_config, random_model
+    cfg = known_config(shape_key(model))
+    tmp = _tmp(directory / "hf")
     try:
-        cfg = GPT2Config(**KNOWN_CONFIGS[model], bos_token_id=50256, eos_token_id=50256)
-        random_model(cfg, seed).save_pretrained(tmp / "hf")
-        build_tokenizer(cfg.vocab_size).save_pretrained(tmp / "hf")
-        subprocess.run([sys.executable, "-m", "splitter", "--model", str(tmp / "hf"), "--stages", str(stages),
-                        "--out", str(tmp / "parts")], cwd=ROOT, check=True, capture_output=True, text=True)
-        (tmp / "stamp.json").write_text(json.dumps(stamp_of(model, stages, seed)) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
+        random_model(cfg, seed).save_pretrained(tmp)
+        build_tokenizer(cfg.vocab_size).save_pretrained(tmp)
+        _swap(tmp, directory / "hf")
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_parts(directory: Path, stages: int, scheme: str) -> None:
+    """DIR/parts[-SCHEME]: `python -m splitter --model DIR/hf --stages N [--quantize SCHEME]`."""
+    final = parts_dir(directory, scheme)
+    tmp = _tmp(final)
+    cmd = [sys.executable, "-m", "splitter", "--model", str(directory / "hf"), "--stages", str(stages),
+           "--out", str(tmp)] + ([] if scheme == "fp32" else ["--quantize", scheme])
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        _swap(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build(directory: Path, model: str = "distilgpt2", stages: int = 3, seed: int = 0,
+          schemes: tuple[str, ...] = ("fp32",), force: bool = False) -> float:
+    """Build (or reuse) DIR/hf and one split per scheme; returns the seconds taken."""
+    t0 = time.monotonic()
+    for s in schemes:
+        if s not in SCHEMES:
+            raise ValueError(f"unknown scheme {s!r}; known: {', '.join(SCHEMES)}")
+    directory.mkdir(parents=True, exist_ok=True)
+    want = stamp_of(shape_key(model), seed)
+    if force or _read(directory / "stamp.json") != want:
+        print(f"[bench] weights: building random {model}-shaped weights in {directory / 'hf'} ...", flush=True)
+        (directory / "stamp.json").unlink(missing_ok=True)
+        for old in directory.glob("parts*.stamp.json"):
+            old.unlink()
+        build_weights(directory, model, seed)
+        (directory / "stamp.json").write_text(json.dumps(want) + "\n")
+    for s in schemes:
+        part_stamp = directory / f"{parts_dir(directory, s).name}.stamp.json"
+        want_part = {**want, "stages": stages, "scheme": s}
+        if _read(part_stamp) == want_part and (parts_dir(directory, s) / "manifest.json").exists():
+            continue
+        print(f"[bench] weights: splitting into {stages} stages ({s}) -> {parts_dir(directory, s)} ...", flush=True)
+        part_stamp.unlink(missing_ok=True)
+        build_parts(directory, stages, s)
+        part_stamp.write_text(json.dumps(want_part) + "\n")
     return time.monotonic() - t0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, required=True)
-    ap.add_argument("--model", default="distilgpt2", help="a shape splitter.random_model knows (default distilgpt2)")
+    ap.add_argument("--shape", "--model", dest="model", default="distilgpt2",
+                    help="distilgpt2, smollm2-135m or tinyllama (or a splitter.random_model shape name)")
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--schemes", default="fp32", help="comma-separated splits to build: fp32,int8,int4")
     ap.add_argument("--force", action="store_true", help="rebuild even if the cached one matches")
     args = ap.parse_args(argv)
-    if not args.force and ready(args.dir, args.model, args.stages, args.seed):
-        print(f"[bench] weights: reusing {args.dir}", flush=True)
-        return 0
-    print(f"[bench] weights: building random {args.model}-shaped weights in {args.dir} ...", flush=True)
-    took = build(args.dir, args.model, args.stages, args.seed)
-    print(f"[bench] weights: built in {took:.1f}s", flush=True)
+    try:
+        took = build(args.dir, args.model, args.stages, args.seed,
+                     tuple(s.strip() for s in args.schemes.split(",") if s.strip()), args.force)
+    except (ValueError, RuntimeError) as err:
+        print(f"bench.prepare: {err}", file=sys.stderr)
+        return 2
+    print(f"[bench] weights ready in {args.dir} ({took:.1f}s)", flush=True)
     return 0
 
 

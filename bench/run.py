@@ -1,12 +1,15 @@
 """python -m bench: the pipeline against single-process transformers, on the same weights, in one run.
 
-Steps: (1) build or reuse random distilgpt2-shaped weights (bench/prepare.py): a save_pretrained
-directory and its 3-stage split; (2) start the baseline worker (bench/baseline.py): transformers
+Steps: (1) build or reuse random weights of a model shape (--shape distilgpt2|smollm2-135m|tinyllama;
+bench/prepare.py): a save_pretrained directory and its 3-stage split (with --quantize, one split per
+scheme, fp32/int8/int4, from the same weights); (2) start the baseline worker (bench/baseline.py): transformers
 `generate` in its own process, greedy with KV cache, torch threads = all cores; (3) per pipeline
 variant: start `mpirun -np 3 main.py` on loopback; the single-request phase sends each prompt to the
 baseline and to the pipeline in turn (paired, so both see the same machine), then 4, 8, 16
 concurrent streaming clients hit the pipeline, with /metrics read between phases; (4) one batched
 generate as a reference; (5) ratios, JSON, PNG plot and a Markdown table.
+With --quantize fp32,int8,int4 the pipelines measured are one per scheme (each against transformers
+fp32), with each rank's shard bytes and peak RSS beside them.
 
 The machine may be shared: every run records the CPU other processes took meanwhile; noisy
 single-request runs are left out of the medians and a noisy concurrency level is run again (bounded).
@@ -32,6 +35,12 @@ from bench.prompts import PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_SINGLE, TARGET_AGGREGATE = 0.9, 5.0
+# single request, pipeline decode tok/s over transformers': per shape (issue 10 item 7)
+TARGETS_SINGLE = {"distilgpt2": TARGET_SINGLE, "smollm2-135m": 2.0, "tinyllama": 1.0}
+SHAPES = tuple(TARGETS_SINGLE)
+# --quantize (issue 12 item 6): int8 single request over the fp32 pipeline's; int4 shard bytes over fp32's;
+# every rank's peak RSS over its shard bytes, MB
+TARGET_INT8_SPEEDUP, TARGET_INT4_BYTES, TARGET_RSS_OVER_SHARD_MB = 2.0, 0.2, 300
 HEADER_INTS_FIXED = 6            # shardline/wire.py: [kind, step, flags, n_seqs, rows, cols] + 3 per sequence
 
 
@@ -106,11 +115,29 @@ PRESET_VARIANTS = [
 
 # ---- the phases ----
 
-def prepare(model_dir: Path, seed: int) -> float:
+def prepare(model_dir: Path, seed: int, shape: str = "distilgpt2", schemes: tuple[str, ...] = ("fp32",)) -> float:
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "bench.prepare", "--dir", str(model_dir), "--stages", "3",
-                    "--seed", str(seed)], cwd=ROOT, check=True)
+                    "--seed", str(seed), "--shape", shape, "--schemes", ",".join(schemes)], cwd=ROOT, check=True)
     return time.monotonic() - t0
+
+
+def default_model_dir(shape: str) -> Path:
+    return ROOT / "bench" / "out" / ("model" if shape == "distilgpt2" else f"model-{shape}")
+
+
+def hidden_size(config: dict) -> int:
+    """The width of the vector sent between ranks (gpt2: n_embd; llama and the others: hidden_size)."""
+    return int(config.get("hidden_size") or config["n_embd"])
+
+
+def shard_figures(parts: Path) -> dict:
+    """Per rank: the bytes of its stage file (what it holds in memory), from the manifest."""
+    m = json.loads((parts / "manifest.json").read_text())
+    per = {str(st["stage"]): int(st["bytes"]) for st in m["stages"]}
+    return {"scheme": (m.get("quantization") or {}).get("scheme") or "fp32",
+            "quantization": m.get("quantization"), "family": m.get("family"),
+            "shard_bytes": per, "shard_bytes_total": sum(per.values())}
 
 
 def baseline_summary(runs: list[dict]) -> dict:
@@ -192,7 +219,7 @@ def breakdown(a: dict, b: dict, cpu0: dict, cpu1: dict, wall: float, ranks: int)
 
 
 def pipeline_phase(label: str, args_: list[str], env: dict, model_dir: Path, out: Path, prompts: list[str],
-                   cfg: argparse.Namespace, hidden: int, base) -> dict:
+                   cfg: argparse.Namespace, hidden: int, base, parts: Path | None = None) -> dict:
     """One variant: start it, then (a) the single-request phase, paired with the baseline: the same
     prompt to each in turn, alternating who goes first, so both see the same machine; (b) each
     concurrency level, closed-loop clients, `rounds` requests each."""
@@ -204,8 +231,10 @@ def pipeline_phase(label: str, args_: list[str], env: dict, model_dir: Path, out
     print(f"[bench] pipeline {label}: mpirun -np {ranks} main.py {' '.join(args_)}"
           f"{' with ' + ' '.join(f'{k}={v}' for k, v in env.items()) if env else ''}", flush=True)
     t0 = time.monotonic()
-    srv = Pipeline(model_dir / "parts", ranks, args_, env, log)
-    res: dict = {"label": label, "args": args_, "env": env, "log": str(log)}
+    parts = parts or model_dir / "parts"
+    srv = Pipeline(parts, ranks, args_, env, log)
+    res: dict = {"label": label, "args": args_, "env": env, "log": str(log), "parts": str(parts),
+                 **shard_figures(parts)}
     try:
         health = srv.wait_healthy()
         res["startup_s"] = rnd(time.monotonic() - t0)
@@ -299,6 +328,9 @@ def pipeline_phase(label: str, args_: list[str], env: dict, model_dir: Path, out
                 continue
         res["uss_mb"] = uss   # memory unique to each rank (shared libraries not counted)
         res["peak_rss_total_mb"] = rnd(sum(res["peak_rss_mb"].values()), 1)
+        # issue 12's rule: a rank's peak RSS is its shard plus the runtime (at most 300 MB)
+        res["peak_rss_over_shard_mb"] = {r: rnd(v - res["shard_bytes"].get(r, 0) / 2**20, 1)
+                                         for r, v in res["peak_rss_mb"].items()}
     finally:
         res["exit_code"] = srv.stop()
         res["seconds"] = rnd(time.monotonic() - t0, 1)
@@ -323,9 +355,24 @@ def ratios(pooled: dict, pipe: dict, top: int) -> dict:
             "peak_rss_total_vs_single_process": div(pipe.get("peak_rss_total_mb"), pooled["peak_rss_mb"])}
 
 
+def quant_ratios(pipes: dict) -> dict:
+    """--quantize: each scheme against the fp32 pipeline of the same run (same weights, same minutes)."""
+    ref = pipes.get("fp32")
+    if ref is None:
+        return {}
+    out = {}
+    for k, p in pipes.items():
+        a, b = p["single"]["decode_tok_s"], ref["single"]["decode_tok_s"]
+        out[k] = {"single_decode_vs_fp32_pipeline": rnd(a / b, 3) if a and b else None,
+                  "shard_bytes_vs_fp32": rnd(p["shard_bytes_total"] / ref["shard_bytes_total"], 3)}
+    return out
+
+
 def markdown(results: dict) -> str:
     base, pipes, cfg, rat = results["baseline"], results["pipelines"], results["config"], results["ratios"]
     top = max(cfg["clients"])
+    target_single = results["targets"]["single_decode"]
+    qrat = results.get("quantized_ratios") or {}
     labels = list(pipes)
     rows = ["| figure | transformers, one process | " + " | ".join(f"pipeline `{k}`" for k in labels) + " | target |",
             "|" + "---|" * (len(labels) + 3)]
@@ -336,7 +383,10 @@ def markdown(results: dict) -> str:
     def x(v, r):
         return "—" if v is None else f"{v} ({r}×)" if r is not None else f"{v}"
     row("single request, decode tok/s", base["single"]["decode_tok_s"],
-        [x(pipes[k]["single"]["decode_tok_s"], rat[k]["single_decode"]) for k in labels], f"≥ {TARGET_SINGLE}×")
+        [x(pipes[k]["single"]["decode_tok_s"], rat[k]["single_decode"]) for k in labels], f"≥ {target_single}×")
+    if qrat:
+        row("  single request decode over the fp32 pipeline's", "",
+            [f"{qrat[k]['single_decode_vs_fp32_pipeline']}×" for k in labels], f"int8 ≥ {TARGET_INT8_SPEEDUP}×")
     row("  the paired baseline runs (denominator of ×)", "", [pipes[k]["baseline_paired"]["single"]["decode_tok_s"]
                                                           for k in labels])
     row(f"single request, end-to-end tok/s (prompt + {cfg['max_tokens']} tokens)", base["single"]["e2e_tok_s"],
@@ -368,6 +418,14 @@ def markdown(results: dict) -> str:
     row("peak RSS, MiB (per rank; sum)", f"{base['peak_rss_mb']} (one process)",
         [" / ".join(f"{v:.0f}" for v in pipes[k]["peak_rss_mb"].values()) + f"; {pipes[k]['peak_rss_total_mb']:.0f}"
          for k in labels])
+    row("shard bytes, MiB (per rank; sum)", f"{results['meta'].get('hf_bytes', 0) / 2**20:.0f} (the model's files)",
+        [" / ".join(f"{v / 2**20:.1f}" for v in pipes[k]["shard_bytes"].values())
+         + f"; {pipes[k]['shard_bytes_total'] / 2**20:.1f}"
+         + (f" ({qrat[k]['shard_bytes_vs_fp32']}× fp32)" if qrat else "") for k in labels],
+        f"int4 ≤ {TARGET_INT4_BYTES}× fp32" if qrat else "")
+    row("peak RSS minus shard, MiB (per rank)", "",
+        [" / ".join(f"{v:.0f}" for v in pipes[k]["peak_rss_over_shard_mb"].values()) for k in labels],
+        f"≤ {TARGET_RSS_OVER_SHARD_MB} MB")
     if base.get("batched_reference"):
         br = base["batched_reference"]
         row(f"reference: transformers, one generate over {br['batch']} prompts, tok/s", br["aggregate_tok_s"],
@@ -389,7 +447,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     base, pipes, cfg = results["baseline"], results["pipelines"], results["config"]
     clients = cfg["clients"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 6), gridspec_kw={"width_ratios": [3, 2]})
+    target_single = results["targets"]["single_decode"]
+    fig, (ax, bx, mx) = plt.subplots(1, 3, figsize=(17, 6), gridspec_kw={"width_ratios": [3, 2, 2]})
     seq = base["one_after_another"]["aggregate_tok_s"]
     for k, p in pipes.items():
         ax.plot(clients, [p["levels"][str(n)]["aggregate_tok_s"] for n in clients], "o-", label=f"pipeline, 3 ranks ({k})")
@@ -408,14 +467,29 @@ def plot(results: dict, path: Path) -> None:
     names = ["transformers"] + [f"pipeline\n{k}" for k in pipes]
     vals = [base["single"]["decode_tok_s"]] + [p["single"]["decode_tok_s"] for p in pipes.values()]
     bars = bx.bar(names, vals, color=["gray"] + [f"C{i}" for i in range(len(pipes))])
-    bx.axhline(base["single"]["decode_tok_s"] * TARGET_SINGLE, color="red", ls=":", label=f"target {TARGET_SINGLE}× baseline")
+    bx.axhline(base["single"]["decode_tok_s"] * target_single, color="red", ls=":", label=f"target {target_single}× baseline")
     for b_, v in zip(bars, vals):
         bx.text(b_.get_x() + b_.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
     bx.set_ylabel("decode tokens/s")
     bx.set_title("Single request")
     bx.legend(fontsize=8)
-    fig.suptitle("shardline vs transformers, random distilgpt2-shaped weights, "
-                 f"{results['meta']['cores']} cores", fontsize=10)
+    # memory: per pipeline, each rank's shard bytes and what its peak RSS adds on top
+    import numpy as np
+    width = 0.8 / max(len(pipes), 1)
+    for i, (k, p) in enumerate(pipes.items()):
+        ranks = list(p["shard_bytes"])
+        xs = np.arange(len(ranks)) + i * width
+        shard = [p["shard_bytes"][r] / 2**20 for r in ranks]
+        over = [max(p["peak_rss_mb"].get(r, 0) - s_, 0) for r, s_ in zip(ranks, shard)]
+        mx.bar(xs, shard, width, color=f"C{i}", label=f"{k}: shard")
+        mx.bar(xs, over, width, bottom=shard, color=f"C{i}", alpha=0.35, label=f"{k}: peak RSS above it")
+    mx.set_xticks(np.arange(3) + width * (len(pipes) - 1) / 2)
+    mx.set_xticklabels([f"rank {r}" for r in range(3)])
+    mx.set_ylabel("MiB")
+    mx.set_title(f"Memory per rank (target: peak RSS ≤ shard + {TARGET_RSS_OVER_SHARD_MB} MB)")
+    mx.legend(fontsize=7)
+    fig.suptitle(f"shardline vs transformers, {results['meta']['model']}, {results['meta']['cores']} cores",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -443,6 +517,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "of the medians, a concurrency level is run again (default 0.2)")
     ap.add_argument("--noise-retries", type=int, default=1, help="reruns of a noisy concurrency level (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="weights seed")
+    ap.add_argument("--shape", choices=SHAPES, default="distilgpt2",
+                    help="model shape, random weights, the same bytes on both sides (default distilgpt2)")
+    ap.add_argument("--quantize", default=None, metavar="fp32,int8,int4",
+                    help="one pipeline per scheme (splitter --quantize) from the same weights, each against "
+                         "transformers fp32; shard bytes and peak RSS per rank beside them")
     ap.add_argument("--boards", type=int, metavar="N", help="instead: one emulated board against N over TCP "
                     "(root; bench/boards.py, its options: python -m bench --boards N --help)")
     a = ap.parse_args(argv)
@@ -457,6 +536,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.try_variants:
         a.variant = [parse_variant(v) for v in PRESET_VARIANTS] + a.variant
     a.variant = a.variant or [parse_variant("default=")]
+    a.schemes = ("fp32",)
+    if a.quantize is not None:
+        a.schemes = tuple(dict.fromkeys(s.strip() for s in a.quantize.split(",") if s.strip()))
+        bad = [s for s in a.schemes if s not in ("fp32", "int8", "int4")]
+        if bad or not a.schemes:
+            ap.error(f"--quantize {a.quantize!r}: a comma-separated list of fp32, int8, int4 (unknown: {bad})")
+        if len(a.variant) > 1:
+            ap.error("--quantize measures one pipeline per scheme: give at most one --variant (its args apply to each)")
+        _, v_args, v_env = a.variant[0]
+        a.variant = [(s, v_args, v_env) for s in a.schemes]
     if len({v[0] for v in a.variant}) != len(a.variant):
         ap.error("--variant labels must differ")
     if a.prompts > len(PROMPTS):
@@ -483,9 +572,12 @@ def main(argv=None) -> int:
     t_run = time.monotonic()
     out = cfg.out.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    model_dir = (cfg.model_dir or (ROOT / "bench" / "out" / "model")).resolve()
-    durations = {"weights_s": rnd(prepare(model_dir, cfg.seed), 1)}
-    hidden = json.loads((model_dir / "parts" / "manifest.json").read_text())["config"]["n_embd"]
+    model_dir = (cfg.model_dir or default_model_dir(cfg.shape)).resolve()
+    durations = {"weights_s": rnd(prepare(model_dir, cfg.seed, cfg.shape, cfg.schemes), 1)}
+    from bench.prepare import parts_dir
+    parts = {label: parts_dir(model_dir, label if cfg.quantize is not None else "fp32") for label, _, _ in cfg.variant}
+    hidden = hidden_size(json.loads((next(iter(parts.values())) / "manifest.json").read_text())["config"])
+    target_single = TARGETS_SINGLE[cfg.shape]
     top = max(cfg.clients)
     prompts = cfg.prompts_list
 
@@ -497,7 +589,8 @@ def main(argv=None) -> int:
     pipes = {}
     try:
         for label, args_, env in cfg.variant:
-            pipes[label] = pipeline_phase(label, args_, env, model_dir, out, prompts, cfg, hidden, worker)
+            pipes[label] = pipeline_phase(label, args_, env, model_dir, out, prompts, cfg, hidden, worker,
+                                          parts[label])
             durations[f"pipeline_{label}_s"] = pipes[label]["seconds"]
         t0 = time.monotonic()
         before_batched = worker.call(op="stats")
@@ -540,24 +633,39 @@ def main(argv=None) -> int:
     def score(k):
         r = rat[k]
         s, g = r["single_decode"] or 0, r[f"aggregate_{top}_vs_one_after_another"] or 0
-        return min(s / TARGET_SINGLE, g / TARGET_AGGREGATE)
+        return min(s / target_single, g / TARGET_AGGREGATE)
     best = max(pipes, key=score)
+    qrat = quant_ratios(pipes) if cfg.quantize is not None else {}
+    met = {k: {"single": (r["single_decode"] or 0) >= target_single,
+               "aggregate": (r[f"aggregate_{top}_vs_one_after_another"] or 0) >= TARGET_AGGREGATE,
+               "peak_rss_within_shard_plus_300mb": all(v <= TARGET_RSS_OVER_SHARD_MB * 1e6 / 2**20
+                                                       for v in pipes[k].get("peak_rss_over_shard_mb", {}).values())}
+           for k, r in rat.items()}
+    if "int8" in qrat:
+        met["int8"]["single_vs_fp32_pipeline"] = (qrat["int8"]["single_decode_vs_fp32_pipeline"] or 0) >= TARGET_INT8_SPEEDUP
+    if "int4" in qrat:
+        met["int4"]["shard_bytes_vs_fp32"] = qrat["int4"]["shard_bytes_vs_fp32"] <= TARGET_INT4_BYTES
+    hf_bytes = sum(f.stat().st_size for f in (model_dir / "hf").glob("*.safetensors"))
     results = {
         "meta": {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(), "host": platform.node(),
                  "cores": os.cpu_count(), "python": platform.python_version(), "durations": durations,
-                 "weights": str(model_dir), "model": f"random distilgpt2-shaped weights (seed {cfg.seed})"},
+                 "weights": str(model_dir), "model": f"random {cfg.shape}-shaped weights (seed {cfg.seed})",
+                 "shape": cfg.shape, "hf_bytes": hf_bytes},
         "config": {"quick": cfg.quick, "max_tokens": cfg.max_tokens, "prompts": len(prompts), "clients": cfg.clients,
                    "rounds": cfg.rounds, "baseline_threads": cfg.baseline_threads, "greedy": True,
                    "noise_cores": cfg.noise_cores, "noise_retries": cfg.noise_retries,
-                   "hidden_size": hidden, "ranks": 3},
-        "targets": {"single_decode": TARGET_SINGLE, f"aggregate_{top}_vs_one_after_another": TARGET_AGGREGATE},
+                   "hidden_size": hidden, "ranks": 3, "shape": cfg.shape,
+                   "quantize": list(cfg.schemes) if cfg.quantize is not None else None},
+        "targets": {"single_decode": target_single, f"aggregate_{top}_vs_one_after_another": TARGET_AGGREGATE,
+                    "peak_rss_over_shard_mb": TARGET_RSS_OVER_SHARD_MB,
+                    **({"int8_single_vs_fp32_pipeline": TARGET_INT8_SPEEDUP,
+                        "int4_shard_bytes_vs_fp32": TARGET_INT4_BYTES} if cfg.quantize is not None else {})},
         "baseline": base,
         "pipelines": pipes,
         "ratios": rat,
+        "quantized_ratios": qrat,
         "best_variant": best,
-        "targets_met": {k: {"single": (r["single_decode"] or 0) >= TARGET_SINGLE,
-                            "aggregate": (r[f"aggregate_{top}_vs_one_after_another"] or 0) >= TARGET_AGGREGATE}
-                        for k, r in rat.items()},
+        "targets_met": met,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)

@@ -118,3 +118,31 @@ def test_summarize_counts_decode_after_the_first_token():
 ])
 def test_parse_variant(spec, want):
     assert parse_variant(spec) == want
+
+
+# ---- the splitter's peak memory (issue 10 item 3), scaled down: python -m bench.split_memory ----
+
+def test_splitter_peak_rss_stays_below_half_the_model_plus_400mb(tmp_path):
+    """A 350 MB float32 checkpoint in several files with model.safetensors.index.json, split into 4 stages:
+    the splitter's peak RSS (the kernel's high-water mark) stays below model/2 + 400 MB, the issue's rule.
+    The splitter's floor (Python, torch, transformers, tokenizers) is about 400 MB, so holding the whole
+    model, or two stages at once, breaks the bound here; the 1.45 GB figure is bench/README.md's."""
+    res_path = tmp_path / "split_memory.json"
+    proc = subprocess.run([PY, "-m", "bench.split_memory", "--out", str(tmp_path / "work"), "--json", str(res_path),
+                           "--hidden", "768", "--intermediate", "2048", "--layers", "12", "--heads", "12",
+                           "--kv-heads", "4", "--vocab", "16384", "--shard-mb", "100"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(res_path.read_text())
+    model = res["model"]
+    assert model["files"] >= 3 and 300e6 < model["file_bytes"] < 400e6
+    assert [s["stage"] for s in res["stages"]] == [0, 1, 2, 3]
+    assert sum(s["bytes"] for s in res["stages"]) == pytest.approx(model["tensor_bytes"], rel=0.01)
+    assert res["bound_bytes"] == model["file_bytes"] // 2 + 400 * 10**6
+    # both measurements saw the splitter, not only the interpreter (which alone is ~300 MB)
+    assert res["sampled_peak_rss_bytes"] > res["python_torch_transformers_import_rss_bytes"]
+    assert res["peak_rss_bytes"] < res["bound_bytes"], (
+        f"splitter peak RSS {res['peak_rss_bytes'] / 1e6:.0f} MB on a {model['file_bytes'] / 1e6:.0f} MB model "
+        f"breaks the bound {res['bound_bytes'] / 1e6:.0f} MB")
+    assert res["within_bound"] and proc.returncode == 0
+    assert not (tmp_path / "work" / "model").exists(), "the checkpoint is removed unless --keep"
