@@ -25,6 +25,7 @@ import torch
 
 # Architectures as a GGUF file names them (general.architecture), and the families they become.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")  # "mistral" files say "llama"
+SLAB_BYTES = 8 << 20  # raw bytes dequantized at once
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
 
@@ -81,12 +82,7 @@ class GGUFSource:
         """One tensor as float32, dequantized and laid out as transformers' GGUF loader lays it out."""
         gguf_name = self._hf_to_gguf[self._check_name(name)]
         t = self._tensors[gguf_name]
-        raw = np.empty(t.data.shape, dtype=t.data.dtype)  # the reader's view gives layout only: no page is read
-        self._file.seek(t.data_offset)
-        if self._file.readinto(memoryview(raw).cast("B")) != t.n_bytes:
-            raise ValueError(f"{self.path}: tensor {gguf_name} is cut short; the file is truncated")
-        weights = self._gguf.quants.dequantize(raw, t.tensor_type)
-        del raw
+        weights = self._dequantize(t)
         scratch = {"tensors": {}}  # GPT-2's processor files output.weight here under lm_head.weight
         result = self._processor.process(weights=weights, name=gguf_name, parsed_parameters=scratch)
         weights = result.weights if result.name is not None else scratch["tensors"].pop("lm_head.weight")
@@ -94,6 +90,27 @@ class GGUFSource:
         if tuple(out.shape) != self._shapes[name]:  # validated in __init__; a processor surprise stops here
             raise ValueError(f"{self.path}: tensor {gguf_name} came out {tuple(out.shape)}, "
                              f"the model expects {self._shapes[name]} for {name}")
+        return out
+
+    def _dequantize(self, t) -> np.ndarray:
+        """The tensor's float32 values, read and dequantized a slab of rows at a time.
+
+        Blocks never span rows, so this gives exactly what `gguf.quants.dequantize` gives on the whole
+        tensor; but the raw bytes and numpy's per-block temporaries (several times the output for the
+        k-quants) stay one slab in size: a 128k-token Q6_K embedding peaks at its float32 size, not 4x.
+        """
+        dims = tuple(int(d) for d in reversed(t.shape.tolist()))  # elements, torch order
+        out = np.empty(dims, dtype=np.float32)
+        flat = out.reshape(-1, dims[-1])
+        raw_cols = t.data.shape[-1]  # the reader's view gives layout only: no page of it is read
+        row_bytes = raw_cols * t.data.dtype.itemsize
+        step = max(1, SLAB_BYTES // row_bytes)
+        self._file.seek(t.data_offset)
+        for start in range(0, flat.shape[0], step):
+            raw = np.empty((min(step, flat.shape[0] - start), raw_cols), dtype=t.data.dtype)
+            if self._file.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                raise ValueError(f"{self.path}: tensor {t.name} is cut short; the file is truncated")
+            flat[start:start + raw.shape[0]] = self._gguf.quants.dequantize(raw, t.tensor_type)
         return out
 
     def close(self) -> None:
