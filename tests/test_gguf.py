@@ -356,11 +356,9 @@ def ref_greedy(ref, prompt: list[int], max_new: int, stop: set[int]) -> list[int
     return ids[:cut]
 
 
-def test_gguf_split_serves_transformers_greedy_tokens(gguf_split, tmp_path):
+def pipeline_matches(parts, ref, tmp_path, what: str) -> None:
+    """The 2-rank pipeline on `parts` gives ref's teacher-forced logits and greedy tokens (mpi_check.py)."""
     from tests.helpers import launch_cmd, mpi_env
-    path, parts, ref = gguf_split
-    manifest = json.loads((parts / "manifest.json").read_text())
-    assert manifest["num_stages"] == 2 and manifest["source"] == str(path)
     stop = stops(ref)
     with torch.no_grad():
         ref_logits = ref(torch.tensor([SCORE])).logits[0]
@@ -377,9 +375,33 @@ def test_gguf_split_serves_transformers_greedy_tokens(gguf_split, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = json.loads(out.read_text())
     diff = (torch.tensor(got["logits"]) - ref_logits).abs().max().item()
-    assert diff < 1e-4, f"teacher-forced logits differ from transformers' GGUF model by {diff}"
+    assert diff < 1e-4, f"teacher-forced logits differ from {what} by {diff}"
+    # the same tokens, ending where the reference ends: at a stop id (not shown) or at MAX_NEW
     assert [g[:len(r)] for g, r in zip(got["greedy"], greedy)] == greedy
     assert all(len(g) == len(r) or f == "stop" for g, r, f in zip(got["greedy"], greedy, got["finish"]))
+
+
+def test_gguf_split_serves_transformers_greedy_tokens(gguf_split, tmp_path):
+    path, parts, ref = gguf_split
+    manifest = json.loads((parts / "manifest.json").read_text())
+    assert manifest["num_stages"] == 2 and manifest["source"] == str(path)
+    pipeline_matches(parts, ref, tmp_path, "transformers' model loaded from the GGUF file")
+
+
+def test_llama3_gguf_split_serves_the_converted_models_tokens(tmp_path):
+    """A Llama 3.x file keeps its RoPE scaling only as llama.cpp's rope_freqs.weight, which transformers'
+    GGUF loader ignores: the reference here is the model that was converted, which the split must equal."""
+    from tests.families import tiny_config
+    from tests.helpers import split
+    cfg = tiny_config("llama", initializer_range=0.5, tie_word_embeddings=False)
+    assert cfg.rope_parameters["rope_type"] == "llama3"
+    tok = build_tokenizer(cfg.vocab_size - len(SPECIALS))
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS})
+    torch.manual_seed(1)  # a seed whose greedy margins are clear (checked below)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    path = write_gguf(tmp_path / "llama3.gguf", model, tok, float_only, eot_token="<|im_end|>")
+    parts = split(path, 2, tmp_path / "parts")
+    pipeline_matches(parts, model, tmp_path, "the Llama 3 model converted to GGUF")
 
 
 def test_gguf_split_chats_with_the_files_template(gguf_split, tmp_path):
