@@ -92,6 +92,29 @@ def tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, chat_template: str | 
         writer.add_chat_template(chat_template)
 
 
+SPM_PIECES = ["▁", "▁hello", "▁world", "▁the", "▁a", "he", "ll", "lo", "wor", "ld", "▁h", "▁w", "or",
+              *[f"▁{c}" for c in "abcdefghijklmnopqrstuvwxyz"], *"abcdefghijklmnopqrstuvwxyz"]
+SPM_VOCAB = 3 + 256 + len(SPM_PIECES)
+
+
+def sentencepiece_metadata(writer: gguf.GGUFWriter, chat_template: str | None = None) -> None:
+    """A sentencepiece vocabulary ("llama" tokenizer: Llama 2, TinyLlama, Mistral files): <unk> <s> </s>,
+    256 byte-fallback tokens, then pieces scored in merge order."""
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], *SPM_PIECES]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
+             *[gguf.TokenType.BYTE] * 256, *[gguf.TokenType.NORMAL] * len(SPM_PIECES)]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))])
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
 def hparams(writer: gguf.GGUFWriter, config) -> None:
     if config.model_type == "gpt2":
         writer.add_block_count(config.n_layer)
@@ -165,13 +188,17 @@ def llama3_rope_factors(config) -> np.ndarray:
 def write_gguf(path: Path, model, tokenizer, qtype: Callable[[str, np.ndarray], Q] = float_only, *,
                name: str = "tiny", chat_template: str | None = CHAT_TEMPLATE, eot_token: str | None = None,
                seed: int = 0) -> Path:
-    """Write `model` (a transformers CausalLM) and `tokenizer` as one GGUF file at `path`."""
+    """Write `model` (a transformers CausalLM) and `tokenizer` as one GGUF file at `path`; tokenizer
+    "sentencepiece" writes `sentencepiece_metadata` instead of a byte-level BPE."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), ARCH[config.model_type])
     writer.add_name(name)
     hparams(writer, config)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tokenizer_metadata(writer, tokenizer, chat_template, eot_token)
+    if tokenizer == "sentencepiece":
+        sentencepiece_metadata(writer, chat_template)
+    else:
+        tokenizer_metadata(writer, tokenizer, chat_template, eot_token)
     rng = np.random.default_rng(seed)
     rope = (getattr(config, "rope_parameters", None) or {})
     if rope.get("rope_type") == "llama3":  # llama.cpp stores it as per-frequency factors, no metadata

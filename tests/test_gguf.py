@@ -153,6 +153,41 @@ def test_tokenizer_chat_template_and_stops(tmp_path):
         assert src.config.eos_token_id == EOS
 
 
+def test_sentencepiece_tokenizer_file(tmp_path):
+    """Llama 2 / TinyLlama / Mistral files carry a sentencepiece vocabulary ("llama" model, byte fallback)."""
+    from tests.gguf_util import SPM_VOCAB
+    cfg = LlamaConfig(**{**LLAMA, "vocab_size": SPM_VOCAB, "bos_token_id": 1, "eos_token_id": 2})
+    torch.manual_seed(0)
+    path = write_gguf(tmp_path / "model.gguf", LlamaForCausalLM(cfg), "sentencepiece", uniform(Q.Q8_0))
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    with GGUFSource(path) as src:
+        tok = src.tokenizer
+        assert src.generation_config.eos_token_id == 2 and src.generation_config.bos_token_id == 1
+    for text in ["hello world", "the world", "wörld 7"]:   # ö and 7 go through byte fallback
+        ids = tok.encode(text)
+        assert ids == ref.encode(text) and ids[0] == 1
+        assert tok.decode(ids, skip_special_tokens=True).strip() == text
+    assert tok.chat_template == CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "sentencepiece"])
+def test_tokenizer_survives_save_pretrained(tmp_path, kind):
+    """The splitter saves the tokenizer beside the shards and every rank loads it from there."""
+    from tests.gguf_util import SPM_VOCAB
+    vocab, tokenizer = (VOCAB, tiny_tokenizer()) if kind == "byte-level BPE" else (SPM_VOCAB, "sentencepiece")
+    cfg = LlamaConfig(**{**LLAMA, "vocab_size": vocab})
+    torch.manual_seed(0)
+    path = write_gguf(tmp_path / "model.gguf", LlamaForCausalLM(cfg), tokenizer, uniform(Q.Q8_0))
+    with GGUFSource(path) as src:
+        src.tokenizer.save_pretrained(tmp_path / "tok")
+        again = AutoTokenizer.from_pretrained(tmp_path / "tok")
+        msgs = [{"role": "user", "content": "hello world"}]
+        for text in ["hello world, the world", "<|im_start|>user\nhi<|im_end|>"]:
+            assert again.encode(text) == src.tokenizer.encode(text)
+        assert again.apply_chat_template(msgs, tokenize=False) == src.tokenizer.apply_chat_template(msgs, tokenize=False)
+        assert (again.bos_token, again.eos_token) == (src.tokenizer.bos_token, src.tokenizer.eos_token)
+
+
 # ---- RoPE scaling, which transformers' GGUF config drops and the source puts back ----
 
 ROPE = {  # hidden size, rope parameters: the three ways rope_freqs can pin llama3's cuts down, and linear
