@@ -420,6 +420,9 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                 break                      # past where a stop string cut the text
             out.append((piece, name, lp, None if top is None else [(alt_name[i], v) for i, v in top], offset))
             offset += len(piece)
+        if out and len(out) > prompt_entries and offset < len(text) and not req.cut:
+            # the text ends in an incomplete character, which the final decode shows as U+FFFD
+            out[-1] = (out[-1][0] + text[offset:], *out[-1][1:])
         return out
 
     def completion_logprobs(req: Request, echo_ids: list[int] | None, text: str) -> dict:

@@ -134,6 +134,18 @@ def test_generated_tokens_carry_their_logprobs(server, ref, tiny_model_dir):
         assert max(top.values()) == lp["token_logprobs"][j]        # greedy: the chosen is the likeliest
 
 
+def test_tokens_join_to_the_text_wherever_it_ends(server, tiny_model_dir, ref):
+    """Cut after each token in turn, some inside a multi-byte character (the tiny model emits stray
+    bytes): the tokens' texts always join to the returned text."""
+    tok, _ = ref
+    gen = hf_greedy_ids(tiny_model_dir, tok("once upon a time")["input_ids"], 12)
+    assert any("\ufffd" in tok.decode(gen[:n]) for n in range(1, 13))     # some cut ends mid-character
+    for n in range(1, 13):
+        choice = completion(server, prompt="once upon a time", max_tokens=n, logprobs=0)["choices"][0]
+        assert "".join(choice["logprobs"]["tokens"]) == choice["text"], n
+        assert len(choice["logprobs"]["tokens"]) == n
+
+
 def test_logprobs_are_of_the_raw_distribution_whatever_the_temperature(server):
     """Sampling at temperature 1.7 reports the same (untempered) distribution as greedy decoding."""
     hot = completion(server, prompt="the big dog", max_tokens=4, logprobs=5, temperature=1.7, seed=3)
