@@ -188,6 +188,21 @@ def test_tokenizer_survives_save_pretrained(tmp_path, kind):
         assert (again.bos_token, again.eos_token) == (src.tokenizer.bos_token, src.tokenizer.eos_token)
 
 
+def test_files_beside_the_gguf_are_not_read(tmp_path):
+    """A GGUF downloaded into another model's directory: that model's config and tokenizer files are not its."""
+    _, path = make(tmp_path, Qwen2ForCausalLM, Qwen2Config(**LLAMA, tie_word_embeddings=True), uniform(Q.Q8_0))
+    with GGUFSource(path) as alone:
+        want_config, want_ids = alone.config.to_dict(), alone.tokenizer.encode("hello world")
+    GPT2Config(n_layer=1).save_pretrained(tmp_path)
+    other = build_tokenizer(300)
+    other.chat_template = "{{ 'not the file' }}"
+    other.save_pretrained(tmp_path)   # tokenizer.json, tokenizer_config.json: transformers prefers these
+    with GGUFSource(path) as src:
+        assert src.config.to_dict() == want_config
+        assert src.tokenizer.encode("hello world") == want_ids
+        assert src.tokenizer.chat_template == CHAT_TEMPLATE
+
+
 # ---- RoPE scaling, which transformers' GGUF config drops and the source puts back ----
 
 ROPE = {  # hidden size, rope parameters: the three ways rope_freqs can pin llama3's cuts down, and linear
