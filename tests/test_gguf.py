@@ -196,7 +196,7 @@ def test_files_beside_the_gguf_are_not_read(tmp_path):
     GPT2Config(n_layer=1).save_pretrained(tmp_path)
     other = build_tokenizer(300)
     other.chat_template = "{{ 'not the file' }}"
-    other.save_pretrained(tmp_path)   # tokenizer.json, tokenizer_config.json: transformers prefers these
+    other.save_pretrained(tmp_path)   # tokenizer.json and tokenizer_config.json of another model
     with GGUFSource(path) as src:
         assert src.config.to_dict() == want_config
         assert src.tokenizer.encode("hello world") == want_ids
