@@ -164,6 +164,11 @@ class GGUFSource:
         if kind in ("linear", "yarn") and factor and float(factor) != 1.0:
             rope.update(rope_type=kind, factor=float(factor))
             if kind == "yarn":
+                odd = [k for k in ("attn_factor", "yarn_attn_factor", "yarn_log_multiplier", "yarn_ext_factor")
+                       if self._field(f"{arch}.rope.scaling.{k}") not in (None, 0.0, 1.0, -1.0)]
+                if odd:  # llama.cpp's own knobs, with no transformers equivalent checked here
+                    raise ValueError(f"{self.path}: YaRN RoPE with {', '.join(odd)} set is not supported; "
+                                     "supported: YaRN with factor, original context length and betas")
                 orig = self._field(f"{arch}.rope.scaling.original_context_length")
                 if orig:
                     rope["original_max_position_embeddings"] = int(orig)

@@ -206,6 +206,10 @@ def write_gguf(path: Path, model, tokenizer, qtype: Callable[[str, np.ndarray], 
     elif rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
+    elif rope.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     for gname, w in gguf_tensors(model):
         qt = qtype(gname, w) if w.ndim > 1 else Q.F32  # llama.cpp keeps norms and biases in F32
         data = encode(w, qt, rng)

@@ -205,7 +205,7 @@ def test_files_beside_the_gguf_are_not_read(tmp_path):
 
 # ---- RoPE scaling, which transformers' GGUF config drops and the source puts back ----
 
-ROPE = {  # hidden size, rope parameters: the three ways rope_freqs can pin llama3's cuts down, and linear
+ROPE = {  # hidden size, rope parameters: the three ways rope_freqs can pin llama3's cuts down; linear; YaRN
     "llama3-3.2-like": (64, {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     "llama3-cuts-fitted": (128, {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -214,6 +214,7 @@ ROPE = {  # hidden size, rope parameters: the three ways rope_freqs can pin llam
                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                               "original_max_position_embeddings": 32}),
     "linear": (64, {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    "yarn": (64, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}),
 }
 
 
