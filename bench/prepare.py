@@ -8,7 +8,8 @@ AutoModelForCausalLM.from_pretrained, the pipeline serves DIR/parts (float32) or
 DIR/parts-int4 (`--quantize`), which `python -m splitter` made from DIR/hf. DIR/hf is built with
 transformers' AutoModelForCausalLM.from_config on the shape's config (splitter/random_model.py) and a
 byte-level tokenizer of the model's vocabulary size. Everything is cached (DIR/stamp.json records the
-weights, DIR/parts*.stamp.json each split); a half-built directory is never reused because each is
+weights, DIR/parts*.stamp.json each split and a digest of the splitter's code, so a split is made
+again when that code changes); a half-built directory is never reused because each is
 built under a temporary name and renamed at the end.
 """
 from __future__ import annotations
@@ -40,6 +41,19 @@ def parts_dir(directory: Path, scheme: str = "fp32") -> Path:
 
 def stamp_of(model: str, seed: int) -> dict:
     return {"model": model, "seed": seed, "version": 2}
+
+
+def format_digest() -> str:
+    """A digest of the code that decides what a split contains (the splitter, the shard format, the
+    families' tensor specs, the quantizer): a split made by other code is made again, never served."""
+    import hashlib
+    h = hashlib.sha256()
+    files = sorted([*(ROOT / "splitter").glob("*.py"), *(ROOT / "shardline" / "models").glob("*.py"),
+                    ROOT / "shardline" / "manifest.py", ROOT / "shardline" / "quant.py"])
+    for f in files:
+        if f.is_file():
+            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _read(path: Path):
@@ -105,7 +119,7 @@ def build(directory: Path, model: str = "distilgpt2", stages: int = 3, seed: int
         (directory / "stamp.json").write_text(json.dumps(want) + "\n")
     for s in schemes:
         part_stamp = directory / f"{parts_dir(directory, s).name}.stamp.json"
-        want_part = {**want, "stages": stages, "scheme": s}
+        want_part = {**want, "stages": stages, "scheme": s, "code": format_digest()}
         if _read(part_stamp) == want_part and (parts_dir(directory, s) / "manifest.json").exists():
             continue
         print(f"[bench] weights: splitting into {stages} stages ({s}) -> {parts_dir(directory, s)} ...", flush=True)

@@ -232,6 +232,10 @@ def pipeline_phase(label: str, args_: list[str], env: dict, model_dir: Path, out
           f"{' with ' + ' '.join(f'{k}={v}' for k, v in env.items()) if env else ''}", flush=True)
     t0 = time.monotonic()
     parts = parts or model_dir / "parts"
+    if not any(a.split("=")[0] == "--step-timeout" for a in args_):
+        # the watchdog that stops a hung ring (8 s) must not fire on a shared machine whose neighbours
+        # take the cores for a while, nor on a big model's prefill: it is a failure detector, not speed
+        args_ = [*args_, "--step-timeout", str(cfg.step_timeout)]
     srv = Pipeline(parts, ranks, args_, env, log)
     res: dict = {"label": label, "args": args_, "env": env, "log": str(log), "parts": str(parts),
                  **shard_figures(parts)}
@@ -517,6 +521,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "of the medians, a concurrency level is run again (default 0.2)")
     ap.add_argument("--noise-retries", type=int, default=1, help="reruns of a noisy concurrency level (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="weights seed")
+    ap.add_argument("--step-timeout", type=float, default=120.0,
+                    help="main.py --step-timeout for every pipeline unless a variant sets it (default 120 s)")
     ap.add_argument("--shape", choices=SHAPES, default="distilgpt2",
                     help="model shape, random weights, the same bytes on both sides (default distilgpt2)")
     ap.add_argument("--quantize", default=None, metavar="fp32,int8,int4",
