@@ -72,12 +72,12 @@ def make_model(vocab_size: int, seed: int = 0):
 
 
 def fit(model, ids: torch.Tensor, seconds: float, target_loss: float, seq: int = 64, batch: int = 8,
-        lr: float = 1e-2) -> list[float]:
+        lr: float = 3e-3) -> list[float]:
     """AdamW on random windows of ids until the time is up or the loss (mean of the last 10 steps)
     reaches target_loss, a real small model's loss on English (so its margins are realistic, neither
     flat nor memorized); returns the loss curve."""
     g = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)  # the usual LLM recipe
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))
     model.train()
     losses, start = [], time.monotonic()
@@ -103,16 +103,20 @@ def _linears(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def fake_quantized(model, scheme: str, group_size: int | None):
-    """A copy with every Linear weight and the embedding replaced by dequantize(quantize(w))."""
+def fake_quantized(model, scheme: str, group_size: int | None, embed_scheme: str | None = None):
+    """A copy with every Linear weight and the embedding replaced by dequantize(quantize(w));
+    embed_scheme (default: scheme) for the embedding and the head."""
     m = copy.deepcopy(model)
     with torch.no_grad():
         done = set()
-        for _, lin in _linears(m) + [("embed", m.model.embed_tokens)]:
+        for name, lin in _linears(m) + [("embed", m.model.embed_tokens)]:
             if id(lin.weight) in done:  # the tied head shares the embedding's tensor
                 continue
             done.add(id(lin.weight))
-            lin.weight.copy_(dequantize(quantize(lin.weight, scheme, group_size), scheme))
+            sch, g = scheme, group_size
+            if embed_scheme and name in ("embed", "lm_head"):
+                sch, g = embed_scheme, (group_size if embed_scheme == "int4" else None)
+            lin.weight.copy_(dequantize(quantize(lin.weight, sch, g), sch))
     return m
 
 
@@ -134,12 +138,14 @@ class _QEmbedding(torch.nn.Module):
         return self.ql.rows(ids.reshape(-1)).reshape(*ids.shape, self.ql.in_features)
 
 
-def kernel_quantized(model, scheme: str, group_size: int | None, act_dtype=None):
+def kernel_quantized(model, scheme: str, group_size: int | None, act_dtype=None, embed_scheme: str | None = None):
     """A copy whose Linears (and embedding lookup) run on QLinear; the tied head and the embedding
     share one QLinear, as on a stage."""
     m = copy.deepcopy(model)
     with torch.no_grad():
-        head = QLinear.from_parts(quantize(m.model.embed_tokens.weight, scheme, group_size), scheme, act_dtype=act_dtype)
+        es = embed_scheme or scheme
+        head = QLinear.from_parts(quantize(m.model.embed_tokens.weight, es, group_size if es == "int4" else None),
+                                  es, act_dtype=act_dtype)
         for name, lin in _linears(m):
             if name == "lm_head":
                 ql = head
@@ -216,9 +222,13 @@ def variants(model, groups):
     yield "int8 fake-quant", "int8 per channel, weights dequantized, fp32 maths", lambda: fake_quantized(model, "int8", None)
     for g in (g0, g1):
         yield f"int4 g{g} fake-quant", f"int4 group {g}, weights dequantized, fp32 maths", lambda g=g: fake_quantized(model, "int4", g)
+    yield f"int4 g{g0} + int8 embed/head fake-quant", "int4 layers, int8 embedding and tied head", \
+        lambda: fake_quantized(model, "int4", g0, "int8")
     yield "int8 kernel", "QLinear, this machine's activation dtype", lambda: kernel_quantized(model, "int8", None)
     for g in (g0, g1):
         yield f"int4 g{g} kernel", "QLinear, this machine's activation dtype", lambda g=g: kernel_quantized(model, "int4", g)
+    yield f"int4 g{g0} + int8 embed/head kernel", "QLinear, this machine's activation dtype", \
+        lambda: kernel_quantized(model, "int4", g0, None, "int8")
     yield "int8 kernel fp32-act", "QLinear with fp32 activations (the aarch64 path)", \
         lambda: kernel_quantized(model, "int8", None, torch.float32)
     yield f"int4 g{g0} kernel fp32-act", "QLinear with fp32 activations (the aarch64 path)", \

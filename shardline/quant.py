@@ -108,16 +108,44 @@ def quantize(w: torch.Tensor, scheme: str, group_size: int | None = None) -> dic
     zeros = torch.empty(out_f, ng, dtype=torch.bfloat16)
     for r in range(0, out_f, _ROWS_PER_CHUNK):
         wc = w[r:r + _ROWS_PER_CHUNK].float().reshape(-1, ng, g)
-        lo, hi = wc.amin(dim=2), wc.amax(dim=2)
-        s = ((hi - lo) / 15.0).to(torch.bfloat16).float()
-        s = torch.where(s > 0, s, torch.ones_like(s))  # a constant group: codes 8, value = zero
-        z = (lo + 8.0 * s).to(torch.bfloat16).float()
-        q = torch.round((wc - z[..., None]) / s[..., None] + 8.0).clamp_(0, 15).to(torch.uint8)
+        q, s, z = _int4_group_fit(wc)
         q = q.reshape(q.shape[0], in_f)
         qweight[r:r + _ROWS_PER_CHUNK] = q[:, 0::2] | (q[:, 1::2] << 4)
         scales[r:r + _ROWS_PER_CHUNK] = s.to(torch.bfloat16)
         zeros[r:r + _ROWS_PER_CHUNK] = z.to(torch.bfloat16)
     return {"qweight": qweight, "scales": scales, "zeros": zeros}
+
+
+# Clipping grid of the int4 fit: each group's range [lo, hi] may shrink at either end and the pair
+# with the least squared error wins (as llama.cpp's Q4_K and AWQ search clipping). Measured on the
+# fitted tiny Llama of bench/accuracy.py: the grid (1, .95, .9, .85) x the same lifts int4 g32 top-1
+# agreement from 81.8 % to 84.4 %, but makes quantizing 16x slower (50 s for one 2048x8192 matrix on
+# the busy 2-core dev machine), so the default is plain min/max. Set it to the grid to trade time.
+_CLIP = (1.0,)
+
+
+def _int4_group_fit(wc: torch.Tensor):
+    """wc [rows, groups, g] -> codes uint8 [rows, groups, g], scale and zero float32 [rows, groups]
+    (both already rounded to bf16, the codes chosen against the rounded values)."""
+    lo0, hi0 = wc.amin(dim=2), wc.amax(dim=2)
+    best = None
+    for f_lo in _CLIP:
+        for f_hi in _CLIP:
+            lo, hi = lo0 * f_lo, hi0 * f_hi
+            s = ((hi - lo) / 15.0).to(torch.bfloat16).float()
+            s = torch.where(s > 0, s, torch.ones_like(s))  # a constant group: codes 8, value = zero
+            z = (lo + 8.0 * s).to(torch.bfloat16).float()
+            q = torch.round((wc - z[..., None]) / s[..., None] + 8.0).clamp_(0, 15)
+            err = ((q - 8.0) * s[..., None] + z[..., None] - wc).square_().sum(dim=2)
+            if best is None:
+                best = [q, s, z, err]
+                continue
+            better = err < best[3]
+            best[0] = torch.where(better[..., None], q, best[0])
+            best[1] = torch.where(better, s, best[1])
+            best[2] = torch.where(better, z, best[2])
+            best[3] = torch.where(better, err, best[3])
+    return best[0].to(torch.uint8), best[1], best[2]
 
 
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
