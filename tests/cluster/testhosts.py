@@ -329,6 +329,10 @@ class TestHosts:
             self._wait_for_sshd(host)
 
     def stop(self) -> None:
+        if self._lock is None:
+            # Never started, already stopped, or start() found another run holding the lock: nothing
+            # here is ours, and cleanup_leftovers() would remove the other run's hosts.
+            return
         self._close_ssh_masters()
         for host in self.hosts:
             if host.process is not None and host.process.poll() is None:
@@ -519,6 +523,7 @@ class TestHosts:
                 f"mount --bind {shlex.quote(str(shared))} {shlex.quote(str(host.home / shared.relative_to(HOME)))}"
             )
         mounts.append(f"mount --rbind {shlex.quote(str(host.home))} {HOME}")
+        mounts += _cgroup_mount_commands()
         script = " && ".join([f"hostname {host.name}", *mounts, f"exec {SSHD} -D -e -f /etc/ssh/sshd_config"])
         log = open(host.root / "sshd.log", "w")
         # ip netns exec: its network; unshare: its host name and its mounts (private to it and the
@@ -564,6 +569,41 @@ class TestHosts:
             time.sleep(0.1)
         log = (host.root / "sshd.log").read_text(errors="replace")
         raise RuntimeError(f"sshd on test host {host.name} ({host.address}) did not start:\n{log}")
+
+
+def _cgroup_mount_commands() -> list[str]:
+    """Shell commands that show a test host this machine's cgroup hierarchies at /sys/fs/cgroup.
+
+    `ip netns exec` mounts a fresh sysfs on /sys (for the namespace's /sys/class/net), which hides the
+    cgroup file systems mounted under it; without them a process on a test host cannot see its
+    board's limits (python -m shardline.probe reads them there, as on a real board). Mounting a cgroup
+    v1 hierarchy again with the same controllers attaches to the same hierarchy, so the host sees its
+    own groups and their limits at the usual paths. The hierarchies a Board uses must mount; others
+    (devices, freezer, ...) are best effort.
+    """
+    commands = []
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return commands
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        _, target, fstype, options = fields[:4]
+        if target != str(CGROUP_ROOT) and not target.startswith(f"{CGROUP_ROOT}/"):
+            continue
+        path = shlex.quote(target)
+        keep = ",".join(o for o in options.split(",") if o not in ("rw", "ro", "relatime", "noatime", "nosuid",
+                                                                   "nodev", "noexec", "seclabel"))
+        if fstype == "tmpfs" and target == str(CGROUP_ROOT):
+            commands.append(f"mount -t tmpfs -o mode=755 cgroup_root {path}")
+        elif fstype in ("cgroup", "cgroup2"):
+            opts = f" -o {shlex.quote(keep)}" if keep else ""
+            mount = f"mkdir -p {path} && mount -t {fstype}{opts} {fstype} {path}"
+            needed = target == str(CGROUP_ROOT) or any(c in keep.split(",") for c in CONTROLLERS)
+            commands.append(mount if needed else f"{{ {mount} || true; }}")
+    return commands
 
 
 def _ip(*args: str) -> None:
