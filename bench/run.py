@@ -490,7 +490,7 @@ def plot(results: dict, path: Path) -> None:
     mx.set_xticks(np.arange(3) + width * (len(pipes) - 1) / 2)
     mx.set_xticklabels([f"rank {r}" for r in range(3)])
     mx.set_ylabel("MiB")
-    mx.set_title(f"Memory per rank (target: peak RSS ≤ shard + {TARGET_RSS_OVER_SHARD_MB} MB)")
+    mx.set_title(f"Memory per rank (target: peak RSS ≤ shard + {TARGET_RSS_OVER_SHARD_MB} MB)", fontsize=9)
     mx.legend(fontsize=7)
     fig.suptitle(f"shardline vs transformers, {results['meta']['model']}, {results['meta']['cores']} cores",
                  fontsize=10)
