@@ -358,9 +358,22 @@ def test_reading_all_tensors_holds_about_one_tensor(tmp_path, case):
 
 # ---- end to end: a GGUF file splits and serves what transformers computes from that file ----
 
-E2E = {  # family, tensor types: llama's q/k permutation (GQA, untied head) and qwen2's biases (tied head)
-    "llama-q8_0": ("llama", dict(tie_word_embeddings=False), uniform(Q.Q8_0)),
-    "qwen2-q4_0": ("qwen2", dict(tie_word_embeddings=True), uniform(Q.Q4_0)),
+def e2e_config(family: str, **override):
+    """A tiny config of `family` with large random weights (initializer_range 0.3), so that logits are far from
+    flat (the margin check in pipeline_matches makes sure). Plain RoPE: transformers' GGUF config has no
+    scaling (see test_llama3_gguf_split_serves_the_converted_models_tokens for a scaled one)."""
+    if family == "gpt2":   # transformers' GGUF config for gpt2 assumes 1024 positions
+        return GPT2Config(vocab_size=320, n_embd=64, n_layer=5, n_head=4, n_positions=1024, initializer_range=0.3,
+                          bos_token_id=317, eos_token_id=317, **override)
+    from tests.families import tiny_config
+    return tiny_config(family, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                       initializer_range=0.3, **override)
+
+
+E2E = {  # config, tensor types: llama's q/k permutation (GQA, untied head), qwen2's biases (tied), gpt2's Conv1D
+    "llama-q8_0": (lambda: e2e_config("llama", tie_word_embeddings=False), uniform(Q.Q8_0)),
+    "qwen2-q4_0": (lambda: e2e_config("qwen2", tie_word_embeddings=True), uniform(Q.Q4_0)),
+    "gpt2-f16": (lambda: e2e_config("gpt2"), uniform(Q.F16)),
 }
 SCORE = [5, 300, 12, 41, 42, 99, 7, 250, 3, 77, 210, 18, 64, 200, 33, 1, 280, 90, 121, 8]
 GREEDY = [[40, 41, 42], [100, 7, 300, 2, 9], list(range(200, 240)), [17]]   # the 40-token one is chunked
@@ -369,15 +382,11 @@ MAX_NEW = 16
 
 @pytest.fixture(scope="module", params=list(E2E))
 def gguf_split(request, tmp_path_factory):
-    """(GGUF file, its 2-stage split, transformers' model loaded from the file). The weights are random but
-    large (initializer_range 0.3), so that logits are far from flat; the margin check below makes sure."""
-    from tests.families import tiny_config
+    """(GGUF file, its 2-stage split, transformers' model loaded from the file)."""
     from tests.helpers import split
-    family, override, qtype = E2E[request.param]
+    config, qtype = E2E[request.param]
     d = tmp_path_factory.mktemp(request.param)
-    # transformers' GGUF config has no RoPE scaling, so the model written uses plain RoPE
-    cfg = tiny_config(family, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                      initializer_range=0.3, **override)
+    cfg = config()
     tok = build_tokenizer(cfg.vocab_size - len(SPECIALS))
     tok.add_special_tokens({"additional_special_tokens": SPECIALS})
     torch.manual_seed(0)
@@ -387,7 +396,7 @@ def gguf_split(request, tmp_path_factory):
             if n.endswith("bias"):
                 p.normal_(0, 0.05)
     path = write_gguf(d / "model.gguf", model, tok, qtype, eot_token="<|im_end|>")
-    parts = split(path, 2, d / "parts", "--layers", "0-1,2-%d" % (cfg.num_hidden_layers - 1))
+    parts = split(path, 2, d / "parts", "--layers", "0-1,2-%d" % (cfg.num_hidden_layers - 1))  # uneven
     ref = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=path.name, dtype=torch.float32).eval()
     return path, parts, ref
 
