@@ -187,7 +187,7 @@ def llama3_rope_factors(config) -> np.ndarray:
 
 def write_gguf(path: Path, model, tokenizer, qtype: Callable[[str, np.ndarray], Q] = float_only, *,
                name: str = "tiny", chat_template: str | None = CHAT_TEMPLATE, eot_token: str | None = None,
-               seed: int = 0) -> Path:
+               seed: int = 0, drop: tuple[str, ...] = ()) -> Path:
     """Write `model` (a transformers CausalLM) and `tokenizer` as one GGUF file at `path`; tokenizer
     "sentencepiece" writes `sentencepiece_metadata` instead of a byte-level BPE."""
     config = model.config
@@ -211,6 +211,8 @@ def write_gguf(path: Path, model, tokenizer, qtype: Callable[[str, np.ndarray], 
         writer.add_rope_scaling_factor(rope["factor"])
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     for gname, w in gguf_tensors(model):
+        if gname in drop:  # for tests of incomplete files
+            continue
         qt = qtype(gname, w) if w.ndim > 1 else Q.F32  # llama.cpp keeps norms and biases in F32
         data = encode(w, qt, rng)
         writer.add_tensor(gname, data, raw_dtype=None if qt in (Q.F32, Q.F16) else qt)

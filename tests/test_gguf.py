@@ -303,6 +303,13 @@ def test_metadata_that_disagrees_with_tensors_is_refused(tmp_path):
         GGUFSource(path)
 
 
+def test_file_missing_a_tensor_is_refused(tmp_path):
+    _, path = make(tmp_path, LlamaForCausalLM, LlamaConfig(**LLAMA), uniform(Q.Q8_0), drop=("blk.1.ffn_up.weight",))
+    with pytest.raises(ValueError, match=r"model\.gguf: the file lacks 1 tensor\(s\) the llama model needs, "
+                                         r"e\.g\. model\.layers\.1\.mlp\.up_proj\.weight"):
+        GGUFSource(path)
+
+
 # ---- memory: one tensor at a time ----
 
 PROBE = textwrap.dedent("""
