@@ -26,7 +26,10 @@ import torch
 # Architectures as a GGUF file names them (general.architecture), and the families they become.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")  # "mistral" files say "llama"
 SLAB_BYTES = 8 << 20  # raw bytes dequantized at once
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+# Q5_0/Q5_1 are llama.cpp's fallbacks inside Q4_K_M/Q5_K_M files for rows that are no multiple of 256
+# (Qwen2.5-0.5B's 896), Q2_K/Q3_K the bulk of its Q2_K/Q3_K_* files: gguf-py dequantizes all of them.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
 
 
 class GGUFSource:

@@ -3,8 +3,8 @@
 Same metadata keys, same tensor names (gguf's own name map), the same q/k row permutation for llama
 files and the same transposed GPT-2 projections, and a byte-level BPE tokenizer ("gpt2" model) with its
 merges, special-token types and chat template. Tensors are written in the type `qtype(name, array)`
-picks; gguf-py quantizes F16/BF16/Q8_0/Q4_0/Q4_1 itself. It has no k-quant quantizer, so Q4_K/Q5_K/Q6_K
-tensors are written as random *valid* blocks (finite scales): the model's values are replaced, which is
+picks; gguf-py quantizes F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 itself. It has no k-quant quantizer, so
+Q2_K..Q6_K tensors are written as random *valid* blocks (finite scales): the model's values are replaced, which is
 fine for tests that compare against transformers loading the same file.
 """
 from __future__ import annotations
@@ -41,17 +41,18 @@ def uniform(qtype: Q) -> Callable[[str, np.ndarray], Q]:
 
 
 def random_blocks(qtype: Q, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Random but valid k-quant blocks for a tensor of `shape` (last dim a multiple of 256), as uint8."""
+    """Random but valid blocks (finite f16 scales) of a type gguf-py cannot quantize, as uint8; for any other
+    type plain random bytes (for files the reader must refuse)."""
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     n_blocks = int(np.prod(shape)) // block_elems
     raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
     scale = lambda: rng.uniform(0.002, 0.02, size=n_blocks).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
     if qtype in (Q.Q4_K, Q.Q5_K):  # d, dmin (f16) first, then 6-bit scales and the quants
         raw[:, 0:2], raw[:, 2:4] = scale(), scale()
-    elif qtype == Q.Q6_K:  # ql, qh, int8 scales, then d (f16) last
+    elif qtype == Q.Q2_K:  # scales, quants, then d, dmin (f16) last
+        raw[:, -4:-2], raw[:, -2:] = scale(), scale()
+    elif qtype in (Q.Q3_K, Q.Q6_K):  # ..., then d (f16) last
         raw[:, -2:] = scale()
-    else:
-        raise ValueError(f"no random-block recipe for {qtype.name}")
     return raw.reshape(*shape[:-1], shape[-1] // block_elems * block_bytes)
 
 
@@ -60,9 +61,10 @@ def encode(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray:
         return w.astype(np.float32)
     if qtype == Q.F16:
         return w.astype(np.float16)
-    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+    try:
+        return gguf.quants.quantize(w.astype(np.float32), qtype)
+    except NotImplementedError:  # the k-quants (and others): gguf-py only dequantizes them
         return random_blocks(qtype, w.shape, rng)
-    return gguf.quants.quantize(w.astype(np.float32), qtype)
 
 
 def tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, chat_template: str | None,

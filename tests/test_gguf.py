@@ -54,11 +54,17 @@ CASES = {
     "llama-q8_0": (LlamaForCausalLM, LlamaConfig(**LLAMA, tie_word_embeddings=False), uniform(Q.Q8_0), None),
     "llama-q4_0-tied": (LlamaForCausalLM, LlamaConfig(**LLAMA, tie_word_embeddings=True), uniform(Q.Q4_0), None),
     "llama-q4_1": (LlamaForCausalLM, LlamaConfig(**LLAMA, tie_word_embeddings=False), uniform(Q.Q4_1), None),
+    "llama-q5_0-q5_1": (LlamaForCausalLM, LlamaConfig(**LLAMA, tie_word_embeddings=False),
+                        by_role(attn=Q.Q5_0, ffn=Q.Q5_1, output=Q.Q5_1, token_embd=Q.Q5_0), None),
     # k-quants need rows of 256: hidden and intermediate 256, as in llama.cpp's Q4_K_M mix
     "llama-kquants": (LlamaForCausalLM, LlamaConfig(**{**LLAMA, "hidden_size": 256, "intermediate_size": 256},
                                                     tie_word_embeddings=False),
                       by_role(attn_q=Q.Q4_K, attn_k=Q.Q4_K, attn_v=Q.Q6_K, attn_output=Q.Q4_K, ffn_gate=Q.Q5_K,
                               ffn_up=Q.Q5_K, ffn_down=Q.Q6_K, output=Q.Q6_K, token_embd=Q.Q4_K), None),
+    "llama-q2_k-q3_k": (LlamaForCausalLM, LlamaConfig(**{**LLAMA, "hidden_size": 256, "intermediate_size": 256},
+                                                      tie_word_embeddings=False),
+                        by_role(attn=Q.Q2_K, ffn_gate=Q.Q3_K, ffn_up=Q.Q3_K, ffn_down=Q.Q4_K, output=Q.Q6_K,
+                                token_embd=Q.Q2_K), None),
     "qwen2-bias-tied-q8_0": (Qwen2ForCausalLM, Qwen2Config(**LLAMA, tie_word_embeddings=True), uniform(Q.Q8_0), None),
     "qwen2-f32": (Qwen2ForCausalLM, Qwen2Config(**LLAMA, tie_word_embeddings=False), float_only, "f32"),
     # transformers' GGUF config for qwen3 takes head_dim from the class default (128): real Qwen3 files match it
@@ -289,9 +295,9 @@ def test_unsupported_architecture_is_refused(tmp_path):
 
 
 def test_unsupported_tensor_type_is_refused(tmp_path):
-    _, path = make(tmp_path, LlamaForCausalLM, LlamaConfig(**LLAMA), by_role(ffn_down=Q.Q5_0))
-    with pytest.raises(ValueError, match=r"model\.gguf: tensor type\(s\) Q5_0 \(e\.g\. blk\.0\.ffn_down\.weight\) "
-                                         r"are not supported; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K"):
+    _, path = make(tmp_path, LlamaForCausalLM, LlamaConfig(**LLAMA), by_role(ffn_down=Q.Q8_1))
+    with pytest.raises(ValueError, match=r"model\.gguf: tensor type\(s\) Q8_1 \(e\.g\. blk\.0\.ffn_down\.weight\) "
+                                         r"are not supported; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, "):
         GGUFSource(path)
 
 
