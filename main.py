@@ -47,6 +47,9 @@ def parse_args(argv=None):
     ap.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
     ap.add_argument("--model-name", default=None, help="model id in /v1/models (default: the split's source)")
     ap.add_argument("--verbose", action="store_true", help="print a timing line per pipeline step")
+    ap.add_argument("--device", default=os.environ.get("SHARDLINE_DEVICE", "auto"),
+                    help="where this rank's stage runs: auto (a CUDA GPU if torch sees one, for float shards; "
+                         "else the CPU), cpu, cuda, cuda:N (default auto)")
     ap.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                     help="type of the hidden states sent between ranks (the same on every rank): float16 or "
                          "bfloat16 halve the bytes per hop for slow links at a small cost in accuracy "
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
     # torch loads, since it reads them once: see shardline/omp.py.
     threads = omp.configure(args.model_dir, args.threads, args.microbatches)
     from shardline.node import start
-    node = start(args.model_dir, args.slots, args.max_context, threads, args.microbatches)
+    node = start(args.model_dir, args.slots, args.max_context, threads, args.microbatches,
+                 device=args.device, wire_dtype=args.wire_dtype)
     if node is None:
         return EX_CONFIG
     if node.rank == 0:
@@ -103,15 +107,6 @@ def _serve_head(args, node) -> int:
     from shardline.engine import Engine
     size = manifest.num_stages
     hosts = [r["host"] for r in records]
-    other = [r for r in records if r.get("wire_dtype", args.wire_dtype) != args.wire_dtype]
-    if other:
-        from shardline import EX_CONFIG
-        for r in other:
-            print(f"shardline: rank {r['rank']} on {r['host']} was started with --wire-dtype {r['wire_dtype']} but "
-                  f"rank 0 with {args.wire_dtype}; start every rank with the same --wire-dtype", file=sys.stderr, flush=True)
-        if link is not None:
-            link.comm.Abort(EX_CONFIG)
-        return EX_CONFIG
     engine = Engine(stage, AutoTokenizer.from_pretrained(tok_dir), link, size, hosts, args.slots,
                     queue_size=args.queue_size, max_batch_tokens=args.max_batch_tokens,
                     step_timeout=args.step_timeout, log_steps=args.verbose, stats_interval=STATS_INTERVAL,
@@ -121,8 +116,9 @@ def _serve_head(args, node) -> int:
     name = args.model_name or os.path.basename(str(data["source"]).rstrip("/")) or "model"
     info = {"model": name, "random_weights": data.get("random_weights", False), "ranks": size,
             "slots": args.slots, "max_context": stage.max_context, "wire_dtype": args.wire_dtype,
+            "family": manifest.family, "quantization": data.get("quantization"),
             "stages": [{"rank": r["rank"], "host": r["host"], "layers": r["layers"], "rss_mb": r.get("rss_mb"),
-                        "load_seconds": r.get("load_seconds")} for r in records]}
+                        "load_seconds": r.get("load_seconds"), "device": r.get("device", "cpu")} for r in records]}
     app = create_app(engine, AutoTokenizer.from_pretrained(tok_dir), info, name, api_key=args.api_key,
                      cors_origins=args.cors_origin)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

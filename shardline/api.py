@@ -206,6 +206,12 @@ class StageInfo(BaseModel):
     layers: list[int]
     rss_mb: float | None = None
     load_seconds: float | None = None
+    device: str = "cpu"
+
+
+class Quantization(BaseModel):
+    scheme: Literal["int8", "int4"]
+    group_size: int | None = None
 
 
 class Health(BaseModel):
@@ -216,6 +222,8 @@ class Health(BaseModel):
     slots: int
     max_context: int
     wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    family: str = "gpt2"
+    quantization: Quantization | None = None
     stages: list[StageInfo]
     active_sequences: int
     queue_depth: int

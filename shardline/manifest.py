@@ -74,6 +74,12 @@ def load_manifest(model_dir: Path) -> Manifest:
         family(data.get("family"))
     except ValueError as err:
         raise ShardError(f"{path}: {err}; this shardline cannot serve it (update shardline, or split another model)") from err
+    quant = data.get("quantization")
+    if quant:
+        from shardline.quant import SCHEMES
+        if quant.get("scheme") not in SCHEMES:
+            raise ShardError(f"{path}: quantization scheme {quant.get('scheme')!r} is unknown to this shardline "
+                             f"(known: {', '.join(SCHEMES)}); update shardline on every board, or re-split")
     return Manifest(path, data)
 
 
@@ -101,6 +107,10 @@ def verify_shard(manifest: Manifest, k: int) -> Path:
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
+    scheme = (manifest.data.get("quantization") or {}).get("scheme") or "none"
+    if meta.get("quantization", "none") != scheme:
+        raise ShardError(f"{path}: quantization {meta.get('quantization', 'none')!r} but the manifest says {scheme!r} "
+                         f"(a shard of another split); {FIX_DISTRIBUTE}")
     if meta.get("split_id") != manifest.data["split_id"] or meta.get("stage") != str(k):
         raise ShardError(f"{path}: belongs to split {meta.get('split_id')} stage {meta.get('stage')}, the manifest "
                          f"is split {manifest.data['split_id']} stage {k}; {FIX_DISTRIBUTE}")

@@ -32,10 +32,11 @@ def init_dist():
     return comm, comm.Get_rank(), comm.Get_size()
 
 
-def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | None):
+def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | None, device: str | None = "auto",
+               wire_dtype: str = "float32"):
     """Check and load this rank's shard. Returns (stage, manifest, tokenizer_dir or None, record)."""
     host = socket.gethostname()
-    record = {"rank": rank, "host": host, "ok": False}
+    record = {"rank": rank, "host": host, "ok": False, "wire_dtype": wire_dtype}
     try:
         manifest = load_manifest(model_dir)
         check_world(manifest, size)
@@ -44,10 +45,10 @@ def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | N
         path = verify_shard(manifest, rank)
         tok_dir = verify_tokenizer(manifest) if rank == 0 else None
         t0 = time.time()
-        stage = load_family_stage(manifest, rank, path, slots, max_context)
+        stage = load_family_stage(manifest, rank, path, slots, max_context, device)
         rss, peak = rss_bytes()
         record.update(ok=True, load_seconds=round(time.time() - t0, 2), rss_mb=round(rss / 2**20, 1),
-                      shard_mb=round(entry["bytes"] / 2**20, 1))
+                      shard_mb=round(entry["bytes"] / 2**20, 1), device=str(stage.device))
         return stage, manifest, tok_dir, record
     except ShardError as err:
         record["error"] = str(err)
@@ -69,6 +70,10 @@ def roll_call(comm, rank: int, size: int, record: dict) -> tuple[bool, list[dict
         records = ([json.loads(bytes(row).rstrip(b"\0") or b"{}") for row in allbuf] if rank == 0 else None)
     go = np.array([1], np.uint8)
     if rank == 0:
+        for r in records[1:]:   # every rank must send and expect the hidden state in the same type
+            if r.get("ok") and r.get("wire_dtype") != records[0].get("wire_dtype"):
+                r.update(ok=False, error=f"started with --wire-dtype {r.get('wire_dtype')} but rank 0 with "
+                                         f"{records[0].get('wire_dtype')}; start every rank with the same --wire-dtype")
         bad = [r for r in records if not r.get("ok")]
         for r in bad:
             print(f"shardline: rank {r.get('rank')} on {r.get('host')}: {r.get('error')}", file=sys.stderr, flush=True)
@@ -89,13 +94,13 @@ class Node:
 
 
 def start(model_dir, slots: int, max_context: int | None = None, threads: int | None = None,
-          microbatches: int | None = None) -> Node | None:
+          microbatches: int | None = None, device: str | None = "auto", wire_dtype: str = "float32") -> Node | None:
     """Every rank: join MPI, check and load its own shard, and take part in the roll call.
     Returns None (after rank 0 has printed why) when any rank cannot serve. threads: torch's thread
     count (main.py has omp.configure choose it; else omp.default_threads)."""
     comm, rank, size = init_dist()
     import torch
     torch.set_num_threads(threads or omp.default_threads(size, microbatches))
-    stage, manifest, tok_dir, record = load_stage(model_dir, rank, size, slots, max_context)
+    stage, manifest, tok_dir, record = load_stage(model_dir, rank, size, slots, max_context, device, wire_dtype)
     go, records = roll_call(comm, rank, size, record)
     return Node(comm, rank, size, stage, manifest, tok_dir, records) if go else None

@@ -40,15 +40,25 @@ def positions(seqs: list[Seq]) -> torch.Tensor:
 
 class KVCache:
     """Keys and values of this stage's layers for every slot, allocated once:
-    [layers, slots, kv_heads, context, head_dim]. torch.empty leaves pages untouched until a sequence
-    writes them; positions past a sequence's length are never read. Grouped-query attention (fewer kv
-    heads than query heads) is SDPA's enable_gqa: the cache holds only the kv heads."""
+    [layers, slots, kv_heads, context, head_dim]. Grouped-query attention (fewer kv heads than query
+    heads) is SDPA's enable_gqa: the cache holds only the kv heads.
+
+    The cache must start as zeros, not torch.empty: masked positions still enter SDPA's sums with
+    weight 0, and 0 * NaN is NaN, so a garbage NaN left by an earlier allocation would poison a
+    sequence (seen on small caches, which the allocator recycles). NumPy's zeros come from calloc,
+    whose large blocks are fresh zero pages the kernel maps only when a sequence writes them, so the
+    cache costs RSS as it fills, not at start."""
 
     def __init__(self, layers: int, slots: int, kv_heads: int, context: int, head_dim: int,
-                 dtype=torch.float32, device=None):
+                 device=None):
+        import numpy as np
         shape = (layers, slots, kv_heads, context, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        if device is None or torch.device(device).type == "cpu":
+            self.k = torch.from_numpy(np.zeros(shape, np.float32))
+            self.v = torch.from_numpy(np.zeros(shape, np.float32))
+        else:
+            self.k = torch.zeros(shape, device=device)
+            self.v = torch.zeros(shape, device=device)
         self.context, self.kv_heads, self.head_dim = context, kv_heads, head_dim
 
     def plan(self, seqs: list[Seq]) -> "Plan":
@@ -74,8 +84,9 @@ class KVCache:
         mask = torch.zeros(hi - lo, 1, 1, width, dtype=torch.bool)
         mask[..., 0] = True                     # rows of the range not in this batch: any finite answer
         mask[slots - lo] = (torch.arange(width) <= pos[:, None]).view(-1, 1, 1, width)
-        plan.rows, plan.slots, plan.pos, plan.idx = rows, slots, pos, slots - lo
-        plan.range, plan.width, plan.mask = (lo, hi), width, mask.to(self.k.device)
+        dev = self.k.device
+        plan.rows, plan.slots, plan.pos, plan.idx = rows.to(dev), slots.to(dev), pos.to(dev), (slots - lo).to(dev)
+        plan.range, plan.width, plan.mask = (lo, hi), width, mask.to(dev)
         return plan
 
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: "Plan") -> torch.Tensor:
@@ -142,10 +153,33 @@ def read_transposed(path: Path, name: str, block: int = 2048) -> torch.Tensor:
             return out
 
 
-def load_stage(manifest, k: int, path: Path, slots: int, max_context: int | None):
-    """Stage k of a split, built by the family module the manifest names."""
+def pick_device(device: str | None = "auto", quant: dict | None = None) -> torch.device:
+    """Where a stage runs: `auto` takes a CUDA GPU when torch sees one (float shards only: the int8 and
+    int4 kernels used here are CPU kernels), else the CPU."""
+    if device in (None, "cpu"):
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and not quant else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA GPU here (use --device cpu or auto)")
+    if quant and device != "cpu":
+        raise ValueError(f"--device {device}: quantized shards run on the CPU kernels only (use --device cpu)")
+    return torch.device(device)
+
+
+def load_stage(manifest, k: int, path: Path, slots: int, max_context: int | None, device: str | None = None):
+    """Stage k of a split, built by the family module the manifest names, on `device` (pick_device).
+    Whatever the device, a stage takes and returns host (CPU) tensors: activations travel as host
+    buffers, and the engine samples on the host."""
+    from shardline.manifest import FIX_DISTRIBUTE, ShardError
     from shardline.models import family
     fam = family(manifest.family)
     entry = manifest.stage(k)
-    return fam.Stage.load(path, manifest.config, tuple(entry["layers"]), k == 0, slots, max_context,
-                          quant=manifest.data.get("quantization"), tied=manifest.data["tied_lm_head"])
+    try:
+        quant = manifest.data.get("quantization")
+        return fam.Stage.load(path, manifest.config, tuple(entry["layers"]), k == 0, slots, max_context,
+                              quant=quant, tied=manifest.data["tied_lm_head"], device=pick_device(device, quant))
+    except KeyError as err:
+        raise ShardError(f"{path}: tensor {err} is missing (damaged, or from another split); {FIX_DISTRIBUTE}") from err
+    except ValueError as err:
+        raise ShardError(f"{path}: {err}; {FIX_DISTRIBUTE}") from err

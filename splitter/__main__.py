@@ -24,11 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize", choices=("int8", "int4"),
                     help="store matmul weights as int8 (per output channel) or int4 (per group); default float32")
     ap.add_argument("--group-size", type=int, default=None, help="int4 group size (default: shardline.quant's)")
+    ap.add_argument("--boards", type=Path, help="boards file (YAML, ring order, head first): plan by memory and speed")
+    ap.add_argument("--slots", type=int, default=16, help="with --boards: concurrent sequences (main.py --slots)")
+    ap.add_argument("--max-context", type=int, default=None,
+                    help="with --boards: tokens per sequence (main.py --max-context; default: the model's, at most 4096)")
+    ap.add_argument("--plan-json", type=Path, help="also write the plan as JSON to this file")
     ap.add_argument("--plan-only", action="store_true", help="print each stage's layers and bytes; write nothing")
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     args = ap.parse_args(argv)
-    if args.stages is None or args.stages < 1:
-        ap.error("--stages N (N >= 1) is required")
+    if args.boards is None and (args.stages is None or args.stages < 1):
+        ap.error("--stages N (N >= 1) or --boards FILE is required")
     if args.out is None and not args.plan_only:
         ap.error("--out DIR is required (or --plan-only)")
 
@@ -44,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from splitter.split import split
     try:
         split(args.model, args.stages, args.out, random_weights=args.random_weights, layers=args.layers,
-              seed=args.seed, quantize=args.quantize, group_size=args.group_size, plan_only=args.plan_only)
+              seed=args.seed, quantize=args.quantize, group_size=args.group_size, plan_only=args.plan_only,
+              boards=args.boards, slots=args.slots, max_context=args.max_context, plan_json=args.plan_json)
     except ValueError as err:
         print(f"splitter: {err}", file=sys.stderr)
         return 2

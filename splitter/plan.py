@@ -40,9 +40,10 @@ def plan_layers(n_layer: int, n_stages: int, layer_cost: float, head_cost: float
     return ranges
 
 
-def parse_layers(spec: str, n_layer: int) -> list[tuple[int, int]]:
+def parse_layers(spec: str, n_layer: int, allow_empty: bool = False) -> list[tuple[int, int]]:
     """Parse ``--layers 0-1,2-3,4-5`` (inclusive ranges, one per stage; ``none`` for a stage
-    with no layers, e.g. ``none,0-2,3-5`` keeps only the embeddings and head on stage 0)."""
+    with no layers, e.g. ``none,0-2,3-5`` keeps only the embeddings and head on stage 0).
+    allow_empty: a worker may be ``none`` too (with --boards: that board is left out)."""
     ranges = []
     for part in spec.split(","):
         part = part.strip()
@@ -59,6 +60,6 @@ def parse_layers(spec: str, n_layer: int) -> list[tuple[int, int]]:
         expect = b
     if expect != n_layer:
         raise ValueError(f"--layers {spec!r} covers {expect} layers; the model has {n_layer}")
-    if any(a == b for a, b in ranges[1:]):
+    if not allow_empty and any(a == b for a, b in ranges[1:]):
         raise ValueError(f"--layers {spec!r}: every stage after the first needs at least one layer")
     return ranges

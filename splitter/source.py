@@ -98,25 +98,40 @@ def _keys(path: Path) -> list[str]:
 
 
 class RandomSource:
-    """MODEL's architecture with random weights (seeded) and a locally built byte-level tokenizer: for
-    machines without the model hub (tests, CI, the offline demo, the benchmark's shapes)."""
+    """MODEL's architecture with random weights and a locally built byte-level tokenizer: for machines
+    without the model hub (tests, CI, the offline demo, the benchmark's shapes). Names and shapes come
+    from the model built on the meta device (no memory); each tensor is drawn when asked for, from a
+    generator seeded by (seed, name), as transformers initializes it: normal(0, initializer_range) for
+    matrices, ones for norm weights, zeros for biases. So a 1.1B shape splits in one stage's memory."""
 
     def __init__(self, model: str, seed: int = 0):
-        from splitter.random_model import build_tokenizer, config_for, random_model
+        from transformers import AutoModelForCausalLM
+
+        from splitter.random_model import build_tokenizer, config_for
         self.config = config_for(model)
-        self.model = random_model(self.config, seed)
-        self._state = self.model.state_dict()
-        self.tokenizer = build_tokenizer(self.config.vocab_size)
-        self.generation_config = None
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(self.config)
+        self._shapes = {n: tuple(p.shape) for n, p in meta.state_dict().items()}
+        if getattr(self.config, "tie_word_embeddings", True):
+            self._shapes.pop("lm_head.weight", None)
+        self.seed, self.tokenizer, self.generation_config = seed, build_tokenizer(self.config.vocab_size), None
 
     def names(self) -> list[str]:
-        return list(self._state)
+        return list(self._shapes)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._state[name].shape)
+        return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._state[name].detach().to(torch.float32)
+        import zlib
+        shape = self._shapes[name]
+        leaf = name.rsplit(".", 2)[-2] if name.count(".") else name
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        if len(shape) == 1 and ("norm" in leaf or leaf.startswith("ln")):
+            return torch.ones(shape)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.empty(shape).normal_(0.0, getattr(self.config, "initializer_range", 0.02), generator=g)
 
     def close(self) -> None:
-        self._state = self.model = None
+        pass

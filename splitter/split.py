@@ -49,12 +49,28 @@ def open_model(model: str, random_weights: bool = False, seed: int = 0) -> Model
 def spec_bytes(m: Model, spec: Spec, quant: dict | None) -> int:
     """Bytes this tensor takes in the shard (float32, or its quantized parts)."""
     numel = sum(_numel(m.source.shape(s)) for s in spec.sources)
-    if not (quant and spec.matmul):
+    if not _quantized(m, spec, quant):
         return 4 * numel
     rows = sum(m.source.shape(s)[1 if spec.conv1d else 0] for s in spec.sources)
     if quant["scheme"] == "int8":
-        return numel + 4 * rows
-    return numel // 2 + 2 * 4 * (numel // quant["group_size"])   # int4: packed nibbles, scale and zero per group
+        return numel + 4 * rows                                   # int8 codes, a float32 scale per row
+    return numel // 2 + 2 * 2 * (numel // quant["group_size"])   # int4: nibbles, bf16 scale and zero per group
+
+
+def _shape(m: Model, spec: Spec) -> tuple[int, int]:
+    """[out, in] of a matmul spec (its sources concatenated along out)."""
+    shapes = [m.source.shape(s) for s in spec.sources]
+    if spec.conv1d:
+        shapes = [tuple(reversed(sh)) for sh in shapes]
+    return sum(sh[0] for sh in shapes), shapes[0][1]
+
+
+def _quantized(m: Model, spec: Spec, quant: dict | None) -> bool:
+    """Quantization applies to matmul weights whose shape the kernels take; the rest stays float."""
+    if not (quant and spec.matmul):
+        return False
+    from shardline.quant import quantizable
+    return quantizable(_shape(m, spec), quant["scheme"], quant["group_size"])
 
 
 def _numel(shape) -> int:
@@ -71,6 +87,45 @@ def plan(m: Model, n_stages: int, layers: str | None, quant: dict | None = None)
     if len(ranges) != n_stages:
         raise ValueError(f"--layers gives {len(ranges)} stages but --stages is {n_stages}")
     return ranges
+
+
+def model_cost(m: Model, quant: dict | None, wire_bytes: int = 4):
+    """What the board planner (splitter/boards.py) needs, from the family and the source's shapes."""
+    from splitter.boards import ModelCost
+    c = m.fam.cost(m.config, m.tied)
+    layer_bytes = [sum(spec_bytes(m, s, quant) for s in m.fam.specs(m.config, False, (i, i + 1), m.tied))
+                   for i in range(m.n_layers)]
+    first = m.fam.specs(m.config, True, (0, 0), m.tied)
+    head = next(s for s in first if s.name == ("lm_head.weight" if not m.tied else s.name) and s.matmul)
+    return ModelCost(n_layers=m.n_layers, layer_bytes=layer_bytes, layer_flops=[2.0 * c.layer_params] * m.n_layers,
+                     kv_bytes_per_token=[4 * c.kv_per_token] * m.n_layers,
+                     first_bytes=sum(spec_bytes(m, s, quant) for s in first), first_flops=2.0 * c.head_params,
+                     hidden_bytes=wire_bytes * c.hidden, head_read_bytes=spec_bytes(m, head, quant))
+
+
+def board_plan(m: Model, boards_file: Path, quant: dict | None, slots: int, max_context: int | None,
+               layers: str | None):
+    """The plan over the boards of boards_file (splitter/boards.py); DoesNotFit when nothing fits."""
+    from shardline.models import default_context
+    from splitter.boards import load_boards, make_plan
+    boards = load_boards(boards_file)
+    ctx = max_context or default_context(m.fam.context(m.config))
+    override = None
+    if layers:
+        override = parse_layers(layers, m.n_layers, allow_empty=True)
+    options = {q: model_cost(m, {"scheme": q, "group_size": _group(q)}) for q in ("int8", "int4")
+               if q != (quant or {}).get("scheme")}
+    return make_plan(boards, model_cost(m, quant), slots=slots, max_context=ctx, layers_override=override,
+                     quant_options=options)
+
+
+def _group(scheme: str, group_size: int | None = None) -> int | None:
+    if scheme != "int4":
+        return None
+    if group_size:
+        return group_size
+    from shardline.quant import DEFAULT_GROUP_SIZE
+    return DEFAULT_GROUP_SIZE
 
 
 def plan_table(m: Model, ranges, quant: dict | None) -> tuple[str, list[int]]:
@@ -91,7 +146,7 @@ def build_tensor(m: Model, spec: Spec, quant: dict | None) -> dict[str, torch.Te
     parts = [m.source.get(s) for s in spec.sources]
     w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     del parts
-    if not (quant and spec.matmul):
+    if not _quantized(m, spec, quant):
         return {spec.name: w.contiguous()}
     from shardline.quant import quantize
     if spec.conv1d:
@@ -102,7 +157,8 @@ def build_tensor(m: Model, spec: Spec, quant: dict | None) -> dict[str, torch.Te
 
 def split(model: str, n_stages: int, out: Path, random_weights: bool = False, layers: str | None = None,
           seed: int = 0, quantize: str | None = None, group_size: int | None = None,
-          plan_only: bool = False, ranges: list[tuple[int, int]] | None = None) -> dict | None:
+          plan_only: bool = False, boards: Path | None = None, slots: int = 16, max_context: int | None = None,
+          plan_json: Path | None = None) -> dict | None:
     t0 = time.time()
     m = open_model(model, random_weights, seed)
     quant = None
@@ -110,16 +166,28 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
         from shardline.quant import SCHEMES
         if quantize not in SCHEMES:
             raise ValueError(f"--quantize {quantize!r}: unknown scheme; supported: {', '.join(SCHEMES)}")
-        quant = {"scheme": quantize, "group_size": group_size if quantize == "int4" else None}
-        if quantize == "int4" and not group_size:
-            from shardline.quant import DEFAULT_GROUP_SIZE
-            quant["group_size"] = DEFAULT_GROUP_SIZE
-    ranges = ranges or plan(m, n_stages, layers, quant)
+        quant = {"scheme": quantize, "group_size": _group(quantize, group_size)}
     kind = "RANDOM WEIGHTS, " if random_weights else ""
     print(f"[splitter] {model}: {kind}{m.config.model_type}, {m.n_layers} layers, hidden "
           f"{m.fam.cost(m.config, m.tied).hidden}, {'tied' if m.tied else 'untied'} LM head", flush=True)
-    table, sizes = plan_table(m, ranges, quant)
-    print(table, flush=True)
+    if boards:
+        bplan = board_plan(m, boards, quant, slots, max_context, layers)   # DoesNotFit: a ValueError
+        print(bplan.table(), flush=True)
+        if plan_json:
+            Path(plan_json).write_text(json.dumps(bplan.to_json(), indent=1) + "\n")
+        ranges = bplan.layer_ranges()
+        if n_stages and n_stages != len(ranges):
+            raise ValueError(f"--stages {n_stages}, but the plan over {boards} has {len(ranges)} stages "
+                             "(boards left out are not stages); leave --stages out with --boards")
+        n_stages = len(ranges)
+    else:
+        ranges = plan(m, n_stages, layers, quant)
+        table, sizes = plan_table(m, ranges, quant)
+        print(table, flush=True)
+        if plan_json:
+            Path(plan_json).write_text(json.dumps({"stages": [
+                {"board": None, "layers": list(r), "shard_mb": round(b / 2**20, 1)} for r, b in zip(ranges, sizes)]},
+                indent=1) + "\n")
     if plan_only:
         return None
 
@@ -140,7 +208,8 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
                       f"({time.time() - t0:.0f}s)", flush=True)
                 last = time.time()
         path = out / f"stage_{k}.safetensors"
-        save_file(tensors, str(path), metadata={"split_id": split_id, "stage": str(k), "format": FORMAT})
+        save_file(tensors, str(path), metadata={"split_id": split_id, "stage": str(k), "format": FORMAT,
+                                                "quantization": (quant or {}).get("scheme") or "none"})
         names = list(tensors)
         del tensors
         size = path.stat().st_size

@@ -2,7 +2,8 @@
 
     mpirun -np 3 python -m mpi4py tests/mpi_check.py --model-dir DIR --cases cases.json --out result.json
 
-cases.json: {"score": [ids...], "greedy": [[prompt ids], ...], "max_new_tokens": N, "max_batch_tokens": T}.
+cases.json: {"score": [ids...], "greedy": [[prompt ids], ...], "max_new_tokens": N, "max_batch_tokens": T,
+             "sequential": false}.
 Rank 0 writes {"logits": [[...]], "greedy": [[ids]...]}; the greedy prompts are submitted together so they
 share micro-batches, and a prompt longer than max_batch_tokens is prefilled in chunks.
 """
@@ -43,9 +44,17 @@ def main() -> int:
 
     def drive():
         try:
+            # "sequential": one request at a time, so every micro-batch holds the same rows whatever the
+            # number of ranks (quantized kernels round differently for different batch shapes)
+            one_by_one = cases.get("sequential", False)
             score = engine.submit(Request(cases["score"], 0, want_logits=True))
-            greedy = [engine.submit(Request(p, cases["max_new_tokens"], SamplingParams(temperature=0)))
-                      for p in cases["greedy"]]
+            if one_by_one:
+                score.done.wait(120)
+            greedy = []
+            for p in cases["greedy"]:
+                greedy.append(engine.submit(Request(p, cases["max_new_tokens"], SamplingParams(temperature=0))))
+                if one_by_one:
+                    greedy[-1].done.wait(120)
             for r in [score, *greedy]:
                 r.done.wait(120)
             result["logits"] = torch.cat(score.logits).tolist()

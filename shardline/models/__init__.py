@@ -37,6 +37,14 @@ class Cost:
     hidden: int             # width of the hidden state that travels between ranks
 
 
+DEFAULT_MAX_CONTEXT = 4096   # tokens per sequence unless --max-context asks for more (Llama 3.2 allows 131072,
+                             # whose KV cache for 16 slots would not fit any board)
+
+
+def default_context(model_context: int) -> int:
+    return min(model_context, DEFAULT_MAX_CONTEXT)
+
+
 def family(model_type: str) -> ModuleType:
     """The module serving this transformers model_type, or a ValueError listing what is supported."""
     from shardline.models import gpt2, llama

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shardline.models import Cost, Spec
+from shardline.models import Cost, Spec, default_context
 from shardline.models.linear import Ends, linear, read_shard
 from shardline.stage import KVCache, Seq, positions
 
@@ -78,43 +78,52 @@ class Stage:
 
     def __init__(self, config, tensors: dict[str, torch.Tensor], layers: tuple[int, int], first: bool,
                  slots: int, max_context: int | None = None, head_t: torch.Tensor | None = None, quant=None,
+                 device: torch.device | None = None,
                  tied: bool | None = None):
         tied = (HEAD not in tensors and HEAD + ".qweight" not in tensors) if tied is None else tied
         check(config)
+        self.device = torch.device(device or "cpu")
+        if self.device.type != "cpu":   # a GPU board: weights and cache in GPU memory (float shards only)
+            tensors = {n: t.to(self.device) for n, t in tensors.items()}
+            head_t = None if head_t is None else head_t.to(self.device)
         self.d, self.n_head = config.n_embd, config.n_head
         self.head_dim = self.d // self.n_head
         self.eps = config.layer_norm_epsilon
         self.layers, self.first = layers, first
-        self.max_context = min(max_context or context(config), context(config))
+        self.max_context = min(max_context or default_context(context(config)), context(config))
         self.blocks = [Block(tensors, f"transformer.h.{i}.", quant) for i in range(*layers)]
         if first:
             self.ends = Ends(tensors, WTE, HEAD, tied, quant, head_t)
             self.wpe = tensors[WPE]
             self.ln_f = (tensors[LN_F[0]], tensors[LN_F[1]])
-        self.cache = KVCache(len(self.blocks), slots, self.n_head, self.max_context, self.head_dim)
+        self.cache = KVCache(len(self.blocks), slots, self.n_head, self.max_context, self.head_dim, self.device)
 
     @classmethod
     def load(cls, path: Path, config, layers, first: bool, slots: int, max_context: int | None,
-             quant=None, tied: bool = True) -> "Stage":
+             quant=None, tied: bool = True, device: torch.device | None = None) -> "Stage":
         tensors, head_t = read_shard(path, first, WTE, HEAD, tied)
-        return cls(config, tensors, tuple(layers), first, slots, max_context, head_t=head_t, quant=quant, tied=tied)
+        return cls(config, tensors, tuple(layers), first, slots, max_context, head_t=head_t, quant=quant, tied=tied,
+                   device=device)
 
     # ---- stage 0's ends of the ring ----
     def embed(self, ids: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
-        return self.ends.embed(ids) + self.wpe[positions(seqs)]                  # [T, d]
+        dev = self.device
+        return (self.ends.embed(ids.to(dev)) + self.wpe[positions(seqs).to(dev)]).cpu()   # [T, d]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ends.logits(F.layer_norm(x, (self.d,), *self.ln_f, self.eps))  # [B, vocab]
+        x = x.to(self.device)
+        return self.ends.logits(F.layer_norm(x, (self.d,), *self.ln_f, self.eps)).cpu()  # [B, vocab]
 
     # ---- the blocks ----
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
         """x: [T, d], the packed tokens of seqs in order; returns [T, d] after this stage's blocks."""
         plan = self.cache.plan(seqs)
+        x = x.to(self.device)
         T, H, hd = x.shape[0], self.n_head, self.head_dim
         for li, blk in enumerate(self.blocks):
             q, k, v = blk.qkv(F.layer_norm(x, (self.d,), *blk.ln1, self.eps)).view(T, 3, H, hd).unbind(1)
             x = x + blk.proj(self.cache.attend(li, q, k, v, plan))                # [T, d]
             h = F.gelu(blk.fc(F.layer_norm(x, (self.d,), *blk.ln2, self.eps)), approximate="tanh")  # [T, 4d]
             x = blk.out(h).add_(x)                                                # [T, d]
-        return x
+        return x.cpu()

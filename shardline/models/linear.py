@@ -31,9 +31,12 @@ def linear(t: dict[str, torch.Tensor], name: str, bias: str | None = None, conv1
     if name in t:
         return Dense(t[name], b, conv1d)
     if quant:
-        from shardline.quant import QLinear, suffixes
+        from shardline.quant import QLinear, check_parts, suffixes
         parts = {s: t[f"{name}.{s}"] for s in suffixes(quant["scheme"]) if f"{name}.{s}" in t}
-        return QLinear.from_parts(parts, quant["scheme"], bias=b)
+        if not parts:
+            raise KeyError(name)
+        check_parts(name, parts, quant["scheme"])         # a missing scale: ValueError naming the tensor
+        return QLinear.from_parts(parts, quant["scheme"], bias=b, name=name)
     raise KeyError(name)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shardline.models import Cost, Spec
+from shardline.models import Cost, Spec, default_context
 from shardline.models.linear import Ends, linear, read_shard
 from shardline.stage import KVCache, Seq, positions
 
@@ -129,12 +129,17 @@ class Block:
 class Stage:
     def __init__(self, config, tensors: dict[str, torch.Tensor], layers: tuple[int, int], first: bool,
                  slots: int, max_context: int | None = None, head_t: torch.Tensor | None = None, quant=None,
+                 device: torch.device | None = None,
                  tied: bool = True):
         check(config)
+        self.device = torch.device(device or "cpu")
+        if self.device.type != "cpu":   # a GPU board: weights and cache in GPU memory (float shards only)
+            tensors = {n: t.to(self.device) for n, t in tensors.items()}
+            head_t = None if head_t is None else head_t.to(self.device)
         self.d, self.eps = config.hidden_size, config.rms_norm_eps
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
         self.layers, self.first = layers, first
-        self.max_context = min(max_context or context(config), context(config))
+        self.max_context = min(max_context or default_context(context(config)), context(config))
         self.blocks = [Block(tensors, i, quant) for i in range(*layers)]
         if first:
             self.ends = Ends(tensors, EMBED, HEAD, tied, quant, head_t)
@@ -148,25 +153,28 @@ class Stage:
             self.inv_freq, self.rope_scale = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float) / hd)), 1.0
         else:
             self.inv_freq, self.rope_scale = ROPE_INIT_FUNCTIONS[rope_type](config, None)
-        self.cache = KVCache(len(self.blocks), slots, self.n_kv, self.max_context, self.head_dim)
+        self.inv_freq = self.inv_freq.to(self.device)
+        self.cache = KVCache(len(self.blocks), slots, self.n_kv, self.max_context, self.head_dim, self.device)
 
     @classmethod
     def load(cls, path: Path, config, layers, first: bool, slots: int, max_context: int | None,
-             quant=None, tied: bool = True) -> "Stage":
+             quant=None, tied: bool = True, device: torch.device | None = None) -> "Stage":
         tensors, head_t = read_shard(path, first, EMBED, HEAD, tied)
-        return cls(config, tensors, tuple(layers), first, slots, max_context, head_t=head_t, quant=quant, tied=tied)
+        return cls(config, tensors, tuple(layers), first, slots, max_context, head_t=head_t, quant=quant, tied=tied,
+                   device=device)
 
     # ---- stage 0's ends of the ring ----
     def embed(self, ids: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
-        return self.ends.embed(ids)                                               # [T, d]
+        return self.ends.embed(ids.to(self.device)).cpu()                         # [T, d]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ends.logits(F.rms_norm(x, (self.d,), self.norm, self.eps))    # [B, vocab]
+        x = x.to(self.device)
+        return self.ends.logits(F.rms_norm(x, (self.d,), self.norm, self.eps)).cpu()  # [B, vocab]
 
     # ---- the blocks ----
     def _rotary(self, seqs: list[Seq]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, hd] for the packed tokens' positions (as LlamaRotaryEmbedding.forward)."""
-        freqs = positions(seqs)[:, None].float() * self.inv_freq                  # [T, hd/2]
+        freqs = positions(seqs).to(self.device)[:, None].float() * self.inv_freq  # [T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)                                   # [T, hd]
         return (emb.cos() * self.rope_scale).unsqueeze(1), (emb.sin() * self.rope_scale).unsqueeze(1)
 
@@ -180,6 +188,7 @@ class Stage:
     def forward(self, x: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
         """x: [T, d], the packed tokens of seqs in order; returns [T, d] after this stage's blocks."""
         plan = self.cache.plan(seqs)
+        x = x.to(self.device)
         cos, sin = self._rotary(seqs)
         T, H, KV, hd = x.shape[0], self.n_head, self.n_kv, self.head_dim
         for li, blk in enumerate(self.blocks):
@@ -193,4 +202,4 @@ class Stage:
             x = x + blk.o(self.cache.attend(li, q, k, v, plan))                   # [T, d]
             g, u = blk.gate_up(F.rms_norm(x, (self.d,), blk.ln2, self.eps)).chunk(2, dim=-1)  # [T, i] each
             x = blk.down(F.silu(g).mul_(u)).add_(x)                               # [T, d]
-        return x
+        return x.cpu()

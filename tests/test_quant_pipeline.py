@@ -1,0 +1,120 @@
+"""Quantized shards through the real pipeline: the split stays exact (1 rank equals 3 ranks, greedy and
+logits), the maths is the same as a single-process fake-quantized transformers model, bad shards are
+refused at start, and each rank keeps its weights quantized."""
+import json
+import subprocess
+
+import pytest
+import torch
+
+from tests.families import TEXT, make_family_model
+from tests.helpers import ROOT, launch_cmd, mpi_env, split
+
+SCHEMES = ["int8", "int4"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    # hidden 64 and intermediate 128 are multiples of the kernels' 32, so every matmul is quantized
+    return make_family_model("llama", tmp_path_factory.mktemp("q") / "model")
+
+
+def _run(parts, ranks, tmp_path, prompts, score):
+    cases = tmp_path / f"cases{ranks}.json"
+    cases.write_text(json.dumps({"score": score, "greedy": prompts, "max_new_tokens": 16, "max_batch_tokens": 16,
+                                 "sequential": True}))
+    out = tmp_path / f"out{ranks}.json"
+    proc = subprocess.run(launch_cmd(ranks, str(ROOT / "tests" / "mpi_check.py"), "--model-dir", str(parts),
+                                     "--cases", str(cases), "--out", str(out)),
+                          cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_split_is_exact_and_matches_the_same_maths_in_one_process(scheme, fitted, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shardline.quant import dequantize, quantize
+    ids = AutoTokenizer.from_pretrained(fitted)(TEXT)["input_ids"]
+    prompts, score = [ids[:6], ids[50:90], ids[120:121]], ids[:48]
+    one = _run(split(fitted, 1, tmp_path / "p1", "--quantize", scheme), 1, tmp_path, prompts, score)
+    three = _run(split(fitted, 3, tmp_path / "p3", "--quantize", scheme, "--layers", "0,1-3,4-5"), 3, tmp_path,
+                 prompts, score)
+    # one request at a time, so both runs put the same rows through the same kernels: exactly equal
+    assert three["greedy"] == one["greedy"]
+    assert torch.equal(torch.tensor(three["logits"]), torch.tensor(one["logits"]))
+
+    # The same quantized maths in one process: transformers with every matmul weight replaced by its
+    # dequantized codes (the stage feeds x86's kernels bf16 activations, so allow that rounding).
+    model = AutoModelForCausalLM.from_pretrained(fitted).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.copy_(dequantize(quantize(p.detach(), scheme), scheme))
+        ref = model(torch.tensor([score])).logits[0]
+    got = torch.tensor(one["logits"])
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.95
+    assert (got - ref).abs().max().item() < 0.25 * ref.abs().max().item()
+
+
+def _corrupt(parts, edit):
+    """Rewrite stage 0 with edit(tensors, metadata) and fix its size and sha256 in the manifest, so only
+    the content check can catch it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from shardline.manifest import sha256_file
+    path = parts / "stage_0.safetensors"
+    with safe_open(path, "pt") as f:
+        tensors, meta = {n: f.get_tensor(n) for n in f.keys()}, f.metadata()
+    edit(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    m = json.loads((parts / "manifest.json").read_text())
+    m["stages"][0].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (parts / "manifest.json").write_text(json.dumps(m))
+
+
+def _drop_scale(t, meta):
+    del t[next(n for n in t if n.endswith(".scales"))]
+
+
+def _claim_int4(t, meta):
+    meta["quantization"] = "int4"
+
+
+def _unknown_scheme(parts):
+    m = json.loads((parts / "manifest.json").read_text())
+    m["quantization"]["scheme"] = "int3"
+    (parts / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: _corrupt(p, _drop_scale), ".scales"),
+    (lambda p: _corrupt(p, _claim_int4), "quantization 'int4' but the manifest says 'int8'"),
+    (_unknown_scheme, "scheme 'int3' is unknown"),
+])
+def test_bad_quantized_shards_are_refused_at_start(damage, message, fitted, tmp_path):
+    parts = split(fitted, 1, tmp_path / "parts", "--quantize", "int8")
+    damage(parts)
+    proc = subprocess.run(launch_cmd(1, str(ROOT / "main.py"), "--model-dir", str(parts), "--port", "0"),
+                          cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    assert message in proc.stderr and str(parts) in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_rank_holds_its_weights_quantized(scheme, fitted, tmp_path):
+    """No float copy of a matmul weight anywhere in a loaded stage: only norms (and biases) are float."""
+    from shardline.manifest import load_manifest
+    from shardline.models.linear import Dense
+    from shardline.quant import QLinear
+    from shardline.stage import load_stage
+    parts = split(fitted, 1, tmp_path / "parts", "--quantize", scheme)
+    stage = load_stage(load_manifest(parts), 0, parts / "stage_0.safetensors", 2, None)
+    for blk in stage.blocks:
+        for lin in (blk.qkv, blk.o, blk.gate_up, blk.down):
+            assert isinstance(lin, QLinear) and not isinstance(lin, Dense)
+            assert not any(t.is_floating_point() and t.numel() >= lin.out_features * lin.in_features // 4
+                           for t in lin.tensors().values()), lin
+    assert stage.ends.t is None and isinstance(stage.ends.q, QLinear)     # the tied head/embedding too
