@@ -18,6 +18,7 @@ otherwise. Traffic goes to the test hosts' addresses and loopback only.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -46,24 +47,40 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@pytest.fixture(scope="module")
-def hosts():
-    """Three test hosts; removed when the module's tests end, whatever happened."""
+# Only one set of test hosts can exist at a time (they share names, addresses and a lock): a fixture
+# that makes another set first stops the one the earlier tests of this module used.
+_RUNNING: list[testhosts.TestHosts] = []
+
+
+def _test_hosts(count: int, boards=None):
+    """count test hosts (optionally emulated boards); removed when the module's tests end, or when
+    another set is made, whatever happened."""
     # The hosts see this machine's files, but each has its own /root: keep the paths the
     # virtual environment needs (a pyenv Python under /root, say) visible there.
     shared = [Path(sys.base_prefix), Path(sys.prefix), REPO]
-    cluster = testhosts.TestHosts(HOSTS, shared_paths=shared)
+    cluster = testhosts.TestHosts(count, shared_paths=shared, boards=boards)
+    while _RUNNING:
+        _RUNNING.pop().stop()
     # A CI job cancelled with SIGTERM still runs the finalizer below.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         try:
+            _RUNNING.append(cluster)
             cluster.start()
         except testhosts.HostsUnavailable as err:
             pytest.skip(f"cluster test skipped: {err}")
         yield cluster
     finally:
-        cluster.stop()
+        if cluster in _RUNNING:
+            _RUNNING.remove(cluster)
+        cluster.stop()  # a no-op when already stopped
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """Three test hosts with this machine's resources."""
+    yield from _test_hosts(HOSTS)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +101,11 @@ def extra_vars(hosts, tiny_model_dir) -> dict:
         "shardline_local_hostfile": str(hosts.workdir / "hostfile-cluster"),
         "shardline_fetch_dir": str(hosts.workdir / "fetch"),
         "shardline_health_timeout": 120,
+        # The tiny model fits the head alone, and the plan would leave both workers out (a hop costs
+        # more than their share of the work): these tests are about three ranks over SSH, so the
+        # layers are given (--layers overrides the plan; the plan tag still probes and checks memory).
+        "shardline_layers": "0-1,2-3,4-5",
+        "shardline_probe_seconds": 0.5,
     }
 
 
@@ -259,3 +281,272 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float = 60):
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed boards (issue 13): the plan tag probes emulated boards of different memory and CPU share, the
+# plan is uneven, every rank stays within its board's memory, and the text is still transformers'.
+
+MB = 2**20
+# Emulated boards (cgroup v1 cpuset, CFS quota, memory limit), head first. The head has memory for
+# the whole model; the small board's limit leaves it room for a few layers only (the probe, run
+# inside the limit, reports what is left; the plan keeps 10 % headroom and ~350 MB of runtime), so a
+# balanced split cannot give it its third; the big board takes what the small one cannot.
+MIXED_BOARDS = [
+    testhosts.Board(cpus="0", cpu_share=1.0, memory="2g"),      # head: 1 core, 2 GB
+    testhosts.Board(cpus="1", cpu_share=0.5, memory="640m"),    # small and slow: half a core, 640 MB
+    testhosts.Board(cpus="1", cpu_share=1.0, memory="1200m"),   # bigger: 1 core, 1.2 GB
+]
+# A GPT-2 shape big enough for memory to matter: 10 layers of 28 MB each (hidden 768), 13 MB of
+# embeddings; random weights with a large init (sharp logits, so greedy tokens are stable).
+MIXED_CONFIG = dict(n_layer=10, n_embd=768, n_head=12, n_positions=256, vocab_size=4096, initializer_range=0.3,
+                    bos_token_id=4095, eos_token_id=4095)
+MIXED_SLOTS, MIXED_CONTEXT = 2, 128
+# A model these boards cannot hold: a GPT-2 XL shape (1.5B parameters, 6 GB of float32), planned
+# from its config alone with --random-weights (the plan needs shapes, not weights).
+TOO_BIG_CONFIG = dict(n_layer=48, n_embd=1600, n_head=25, n_positions=256, vocab_size=4096,
+                      bos_token_id=4095, eos_token_id=4095)
+
+MIXED_SKIP = next(filter(None, map(testhosts.board_skip_reason, MIXED_BOARDS)), None) if SKIP_REASON is None else None
+
+
+@pytest.fixture(scope="module")
+def mixed_model_dir(tmp_path_factory) -> Path:
+    """A save_pretrained directory (model + tokenizer) of MIXED_CONFIG, about 355 MB of float32."""
+    from transformers import GPT2Config
+
+    from splitter.random_model import build_tokenizer, random_model
+
+    out = tmp_path_factory.mktemp("mixed") / "model"
+    cfg = GPT2Config(**MIXED_CONFIG)
+    random_model(cfg, seed=1).save_pretrained(out)
+    build_tokenizer(cfg.vocab_size).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def too_big_model_dir(tmp_path_factory) -> Path:
+    """A model directory with only a config.json (TOO_BIG_CONFIG): enough for the plan to refuse it."""
+    from transformers import GPT2Config
+
+    out = tmp_path_factory.mktemp("too-big") / "model"
+    GPT2Config(**TOO_BIG_CONFIG).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def board_hosts():
+    """Three test hosts that look like MIXED_BOARDS (the earlier tests' hosts are removed first)."""
+    if MIXED_SKIP:
+        pytest.skip(f"mixed-boards cluster test skipped: {MIXED_SKIP}")
+    yield from _test_hosts(len(MIXED_BOARDS), boards=MIXED_BOARDS)
+
+
+@pytest.fixture(scope="module")
+def board_vars(board_hosts, mixed_model_dir) -> dict:
+    board_dir = "/root/shardline-board"
+    fetch = board_hosts.workdir / "fetch"
+    fetch.mkdir()
+    return {
+        "shardline_user": "root",
+        "shardline_home": "/root",
+        "shardline_dir": board_dir,
+        "shardline_venv": sys.prefix,
+        "shardline_model": str(mixed_model_dir),
+        "shardline_mpi_if_include": testhosts.CIDR,
+        "shardline_local_hostfile": str(board_hosts.workdir / "hostfile-cluster"),
+        "shardline_fetch_dir": str(fetch),
+        "shardline_health_timeout": 150,
+        "shardline_probe_seconds": 0.5,
+        "shardline_slots": MIXED_SLOTS,
+        "shardline_max_context": MIXED_CONTEXT,
+    }
+
+
+@pytest.fixture(scope="module")
+def board_inventory(board_hosts) -> Path:
+    return board_hosts.write_inventory(board_hosts.workdir / "inventory.ini")
+
+
+def _board_playbook(board_hosts, board_inventory, board_vars, **kw):
+    return run_playbook(board_inventory, board_vars, board_hosts.workdir, timeout=300, **kw)
+
+
+def _shards_on(board_hosts, host, board_dir: str) -> list[str]:
+    found = board_hosts.run(host, f"find {board_dir} -name '*.safetensors' 2>/dev/null").stdout.split()
+    return sorted(found)
+
+
+@pytest.mark.timeout(400)
+def test_a_model_too_big_for_the_boards_stops_at_the_plan_before_anything_is_copied(
+    board_hosts, board_inventory, board_vars, too_big_model_dir
+):
+    # The first setup run on fresh boards, with a 6 GB model: the probe runs on every board, the head's
+    # splitter refuses with the figures, and the run stops there: no split, no shard, no hostfile.
+    import yaml
+
+    too_big = dict(board_vars, shardline_model=str(too_big_model_dir), shardline_random_weights=True)
+    run = _board_playbook(board_hosts, board_inventory, too_big, **SETUP)
+    assert run.returncode != 0, run.explain()
+    assert "Stop when the model does not fit the boards" in run.output, run.explain()
+    # The refusal's figures: what the model needs against what the boards' cgroup limits leave.
+    figures = re.search(r"does not fit these 3 boards: it needs about (\d+) MB.*?the boards have (\d+) MB after "
+                        r"(\d+)% headroom", run.output)
+    assert figures, run.explain()
+    needed, have, headroom = (int(g) for g in figures.groups())
+    boards = yaml.safe_load((Path(board_vars["shardline_fetch_dir"]) / "boards.yml").read_text())
+    assert have == pytest.approx(sum(b["memory_mb"] for b in boards) * (1 - headroom / 100), abs=2)
+    assert needed > have > 0
+    assert "what would make it fit" in run.output or "no single change tried" in run.output, run.explain()
+    for task in ("Download the model and split it", "Give every worker", "Render the MPI hostfile"):
+        assert task not in run.output, f"{task!r} ran after the refusal\n{run.explain()}"
+    fetch = Path(board_vars["shardline_fetch_dir"])
+    assert (fetch / "boards.yml").is_file(), "the boards file is written before the plan"
+    assert not (fetch / "plan.json").exists(), "a refused plan is not kept"
+    assert not Path(board_vars["shardline_local_hostfile"]).exists()
+    for host in board_hosts.hosts:
+        assert _shards_on(board_hosts, host, board_vars["shardline_dir"]) == [], f"{host.name} got a shard"
+    head = board_hosts.hosts[0]
+    assert board_hosts.run(head, f"test -e {board_vars['shardline_dir']}/launch.sh").returncode != 0
+
+
+@pytest.fixture(scope="module")
+def board_setup(board_hosts, board_inventory, board_vars):
+    """The setup run (plan tag included) on the emulated boards with the mixed model."""
+    run = _board_playbook(board_hosts, board_inventory, board_vars, **SETUP)
+    assert run.returncode == 0, run.explain()
+    fetch = Path(board_vars["shardline_fetch_dir"])
+    return run, json.loads((fetch / "plan.json").read_text())
+
+
+@pytest.mark.timeout(400)
+def test_the_plan_over_mixed_boards_is_uneven_and_the_split_follows_it(board_hosts, board_vars, board_setup):
+    import yaml
+
+    run, plan = board_setup
+    print(run.output[run.output.find("TASK [Show the plan]"):][:3000])
+    # The boards file has each board's cgroup limits, as the probe read them inside the board.
+    boards = yaml.safe_load((Path(board_vars["shardline_fetch_dir"]) / "boards.yml").read_text())
+    assert [b["name"] for b in boards] == [h.name for h in board_hosts.hosts]
+    for entry, host in zip(boards, board_hosts.hosts):
+        limit_mb = testhosts.parse_size(host.board.memory) / MB
+        assert entry["memory_total_mb"] == pytest.approx(limit_mb, abs=0.1), entry
+        assert 0 < entry["memory_mb"] <= limit_mb, entry
+        assert entry["cpu_quota"] == pytest.approx(host.board.cpu_share), entry
+        assert entry["cores"] == 1, entry  # its cpuset
+
+    # The plan: every board a stage or left out with its reason; the layers are uneven, and the small
+    # board holds fewer layers than a third (or is left out), within its memory less headroom.
+    names = [h.name for h in board_hosts.hosts]
+    stages, left_out = plan["stages"], {b["board"]: b["reason"] for b in plan["left_out"]}
+    assert sorted([s["board"] for s in stages] + list(left_out)) == sorted(names), plan
+    assert stages[0]["board"] == names[0], "the head is rank 0"
+    assert all(reason for reason in left_out.values()), plan
+    counts = {s["board"]: s["layers"][1] - s["layers"][0] for s in stages}
+    assert sum(counts.values()) == MIXED_CONFIG["n_layer"], plan
+    assert [s["layers"][0] for s in stages[1:]] == [s["layers"][1] for s in stages[:-1]], "contiguous layers"
+    assert left_out or len(set(counts.values())) > 1, f"the plan is even over uneven boards: {plan}"
+    small = names[1]
+    assert small in left_out or counts[small] < MIXED_CONFIG["n_layer"] / len(names), plan
+    memory = {b["name"]: b["memory_mb"] for b in boards}
+    for s in stages:
+        assert s["use_mb"] <= memory[s["board"]] * (1 - plan["headroom"]) + 0.1, s
+
+    # The split, the hostfile and launch.sh follow the plan, in its order, without the boards left out.
+    board_dir = board_vars["shardline_dir"]
+    head = board_hosts.hosts[0]
+    by_name = {h.name: h for h in board_hosts.hosts}
+    manifest = json.loads(_sh(board_hosts, head, f"cat {board_dir}/model_parts/manifest.json"))
+    assert manifest["num_stages"] == len(stages)
+    assert [tuple(st["layers"]) for st in manifest["stages"]] == [tuple(s["layers"]) for s in stages], manifest
+    hostfile = "".join(f"{by_name[s['board']].address} slots=1\n" for s in stages)
+    assert _sh(board_hosts, head, f"cat {board_dir}/hostfiles/cluster") + "\n" == hostfile
+    launch = _sh(board_hosts, head, f"cat {board_dir}/launch.sh")
+    assert f"-np {len(stages)} " in launch and f"--slots {MIXED_SLOTS} " in launch, launch
+    for k, s in enumerate(stages[1:], start=1):
+        assert _shards_on(board_hosts, by_name[s["board"]], board_dir) == [
+            f"{board_dir}/model_parts/stage_{k}.safetensors"]
+    for name in left_out:
+        assert _shards_on(board_hosts, by_name[name], board_dir) == [], f"{name} is left out but holds a shard"
+
+
+def _rank_peaks(host: testhosts.TestHost) -> dict[int, int]:
+    """{pid: peak RSS bytes (VmHWM)} of the shardline ranks (main.py) in the host's memory cgroup."""
+    group = testhosts._cgroup_dirs(host.netns)["memory"]
+    peaks = {}
+    for pid in testhosts._cgroup_pids(group):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            # The rank is python ... main.py (mpirun, whose arguments also name main.py, is not).
+            if not (Path(cmdline[0].decode()).name.startswith("python") and any(a.endswith(b"/main.py") for a in cmdline)):
+                continue
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+        peaks[pid] = int(hwm.split()[1]) * 1024
+    return peaks
+
+
+def _oom_kills(host: testhosts.TestHost) -> int:
+    group = testhosts._cgroup_dirs(host.netns)["memory"]
+    fields = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+    return int(fields.get("oom_kill", 0))
+
+
+@pytest.mark.timeout(400)
+def test_mixed_boards_serve_the_single_process_text_each_rank_within_its_memory(
+    board_hosts, board_inventory, board_vars, board_setup, mixed_model_dir
+):
+    _, plan = board_setup
+    stages = plan["stages"]
+    by_name = {h.name: h for h in board_hosts.hosts}
+    head = board_hosts.hosts[0]
+    board_dir = board_vars["shardline_dir"]
+    log_path = board_hosts.workdir / "mpirun.log"
+    pid_file = f"{board_dir}/launch.pid"
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(
+            board_hosts.ssh_argv(head, f"echo $$ > {pid_file} && exec {board_dir}/launch.sh"),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        health = _board_playbook(board_hosts, board_inventory, board_vars, tags="health")
+        assert health.returncode == 0, f"{health.explain()}\n--- mpirun ---\n{log_path.read_text()}"
+        api = f"http://{head.address}:8000"
+        status, body = _http("GET", f"{api}/health")
+        assert status == 200, body
+        assert [s["host"] for s in body["stages"]] == [s["board"] for s in stages], body
+        assert [list(s["layers"]) for s in body["stages"]] == [s["layers"] for s in stages], body
+
+        status, body = _http(
+            "POST", f"{api}/generate", {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0},
+            timeout=120,
+        )
+        assert status == 200, f"{body}\n--- mpirun ---\n{log_path.read_text()}"
+
+        # Every rank's peak RSS (loading its shard, allocating its cache, generating) within its board.
+        report = []
+        for s in stages:
+            host = by_name[s["board"]]
+            limit = testhosts.parse_size(host.board.memory)
+            peaks = _rank_peaks(host)
+            assert len(peaks) == 1, f"{host.name}: expected one rank in its cgroup, found {peaks}"
+            peak = max(peaks.values())
+            report.append(f"{host.name}: layers {s['layers']}, peak RSS {peak / MB:.0f} MB, plan's use "
+                          f"{s['use_mb']:.0f} MB, limit {limit / MB:.0f} MB")
+            assert peak < limit, report[-1]
+            assert _oom_kills(host) == 0, f"{host.name}: the kernel OOM-killed a process in its board's cgroup"
+        print("\n".join(report))
+
+        expected = hf_greedy(mixed_model_dir, PROMPT, MAX_NEW_TOKENS)
+        assert body["text"] == expected, f"cluster: {body['text']!r}\nsingle process: {expected!r}"
+    finally:
+        board_hosts.run(head, f"test -s {pid_file} && kill -TERM $(cat {pid_file})", timeout=20)
+        try:
+            launcher.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
