@@ -39,6 +39,7 @@ from shardline.quant import QLinear, dequantize, kernel_info, quantize
 
 TEXT_DIR = Path(__file__).parent / "text"
 HELD_OUT = 600  # tokens at the end of the text kept out of the fit
+FIT_SEQ = 64  # the fit's window: positions beyond it were never trained
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def make_model(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(cfg).float()
 
 
-def fit(model, ids: torch.Tensor, seconds: float, target_loss: float, seq: int = 64, batch: int = 8,
+def fit(model, ids: torch.Tensor, seconds: float, target_loss: float, seq: int = FIT_SEQ, batch: int = 8,
         lr: float = 3e-3) -> list[float]:
     """AdamW on random windows of ids until the time is up or the loss (mean of the last 10 steps)
     reaches target_loss, a real small model's loss on English (so its margins are realistic, neither
@@ -201,8 +202,19 @@ def wire_rounded(model, dtype: torch.dtype, after_layers=(1, 3)):
 
 
 @torch.inference_mode()
-def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids[None]).logits[0].float()
+def logits_of(model, ids: torch.Tensor, window: int = FIT_SEQ) -> torch.Tensor:
+    """Teacher-forced logits [n, vocab] in windows of the fit's length, half overlapping: every
+    position after the first window is scored with at least window/2 tokens of context and never
+    at a position the model was not trained on."""
+    half = window // 2
+    out = []
+    for start in range(0, max(len(ids) - half, 1), half):
+        chunk = ids[start:start + window]
+        logits = model(input_ids=chunk[None]).logits[0].float()
+        out.append(logits if start == 0 else logits[half:])
+        if start + window >= len(ids):
+            break
+    return torch.cat(out)[:len(ids)]
 
 
 def compare(ref: torch.Tensor, q: torch.Tensor, ids: torch.Tensor, lo: int, hi: int) -> dict:
