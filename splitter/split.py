@@ -228,7 +228,7 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "family": m.config.model_type,
         "source": model, "random_weights": random_weights, "split_id": split_id,
-        "config": m.config.to_dict(), "tied_lm_head": m.tied, "quantization": quant,
+        "config": {**m.config.to_dict(), **m.fam.extras(m.config)}, "tied_lm_head": m.tied, "quantization": quant,
         "tokenizer": {"dir": TOKENIZER_DIR, "files": tok_files},
         "num_stages": n_stages, "stages": stages,
     }

@@ -6,6 +6,8 @@ A family module gives:
   context(config)      the longest sequence it serves exactly (model limit, sliding window, ...)
   specs(config, first, layers, tied) -> [Spec]   the tensors a stage's shard holds, from which source tensors
   cost(config, tied)   -> Cost                  weights read per token per layer and by the head (the plan)
+  extras(config)       -> dict                   computed at split time (with transformers) and stored in the
+                                                 manifest's config, so a rank needs only torch
   Stage                load(path, config, layers, first, slots, max_context, quant) with
                        embed(ids, seqs) -> [T, d], forward(x, seqs) -> [T, d], head(x) -> [B, vocab]
 The engine, worker, wire protocol and API see only Stage's three methods and `max_context`.
@@ -60,7 +62,8 @@ def supported() -> list[str]:
 
 
 def config_from_dict(data: dict):
-    """A transformers config object from the manifest's dict (config.to_dict())."""
-    from transformers import AutoConfig
-    data = dict(data)
-    return AutoConfig.for_model(data.pop("model_type"), **data)
+    """The manifest's config (config.to_dict() at split time) as a plain attribute namespace. The
+    stages read only attributes, so a worker never imports transformers (about 100 MB of RSS on a
+    board); what needs transformers' code (RoPE inverse frequencies) the splitter computed already."""
+    from types import SimpleNamespace
+    return SimpleNamespace(**data)

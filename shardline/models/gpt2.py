@@ -31,6 +31,10 @@ def check(config) -> None:
                          "reorder_and_upcast_attn, or no scaling) is not supported")
 
 
+def extras(config) -> dict:
+    return {}
+
+
 def context(config) -> int:
     return config.n_positions
 

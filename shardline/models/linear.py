@@ -66,14 +66,24 @@ class Ends:
 
 
 def read_shard(path, first: bool, embed: str, head: str, tied: bool):
-    """(tensors, head_t): a shard's tensors, with stage 0's float head matrix read straight into its
-    transposed form (one copy in memory, not two)."""
+    """(tensors, head_t): a shard's tensors, each in its own aligned allocation, with stage 0's float
+    head matrix read straight into its transposed form. The file is opened per tensor: safetensors
+    memory-maps it, its tensors are views into that one mapping (unaligned, and keeping every page
+    they touched), so each is copied out and the mapping dropped before the next. The rank then holds
+    one copy of its shard, not the shard plus a mapped one, and no kernel needs to realign a copy."""
     from safetensors import safe_open
 
     from shardline.stage import read_transposed
     name = embed if tied else head
     with safe_open(str(path), framework="pt") as f:
         names = list(f.keys())
-        skip = first and name in names
-        tensors = {n: f.get_tensor(n) for n in names if not (skip and n == name)}
+    skip = first and name in names
+    tensors = {}
+    for n in names:
+        if skip and n == name:
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            src = f.get_tensor(n)
+            tensors[n] = torch.empty(src.shape, dtype=src.dtype).copy_(src)
+            del src
     return tensors, (read_transposed(path, name) if skip else None)

@@ -7,7 +7,7 @@ One module serves the families that differ only by switches (the differences are
   qwen2    Qwen2 and Qwen2.5: bias on q, k and v (not o)
   qwen3    RMSNorm on each q and k head before RoPE, an explicit head_dim
 All: RMSNorm, rotary position embeddings (inv_freq and scaling from transformers' own
-ROPE_INIT_FUNCTIONS), grouped-query attention, a SwiGLU MLP, tied or untied LM head.
+ROPE_INIT_FUNCTIONS, computed by the splitter), grouped-query attention, a SwiGLU MLP, tied or untied LM head.
 
 The splitter stores q, k and v as one [q + 2 kv, d] projection and gate and up as one [2 i, d]
 projection (fewer, larger matmuls: per-op overhead dominates narrow models on a CPU).
@@ -57,6 +57,25 @@ def check(config) -> None:
                          f"{config.num_key_value_heads} key/value heads")
     if getattr(config, "pretraining_tp", 1) not in (1, None):
         raise ValueError(f"{config.model_type}: pretraining_tp={config.pretraining_tp} is not supported (1 only)")
+
+
+def rope_frequencies(config) -> tuple[torch.Tensor, float]:
+    """(inv_freq [hd/2], attention scaling) exactly as transformers computes them for the config's RoPE
+    type (modeling_rope_utils; `dynamic` at the original length, where it equals the default)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope = _rope(config)
+    if rope.get("rope_type", "default") == "default":
+        hd = _head_dim(config)
+        return 1.0 / (rope["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float) / hd)), 1.0
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, None)
+    return inv_freq.float(), float(scale)
+
+
+def extras(config) -> dict:
+    """Stored in the manifest's config: the RoPE frequencies, so a rank need not import transformers.
+    float32 -> Python float -> JSON -> float32 is exact."""
+    inv_freq, scale = rope_frequencies(config)
+    return {"shardline_rope": {"inv_freq": inv_freq.tolist(), "attention_scaling": scale}}
 
 
 def context(config) -> int:
@@ -144,15 +163,12 @@ class Stage:
         if first:
             self.ends = Ends(tensors, EMBED, HEAD, tied, quant, head_t)
             self.norm = tensors[NORM]
-        # RoPE exactly as transformers computes it: inv_freq and the attention scaling of the config's type
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-        rope_type = _rope(config).get("rope_type", "default")
-        if rope_type == "default":
-            base = _rope(config)["rope_theta"]
-            hd = self.head_dim
-            self.inv_freq, self.rope_scale = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float) / hd)), 1.0
+        # RoPE exactly as transformers computes it: from the manifest (the splitter computed it), or here
+        rope = getattr(config, "shardline_rope", None)
+        if rope:
+            self.inv_freq, self.rope_scale = torch.tensor(rope["inv_freq"], dtype=torch.float32), rope["attention_scaling"]
         else:
-            self.inv_freq, self.rope_scale = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+            self.inv_freq, self.rope_scale = rope_frequencies(config)
         self.inv_freq = self.inv_freq.to(self.device)
         self.cache = KVCache(len(self.blocks), slots, self.n_kv, self.max_context, self.head_dim, self.device)
 
