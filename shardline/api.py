@@ -211,7 +211,8 @@ class StageInfo(BaseModel):
 
 class Quantization(BaseModel):
     scheme: Literal["int8", "int4"]
-    group_size: int | None = None
+    group_size: int | None = None        # int4's group along the input dimension
+    head: Literal["int8", "int4", "float32"] | None = None   # the embedding and LM head's scheme
 
 
 class Health(BaseModel):

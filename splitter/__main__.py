@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", help="override the plan: inclusive layer ranges per stage, e.g. 0-1,2-3,4-5")
     ap.add_argument("--quantize", choices=("int8", "int4"),
                     help="store matmul weights as int8 (per output channel) or int4 (per group); default float32")
-    ap.add_argument("--group-size", type=int, default=None, help="int4 group size (default: shardline.quant's)")
+    ap.add_argument("--group-size", type=int, default=None, help="int4 group size (default: shardline.quant's, 32)")
+    ap.add_argument("--head-quantize", choices=("int8", "int4", "float32"), default=None,
+                    help="the embedding and LM head's scheme (default: int8 under --quantize int4, else the same)")
     ap.add_argument("--boards", type=Path, help="boards file (YAML, ring order, head first): plan by memory and speed")
     ap.add_argument("--slots", type=int, default=16, help="with --boards: concurrent sequences (main.py --slots)")
     ap.add_argument("--max-context", type=int, default=None,
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         split(args.model, args.stages, args.out, random_weights=args.random_weights, layers=args.layers,
               seed=args.seed, quantize=args.quantize, group_size=args.group_size, plan_only=args.plan_only,
-              boards=args.boards, slots=args.slots, max_context=args.max_context, plan_json=args.plan_json)
+              boards=args.boards, slots=args.slots, max_context=args.max_context, plan_json=args.plan_json,
+              head_quantize=args.head_quantize)
     except ValueError as err:
         print(f"splitter: {err}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ def table(slots: int = 4, context: int = 2048) -> str:
         row = [name, m.config.model_type]
         sizes, need = [], []
         for q in schemes:
-            quant = {"scheme": q, "group_size": _group(q)} if q else None
+            quant = {"scheme": q, "group_size": _group("int4"), "head": "int8"} if q else None
             c = model_cost(m, quant)
             sizes.append(f"{(sum(c.layer_bytes) + c.first_bytes) / 1e9:.2f}")
             for mb in BOARD_MB.values():

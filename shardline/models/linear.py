@@ -32,11 +32,15 @@ def linear(t: dict[str, torch.Tensor], name: str, bias: str | None = None, conv1
         return Dense(t[name], b, conv1d)
     if quant:
         from shardline.quant import QLinear, check_parts, suffixes
-        parts = {s: t[f"{name}.{s}"] for s in suffixes(quant["scheme"]) if f"{name}.{s}" in t}
-        if not parts:
+        if f"{name}.qweight" not in t:
             raise KeyError(name)
-        check_parts(name, parts, quant["scheme"])         # a missing scale: ValueError naming the tensor
-        return QLinear.from_parts(parts, quant["scheme"], bias=b, name=name)
+        # int4 stores zeros; an int4 shard keeps its embedding/head int8 unless split otherwise
+        scheme = "int4" if f"{name}.zeros" in t else "int8"
+        if scheme != quant["scheme"] and quant.get("head") != scheme:
+            raise ValueError(f"tensor {name} is {scheme} but the manifest says {quant['scheme']}")
+        parts = {s: t[f"{name}.{s}"] for s in suffixes(scheme) if f"{name}.{s}" in t}
+        check_parts(name, parts, scheme)                  # a missing scale: ValueError naming the tensor
+        return QLinear.from_parts(parts, scheme, bias=b, name=name)
     raise KeyError(name)
 
 
