@@ -208,12 +208,23 @@ def test_setup_gives_every_board_the_program_and_only_its_own_shard(hosts, provi
         assert hop.stdout.strip() == worker.name, hop.stderr
 
 
+# The plan tag's records of measured figures, rewritten when the figures move.
+PLAN_RECORDS = (
+    "Write the boards file on this machine",
+    "Copy the boards file to the head",
+    "Fetch the plan to this machine",
+)
+
+
 def test_second_setup_run_changes_nothing(hosts, inventory, extra_vars, provisioned):
     again = playbook(hosts, inventory, extra_vars, **SETUP)
     assert again.returncode == 0, again.explain()
     assert set(again.recap) >= {h.name for h in hosts.hosts}, again.explain()
-    changed = "\n".join(again.changed_tasks())
-    assert all(n == 0 for n in again.changed().values()), f"the second run changed:\n{changed}\n\n{again.explain()}"
+    # The plan tag measures the boards again on every run (speed varies a little from run to run), so
+    # the boards file and the plan it writes may be rewritten; the split, the shards, the program,
+    # the hostfile and launch.sh must not change.
+    changed = [t for t in again.changed_tasks() if not t.startswith(PLAN_RECORDS)]
+    assert not changed, "the second run changed:\n" + "\n".join(changed) + f"\n\n{again.explain()}"
 
 
 def test_distribution_replaces_a_damaged_shard_and_verifies_it_on_the_worker(hosts, inventory, extra_vars, provisioned):
