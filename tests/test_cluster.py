@@ -9,7 +9,13 @@ on a LAN. The test runs what a user runs (the README's "Run on your boards"):
     ansible-playbook site.yml --tags health
     curl http://head:8000/generate ...                       # == the single-process transformers text
 
-and checks that a second setup run changes nothing. Every host, namespace, bridge, process and temp
+and checks that a second setup run changes nothing (but the plan tag's re-measured records).
+
+Then (issue 13) three emulated boards of different memory and CPU share (tests/cluster/testhosts.py
+Board: cgroup v1 cpuset, CFS quota, memory limit): a model too big for them stops at the plan tag with
+the refusal and its figures before any shard exists; a ~300 MB model gets an uneven plan from the
+boards' probed cgroup limits, the split, hostfile and launch.sh follow it, every rank's peak RSS
+(VmHWM) stays under its board's limit with no OOM kill, and the text is the single-process one. Every host, namespace, bridge, process and temp
 dir it makes is removed at the end, also on failure; a run that crashed is cleaned up by the next.
 Needs root (CI runs as root) and what tests/cluster/setup_host.sh installs; skips with the reason
 otherwise. Traffic goes to the test hosts' addresses and loopback only.
