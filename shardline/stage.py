@@ -122,7 +122,7 @@ class KVCache:
         return out
 
 
-def _zero_pages(shape) -> "mmap.mmap":
+def _zero_pages(shape):
     """Zeroed memory the kernel maps a 4 KiB page at a time, when first written. Transparent huge
     pages are turned off for it: with THP the first token of a sequence would take a 2 MiB page per
     (layer, slot, kv head) row of 1 MiB, and a few short requests would fill the whole cache (measured:

@@ -87,6 +87,18 @@ def launch_cmd(ranks: int, script: str, *args: str) -> list[str]:
             PY, "-m", "mpi4py", script, *args]
 
 
+def run_mpi_check(parts: Path, ranks: int, work: Path, **cases) -> dict:
+    """Run tests/mpi_check.py on `ranks` ranks over the split in parts with these cases (score, greedy,
+    max_new_tokens, max_batch_tokens, sequential); returns what rank 0 computed."""
+    case_file, out = work / f"cases-{ranks}.json", work / f"out-{ranks}.json"
+    case_file.write_text(json.dumps(cases))
+    proc = subprocess.run(launch_cmd(ranks, str(ROOT / "tests" / "mpi_check.py"), "--model-dir", str(parts),
+                                     "--cases", str(case_file), "--out", str(out)),
+                          cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
 def http(method: str, url: str, body: dict | None = None, timeout: float = 60, headers: dict | None = None):
     """(status, parsed JSON or text) without raising on 4xx/5xx."""
     data = json.dumps(body).encode() if body is not None else None

@@ -1,11 +1,9 @@
 """The pipeline equals the single-process transformers model on the same weights, for 1 to 4 ranks."""
-import json
-import subprocess
 
 import pytest
 import torch
 
-from tests.helpers import ROOT, hf_greedy_ids, hf_model, launch_cmd, mpi_env, split
+from tests.helpers import hf_greedy_ids, hf_model, run_mpi_check, split
 
 SCORE = [5, 300, 12, 411, 42, 99, 7, 250, 3, 77, 510, 18, 64, 200, 33, 1, 480, 90, 121, 8]
 GREEDY = [[40, 41, 42], [100, 7, 300, 2, 9], list(range(200, 240)), [17]]   # the 40-token one is chunked
@@ -30,14 +28,7 @@ def reference(tiny_model_dir):
 @pytest.mark.parametrize("ranks, layers", [(1, None), (2, "0-2,3-5"), (3, None), (4, "0,1-2,3-4,5")])
 def test_pipeline_matches_transformers(ranks, layers, tiny_model_dir, reference, tmp_path):
     parts = split(tiny_model_dir, ranks, tmp_path / "parts", *(["--layers", layers] if layers else []))
-    cases = tmp_path / "cases.json"
-    cases.write_text(json.dumps({"score": SCORE, "greedy": GREEDY, "max_new_tokens": MAX_NEW, "max_batch_tokens": 16}))
-    out = tmp_path / "out.json"
-    proc = subprocess.run(launch_cmd(ranks, str(ROOT / "tests" / "mpi_check.py"), "--model-dir", str(parts),
-                                     "--cases", str(cases), "--out", str(out)),
-                          cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    got = json.loads(out.read_text())
+    got = run_mpi_check(parts, ranks, tmp_path, score=SCORE, greedy=GREEDY, max_new_tokens=MAX_NEW, max_batch_tokens=16)
     ref_logits, ref_greedy = reference
     diff = (torch.tensor(got["logits"]) - ref_logits).abs().max().item()
     assert diff < 1e-4, f"teacher-forced logits differ by {diff}"

@@ -1,6 +1,5 @@
 """Every family's stage equals transformers on the same weights: in one process for every RoPE type and
 switch, and through the real pipeline on 1-4 ranks with uneven stages (engine, wire, KV caches)."""
-import json
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from tests.families import FAMILIES, TEXT, make_family_model, tiny_config
-from tests.helpers import PY, ROOT, hf_model, launch_cmd, mpi_env, split
+from tests.helpers import PY, ROOT, hf_model, mpi_env, run_mpi_check, split
 
 MAX_NEW = 20
 # Uneven stages over 1-4 ranks (inclusive layer ranges; `none`: rank 0 holds only the embeddings and head)
@@ -47,15 +46,7 @@ def test_pipeline_matches_transformers(ranks, fitted, tmp_path):
     n = tiny_config(name).num_hidden_layers
     layers = LAYERS[n][ranks]
     parts = split(d, ranks, tmp_path / "parts", *(["--layers", layers] if layers else []))
-    cases = tmp_path / "cases.json"
-    cases.write_text(json.dumps({"score": score, "greedy": prompts, "max_new_tokens": MAX_NEW,
-                                 "max_batch_tokens": 16}))
-    out = tmp_path / "out.json"
-    proc = subprocess.run(launch_cmd(ranks, str(ROOT / "tests" / "mpi_check.py"), "--model-dir", str(parts),
-                                     "--cases", str(cases), "--out", str(out)),
-                          cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    got = json.loads(out.read_text())
+    got = run_mpi_check(parts, ranks, tmp_path, score=score, greedy=prompts, max_new_tokens=MAX_NEW, max_batch_tokens=16)
     diff = (torch.tensor(got["logits"]) - ref_logits).abs().max().item()
     assert diff < 1e-4, f"{name} on {ranks} ranks: teacher-forced logits differ by {diff}"
     assert got["greedy"] == ref_greedy, f"{name} on {ranks} ranks"

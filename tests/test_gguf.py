@@ -431,7 +431,7 @@ def ref_greedy(ref, prompt: list[int], max_new: int, stop: set[int]) -> list[int
 
 def pipeline_matches(parts, ref, tmp_path, what: str) -> None:
     """The 2-rank pipeline on `parts` gives ref's teacher-forced logits and greedy tokens (mpi_check.py)."""
-    from tests.helpers import launch_cmd, mpi_env
+    from tests.helpers import run_mpi_check
     stop = stops(ref)
     with torch.no_grad():
         ref_logits = ref(torch.tensor([SCORE])).logits[0]
@@ -439,14 +439,7 @@ def pipeline_matches(parts, ref, tmp_path, what: str) -> None:
         for p, g in zip(GREEDY, greedy):      # token equality means something only with clear margins
             top2 = ref(torch.tensor([p + g])).logits[0, len(p) - 1:-1].topk(2).values
             assert (top2[:, 0] - top2[:, 1]).min() > 1e-3, "reference logits too flat for a token comparison"
-    cases = tmp_path / "cases.json"
-    cases.write_text(json.dumps({"score": SCORE, "greedy": GREEDY, "max_new_tokens": MAX_NEW, "max_batch_tokens": 16}))
-    out = tmp_path / "out.json"
-    proc = subprocess.run(launch_cmd(2, str(ROOT / "tests" / "mpi_check.py"), "--model-dir", str(parts),
-                                     "--cases", str(cases), "--out", str(out)),
-                          cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    got = json.loads(out.read_text())
+    got = run_mpi_check(parts, 2, tmp_path, score=SCORE, greedy=GREEDY, max_new_tokens=MAX_NEW, max_batch_tokens=16)
     diff = (torch.tensor(got["logits"]) - ref_logits).abs().max().item()
     assert diff < 1e-4, f"teacher-forced logits differ from {what} by {diff}"
     # the same tokens, ending where the reference ends: at a stop id (not shown) or at MAX_NEW

@@ -8,11 +8,10 @@ Model costs are the real shapes' arithmetic (distilgpt2, a TinyLlama-like 22-lay
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
-from splitter.boards import (MB, Board, BoardsFileError, DoesNotFit, ModelCost, StagePlan, load_boards,
+from splitter.boards import (MB, Board, BoardsFileError, DoesNotFit, ModelCost, load_boards,
                              make_plan)
 from splitter.plan import plan_layers
 

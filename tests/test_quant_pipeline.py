@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.families import TEXT, make_family_model
-from tests.helpers import ROOT, launch_cmd, mpi_env, split
+from tests.helpers import ROOT, launch_cmd, mpi_env, run_mpi_check, split
 
 SCHEMES = ["int8", "int4"]
 
@@ -20,15 +20,9 @@ def fitted(tmp_path_factory):
 
 
 def _run(parts, ranks, tmp_path, prompts, score):
-    cases = tmp_path / f"cases{ranks}.json"
-    cases.write_text(json.dumps({"score": score, "greedy": prompts, "max_new_tokens": 16, "max_batch_tokens": 16,
-                                 "sequential": True}))
-    out = tmp_path / f"out{ranks}.json"
-    proc = subprocess.run(launch_cmd(ranks, str(ROOT / "tests" / "mpi_check.py"), "--model-dir", str(parts),
-                                     "--cases", str(cases), "--out", str(out)),
-                          cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(out.read_text())
+    # one request at a time, so every micro-batch holds the same rows whatever the number of ranks
+    return run_mpi_check(parts, ranks, tmp_path, score=score, greedy=prompts, max_new_tokens=16,
+                         max_batch_tokens=16, sequential=True)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
