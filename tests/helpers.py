@@ -75,7 +75,6 @@ def mpi_env() -> dict:
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
     env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
     env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
-    env.setdefault("OMPI_MCA_btl_tcp_progress_thread", "1")   # as on boards (shardline/wire.py TCP_MCA)
     return env
 
 
