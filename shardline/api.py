@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardline.engine import Engine, EngineStopped, QueueFull, Request
@@ -63,7 +63,7 @@ class GenerateBody(Sampling):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class OpenAIBody(Sampling):
@@ -71,7 +71,7 @@ class OpenAIBody(Sampling):
     max_tokens: int | None = Field(None, ge=1, le=100_000)
     max_completion_tokens: int | None = Field(None, ge=1, le=100_000)
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -82,7 +82,7 @@ TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 class CompletionBody(OpenAIBody):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         ..., description=f"a string, a list of token ids, or a list of up to {MAX_PROMPTS} of either (one choice each)")
-    echo: bool = False
+    echo: StrictBool = False
     max_tokens: int | None = Field(None, ge=0, le=100_000, description="0 only with echo: score the prompt")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="log probabilities of each token and of its k likeliest alternatives")
@@ -95,7 +95,7 @@ class ChatMessage(BaseModel):
 
 class ChatBody(OpenAIBody):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
 
 
