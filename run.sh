@@ -8,7 +8,8 @@ scripts/setup.sh requirements.txt
 . .venv/bin/activate
 model=${MODEL:-distilgpt2}
 out=${MODEL_DIR:-model_parts}
-if ! python -c "import json,sys; m=json.load(open('$out/manifest.json')); sys.exit(m['num_stages'] != 3 or m['source'] != '$model')" 2>/dev/null; then
+# Re-split unless $out holds a split of this model into 3 stages that this version can serve.
+if ! python -c "import sys; from shardline.manifest import load_manifest; m=load_manifest('$out'); sys.exit(m.num_stages != 3 or m.data['source'] != '$model')" 2>/dev/null; then
   if ! python -m splitter --model "$model" --stages 3 --out "$out"; then
     echo "######################################################################"
     echo "#  No model hub: using $model's shapes with RANDOM weights."
