@@ -69,12 +69,15 @@ class Ends:
         return h @ self.t if self.t is not None else self.q(h)                  # [B, vocab]
 
 
-def read_shard(path, first: bool, embed: str, head: str, tied: bool):
+def read_shard(path, first: bool, embed: str, head: str, tied: bool, transpose=None):
     """(tensors, head_t): a shard's tensors, each in its own aligned allocation, with stage 0's float
     head matrix read straight into its transposed form. The file is opened per tensor: safetensors
     memory-maps it, its tensors are views into that one mapping (unaligned, and keeping every page
     they touched), so each is copied out and the mapping dropped before the next. The rank then holds
-    one copy of its shard, not the shard plus a mapped one, and no kernel needs to realign a copy."""
+    one copy of its shard, not the shard plus a mapped one, and no kernel needs to realign a copy.
+    transpose(name) -> True: keep that [out, in] matrix as a contiguous [in, out] one (read transposed,
+    no second copy): for one row, x @ W with W [in, out] reads memory 1.3-1.5x faster than F.linear on
+    [out, in] (measured on the dev VM, 30 SmolLM2-sized matrices, out of cache)."""
     from safetensors import safe_open
 
     from shardline.stage import read_transposed
@@ -88,6 +91,8 @@ def read_shard(path, first: bool, embed: str, head: str, tied: bool):
             continue
         with safe_open(str(path), framework="pt") as f:
             src = f.get_tensor(n)
+            if transpose is not None and src.ndim == 2 and transpose(n):
+                src = src.t()
             tensors[n] = torch.empty(src.shape, dtype=src.dtype).copy_(src)
             del src
     return tensors, (read_transposed(path, name) if skip else None)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from shardline.models import Cost, Spec, default_context
-from shardline.models.linear import Ends, linear, read_shard
+from shardline.models.linear import Ends, read_shard
+from shardline.models.linear import linear as _linear
 from shardline.stage import KVCache, Seq, positions
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -134,22 +135,23 @@ def cost(config, tied: bool) -> Cost:
 class Block:
     """One decoder layer's weights, under short names."""
 
-    def __init__(self, t: dict[str, torch.Tensor], i: int, quant):
+    def __init__(self, t: dict[str, torch.Tensor], i: int, quant, transposed: bool = False):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        linear = lambda w, b: _linear(t, w, b, conv1d=transposed, quant=quant)  # noqa: E731
         self.ln1 = t[f"model.layers.{i}.input_layernorm.weight"]
         self.ln2 = t[f"model.layers.{i}.post_attention_layernorm.weight"]
-        self.qkv = linear(t, a + "qkv_proj.weight", a + "qkv_proj.bias", quant=quant)       # [d] -> [q + 2 kv]
-        self.o = linear(t, a + "o_proj.weight", a + "o_proj.bias", quant=quant)             # [q] -> [d]
+        self.qkv = linear(a + "qkv_proj.weight", a + "qkv_proj.bias")                       # [d] -> [q + 2 kv]
+        self.o = linear(a + "o_proj.weight", a + "o_proj.bias")                             # [q] -> [d]
         self.q_norm, self.k_norm = t.get(a + "q_norm.weight"), t.get(a + "k_norm.weight")   # qwen3: [hd]
-        self.gate_up = linear(t, m + "gate_up_proj.weight", m + "gate_up_proj.bias", quant=quant)  # [d] -> [2 i]
-        self.down = linear(t, m + "down_proj.weight", m + "down_proj.bias", quant=quant)    # [i] -> [d]
+        self.gate_up = linear(m + "gate_up_proj.weight", m + "gate_up_proj.bias")           # [d] -> [2 i]
+        self.down = linear(m + "down_proj.weight", m + "down_proj.bias")                    # [i] -> [d]
 
 
 class Stage:
     def __init__(self, config, tensors: dict[str, torch.Tensor], layers: tuple[int, int], first: bool,
                  slots: int, max_context: int | None = None, head_t: torch.Tensor | None = None, quant=None,
                  device: torch.device | None = None,
-                 tied: bool = True):
+                 tied: bool = True, transposed: bool = False):
         check(config)
         self.device = torch.device(device or "cpu")
         if self.device.type != "cpu":   # a GPU board: weights and cache in GPU memory (float shards only)
@@ -159,7 +161,8 @@ class Stage:
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
         self.layers, self.first = layers, first
         self.max_context = min(max_context or default_context(context(config)), context(config))
-        self.blocks = [Block(tensors, i, quant) for i in range(*layers)]
+        # transposed: float matmul weights were read as [in, out] (Stage.load does; see read_shard)
+        self.blocks = [Block(tensors, i, quant, transposed) for i in range(*layers)]
         if first:
             self.ends = Ends(tensors, EMBED, HEAD, tied, quant, head_t)
             self.norm = tensors[NORM]
@@ -175,9 +178,9 @@ class Stage:
     @classmethod
     def load(cls, path: Path, config, layers, first: bool, slots: int, max_context: int | None,
              quant=None, tied: bool = True, device: torch.device | None = None) -> "Stage":
-        tensors, head_t = read_shard(path, first, EMBED, HEAD, tied)
+        tensors, head_t = read_shard(path, first, EMBED, HEAD, tied, transpose=lambda n: n.endswith("_proj.weight"))
         return cls(config, tensors, tuple(layers), first, slots, max_context, head_t=head_t, quant=quant, tied=tied,
-                   device=device)
+                   device=device, transposed=True)
 
     # ---- stage 0's ends of the ring ----
     def embed(self, ids: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
