@@ -101,20 +101,8 @@ class Served:
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_healthy(self, timeout: float = 240) -> dict:
-        from bench.server import get
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}; log {self.log_path}:\n"
-                                   f"{self.log_path.read_text()[-3000:]}")
-            try:
-                status, body = get(self.url + "/health", timeout=2)
-                if status == 200:
-                    return json.loads(body)
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"no /health from {self.url} within {timeout}s; log {self.log_path}")
+        from bench.server import wait_healthy
+        return wait_healthy(self.proc, self.url, self.log_path, timeout, interval=0.5)
 
     def stop(self) -> int | None:
         if self.pid_file is not None:   # SIGTERM to main.py on the board: it stops cleanly

@@ -53,19 +53,7 @@ class Pipeline:
                                      start_new_session=True)
 
     def wait_healthy(self, timeout: float = 180) -> dict:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the pipeline exited with {self.proc.returncode}; log {self.log_path}:\n"
-                                   f"{self.log_path.read_text()[-3000:]}")
-            try:
-                status, body = get(self.url + "/health", timeout=2)
-                if status == 200:
-                    return json.loads(body)
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"no /health within {timeout}s; log {self.log_path}")
+        return wait_healthy(self.proc, self.url, self.log_path, timeout, interval=0.25)
 
     def rank_processes(self) -> dict[int, psutil.Process]:
         out = {}
@@ -153,3 +141,21 @@ def fresh_metrics(url: str, n_ranks: int, timeout: float = 10.0) -> dict:
         time.sleep(0.25)
     snap["fresh"] = False
     return snap
+
+
+def wait_healthy(proc, url: str, log_path: Path, timeout: float, interval: float = 0.25) -> dict:
+    """Poll url/health until it answers 200 (its JSON); an exited process or the timeout raises, with
+    the end of its log."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}; log {log_path}:\n"
+                               f"{log_path.read_text()[-3000:]}")
+        try:
+            status, body = get(url + "/health", timeout=2)
+            if status == 200:
+                return json.loads(body)
+        except OSError:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"no /health from {url} within {timeout}s; log {log_path}")

@@ -6,6 +6,7 @@ Which tensors a stage holds, and what a layer costs, come from the model's famil
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -31,7 +32,7 @@ class Model:
     def n_layers(self) -> int:
         return self.fam.n_layers(self.config)
 
-    @property
+    @functools.cached_property
     def fam_edges(self) -> set[str]:
         """The embedding and LM head: stage 0's matmul weights."""
         return {s.name for s in self.fam.specs(self.config, True, (0, 0), self.tied) if s.matmul}

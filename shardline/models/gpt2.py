@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shardline.models import Cost, Spec, default_context
-from shardline.models.linear import Ends, linear, read_shard
+from shardline.models.linear import Ends, linear, on_device, read_shard
 from shardline.stage import KVCache, Seq, positions
 
 MODEL_TYPES = ("gpt2",)
@@ -86,10 +86,7 @@ class Stage:
                  tied: bool | None = None):
         tied = (HEAD not in tensors and HEAD + ".qweight" not in tensors) if tied is None else tied
         check(config)
-        self.device = torch.device(device or "cpu")
-        if self.device.type != "cpu":   # a GPU board: weights and cache in GPU memory (float shards only)
-            tensors = {n: t.to(self.device) for n, t in tensors.items()}
-            head_t = None if head_t is None else head_t.to(self.device)
+        self.device, tensors, head_t = on_device(tensors, head_t, device)
         self.d, self.n_head = config.n_embd, config.n_head
         self.head_dim = self.d // self.n_head
         self.eps = config.layer_norm_epsilon

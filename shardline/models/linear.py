@@ -69,6 +69,16 @@ class Ends:
         return h @ self.t if self.t is not None else self.q(h)                  # [B, vocab]
 
 
+def on_device(tensors: dict[str, torch.Tensor], head_t: torch.Tensor | None, device) -> tuple:
+    """(torch.device, tensors, head_t) with the tensors moved there: a GPU board keeps its weights and
+    cache in GPU memory (float shards only); on the CPU nothing moves."""
+    device = torch.device(device or "cpu")
+    if device.type != "cpu":
+        tensors = {n: t.to(device) for n, t in tensors.items()}
+        head_t = None if head_t is None else head_t.to(device)
+    return device, tensors, head_t
+
+
 def read_shard(path, first: bool, embed: str, head: str, tied: bool, transpose=None):
     """(tensors, head_t): a shard's tensors, each in its own aligned allocation, with stage 0's float
     head matrix read straight into its transposed form. The file is opened per tensor: safetensors

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from shardline.models import Cost, Spec, default_context
-from shardline.models.linear import Ends, read_shard
+from shardline.models.linear import Ends, on_device, read_shard
 from shardline.models.linear import linear as _linear
 from shardline.stage import KVCache, Seq, positions
 
@@ -153,10 +153,7 @@ class Stage:
                  device: torch.device | None = None,
                  tied: bool = True, transposed: bool = False):
         check(config)
-        self.device = torch.device(device or "cpu")
-        if self.device.type != "cpu":   # a GPU board: weights and cache in GPU memory (float shards only)
-            tensors = {n: t.to(self.device) for n, t in tensors.items()}
-            head_t = None if head_t is None else head_t.to(self.device)
+        self.device, tensors, head_t = on_device(tensors, head_t, device)
         self.d, self.eps = config.hidden_size, config.rms_norm_eps
         self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
         self.layers, self.first = layers, first
