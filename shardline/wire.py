@@ -30,9 +30,17 @@ PAYLOAD_DTYPE = {FORWARD: np.float32, STATS: np.float64}
 # messages leave at once. Open MPI's TCP progress thread moves the data while the rank computes
 # (and makes Open MPI lock its own state, so one-thread MPI use stays safe). launch.sh, the bench
 # and the README's mpirun pass exactly these (tests/test_boards.py checks that they agree).
+# A board that loses power or its cable sends no FIN or RST: mpirun's connection to its daemon there
+# just goes quiet, and Open MPI's defaults notice after 300 s idle + 9 probes 20 s apart. TCP
+# keepalives after 3 s idle, 2 s apart, 3 missed: mpirun ends the job about 9 s after the cut (an
+# idle ring too), and a daemon on a board cut off from the head ends its ranks the same way. (A
+# keepalive probe is answered by the peer's kernel, so a board busy computing is never taken for lost.)
 TCP_MCA = (
     ("btl", "tcp,self"),
     ("btl_tcp_progress_thread", "1"),
+    ("oob_tcp_keepalive_time", "3"),
+    ("oob_tcp_keepalive_intvl", "2"),
+    ("oob_tcp_keepalive_probes", "3"),
 )
 
 
