@@ -17,6 +17,18 @@ import threading
 import time
 
 STATS_INTERVAL = 2.0  # rank 0's heartbeat through the ring, seconds
+# What rank 0's waiting clients hear when the supervisor signals it with LOST_BOARD_SIGNAL.
+LOST_BOARD = ("the job has ended: Open MPI lost contact with one of the boards (power or network); the service "
+              "comes back once every board answers again (GET /health names the missing one); retry shortly")
+
+
+def say(text: str, file=None) -> None:
+    """print, for a signal handler: once mpirun is gone, rank 0's stdout is a broken pipe, and an exception
+    raised in a handler would unwind the engine loop it interrupted before the clients got their errors."""
+    try:
+        print(text, file=file or sys.stdout, flush=True)
+    except OSError:
+        pass
 
 
 def parse_args(argv=None):
@@ -129,11 +141,18 @@ def _serve_head(args, node) -> int:
     http = threading.Thread(target=server.run, name="http", daemon=True)
     http.start()
 
+    from shardline import LOST_BOARD_SIGNAL
+
     def on_signal(signum, _frame):
-        print(f"shardline: signal {signum}: stopping every rank", flush=True)
-        engine.stop(grace=args.shutdown_grace)
+        if signum == LOST_BOARD_SIGNAL:
+            engine.stop(grace=0, reason=LOST_BOARD)
+            say("shardline: mpirun has ended the job under rank 0 (it lost a board): stopping")
+        else:
+            engine.stop(grace=args.shutdown_grace)
+            say(f"shardline: signal {signum}: stopping every rank")
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(LOST_BOARD_SIGNAL, on_signal)
 
     for _ in range(100):
         if server.started or not http.is_alive():
@@ -149,12 +168,18 @@ def _serve_head(args, node) -> int:
                 f.write(f"{os.getpid()}\n")
     code = engine.run()
     if code:
-        print(f"shardline: {engine.failed}", file=sys.stderr, flush=True)
+        say(f"shardline: {engine.failed}", file=sys.stderr)
         time.sleep(0.5)  # let the error responses reach the waiting clients
     server.should_exit = True
     http.join(timeout=3)
     if code and link is not None:
-        link.comm.Abort(code)  # a hung rank would block a clean exit; end the job for the supervisor
+        # A hung rank would block a clean exit: end the job for the supervisor. MPI_Abort waits for mpirun,
+        # which may wait for the daemon of a board that vanished: exit regardless after a few seconds
+        # (the supervisor then ends what is left of the job).
+        give_up = threading.Timer(5.0, os._exit, (code,))
+        give_up.daemon = True
+        give_up.start()
+        link.comm.Abort(code)
     return code
 
 

@@ -122,6 +122,7 @@ class Engine:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.stop_deadline = math.inf
+        self.stop_reason = "the server is shutting down; retry shortly"   # what stop() tells the waiting clients
         self.failed: str | None = None
         self.compute_seconds, self.steps_done = 0.0, 0
         self.rank_stats: np.ndarray = np.zeros((0, len(STAT_FIELDS)))
@@ -154,8 +155,10 @@ class Engine:
         req.cancelled = True
         self.wake.set()
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Finish what is running for up to grace seconds, fail the rest, shut the ring down."""
+    def stop(self, grace: float = 5.0, reason: str | None = None) -> None:
+        """Finish what is running for up to grace seconds, fail the rest (with reason), shut the ring down."""
+        if reason:
+            self.stop_reason = reason
         self.stop_deadline = min(self.stop_deadline, time.monotonic() + grace)
         self.stopping.set()
         self.wake.set()
@@ -171,7 +174,7 @@ class Engine:
         try:
             while True:
                 if self.stopping.is_set():
-                    self._drain_inbox("the server is shutting down; retry shortly")
+                    self._drain_inbox(self.stop_reason)
                     if not self.active or time.monotonic() > self.stop_deadline:
                         break
                 self._admit()
@@ -194,7 +197,7 @@ class Engine:
             import traceback
             traceback.print_exc()
             return 1
-        self._fail_all("the server is shutting down; retry shortly")
+        self._fail_all(self.stop_reason)
         self._shutdown_ring()
         return 0
 

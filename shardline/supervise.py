@@ -1,92 +1,373 @@
 """python -m shardline.supervise [--restart] -- mpirun ... main.py ...
 
-Runs the MPI job and keeps it running. Two things mpirun alone does badly:
+Runs the MPI job and keeps it running; launch.sh (the systemd unit) and run.sh start the job through it.
+Four things mpirun alone does badly:
 - Stopping: a signal to mpirun kills every rank ~0.25 s later. The supervisor instead signals rank 0
   (its PID comes through SHARDLINE_PID_FILE), which answers the waiting clients and shuts the ring
   down; mpirun is killed only if that takes over --stop-timeout seconds.
 - Failures: when the job ends with an error (a board died or hung, and rank 0 gave up on it), the
-  supervisor starts it again with a short backoff. Exit status 78 (a refused start: a bad shard, a
-  wrong rank count) is not retried: it would fail the same way.
+  supervisor starts it again with a backoff. Exit status 78 (a refused start: a bad shard, a wrong
+  rank count) is not retried: it would fail the same way.
+- A board that vanishes (power, cable, Wi-Fi) sends no FIN or RST: mpirun waits for its daemon there
+  for good (measured: still running 90 s after the cut, every rank long gone). Once rank 0 has exited,
+  mpirun gets --exit-grace seconds to follow; then everything left in the job's session (mpirun, its
+  ssh sessions, a rank) gets SIGTERM, then SIGKILL, so nothing of a broken job stays on the head.
+- While the job is down, the API port still answers: every request gets a fast 503 with Retry-After
+  and a JSON error naming the boards that do not answer (shardline/unavailable.py). Before every start
+  the supervisor checks that every board of the hostfile answers SSH (the agent mpirun uses), and
+  checks again with a backoff until they do: a board that comes back brings the API back by itself.
 The job runs in its own session, so Ctrl-C in a terminal reaches the supervisor only.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-from shardline import EX_CONFIG  # a refused start: not retried
+from shardline import EX_CONFIG, LOST_BOARD_SIGNAL  # EX_CONFIG: a refused start, not retried
+
+LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+HOSTFILE_OPTIONS = {"--hostfile", "-hostfile", "--machinefile", "-machinefile", "--default-hostfile"}
+HOST_OPTIONS = {"--host", "-host", "-H"}
+MCA_OPTIONS = {"--mca", "-mca", "--prtemca", "-prtemca", "--gmca", "-gmca"}
+AGENT_PARAMS = {"plm_rsh_agent", "plm_ssh_agent"}
 
 
 def log(msg: str) -> None:
     print(f"[supervise] {msg}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m shardline.supervise", description=__doc__.split("\n\n")[1])
-    ap.add_argument("--restart", action="store_true", help="start the job again when it fails")
-    ap.add_argument("--max-backoff", type=float, default=10.0, help="longest wait between restarts, seconds")
-    ap.add_argument("--stop-timeout", type=float, default=8.0, help="seconds rank 0 gets to stop the job")
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the mpirun command")
-    args = ap.parse_args(argv)
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not cmd:
-        ap.error("give the job's command after --")
+# ---- what the job is: its API address, its boards, how mpirun reaches them ----
 
-    pid_file = os.environ.get("SHARDLINE_PID_FILE") or os.path.join(tempfile.mkdtemp(prefix="shardline-"), "rank0.pid")
-    env = dict(os.environ, SHARDLINE_PID_FILE=pid_file)
-    stopping = []
-    job: subprocess.Popen | None = None
+@dataclass
+class Board:
+    address: str    # what mpirun connects to (the hostfile's first word)
+    name: str       # what people call it: the hostfile line's comment (launch.sh writes the inventory name), else the address
 
-    def on_signal(signum, _frame):
-        if not stopping:
-            stopping.append(time.monotonic())
-            log(f"signal {signum}: stopping the job")
-            if job is not None and job.poll() is None:
-                _signal_rank0(pid_file, job)
+    def describe(self) -> str:
+        return self.address if self.name == self.address else f"{self.name} ({self.address})"
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    backoff = 1.0
-    while True:
+
+@dataclass
+class Job:
+    command: list[str]
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    boards: list[Board] = field(default_factory=list)   # the other boards (not this one)
+    ssh: list[str] = field(default_factory=lambda: ["ssh"])
+
+
+def describe_job(cmd: list[str], env=os.environ) -> Job:
+    """Read the API address (main.py's --host/--port, else its SHARDLINE_HOST/PORT defaults), the boards
+    (mpirun's --hostfile or --host) and the SSH agent (--mca plm_rsh_agent) from the job's command."""
+    job = Job(cmd, env.get("SHARDLINE_HOST", "127.0.0.1"), int(env.get("SHARDLINE_PORT", "8000")))
+    main_at = next((i for i, a in enumerate(cmd) if a.endswith("main.py")), len(cmd))
+    launcher, program = cmd[:main_at], cmd[main_at + 1:]
+    job.api_host = _option(program, {"--host"}) or job.api_host
+    job.api_port = int(_option(program, {"--port"}) or job.api_port)
+    boards: list[Board] = []
+    for i, arg in enumerate(launcher):
+        name, _, inline = arg.partition("=")
+        value = inline or (launcher[i + 1] if i + 1 < len(launcher) else "")
+        if name in HOSTFILE_OPTIONS:
+            boards += read_hostfile(value)
+        elif name in HOST_OPTIONS:
+            boards += [Board(h.split(":")[0], h.split(":")[0]) for h in value.split(",") if h]
+        elif arg in MCA_OPTIONS and i + 2 < len(launcher) and launcher[i + 1] in AGENT_PARAMS:
+            job.ssh = shlex.split(launcher[i + 2])
+    seen = set()
+    job.boards = [b for b in boards if not is_this_machine(b.address) and not (b.address in seen or seen.add(b.address))]
+    return job
+
+
+def _option(args: list[str], names: set[str]) -> str | None:
+    value = None
+    for i, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        if name in names:
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return value
+
+
+def read_hostfile(path: str) -> list[Board]:
+    """Open MPI's hostfile syntax: `address slots=1  # name`, one board a line, # comments."""
+    boards = []
+    with open(path) as f:
+        for line in f:
+            text, _, comment = line.partition("#")
+            if text.split():
+                address = text.split()[0]
+                boards.append(Board(address, comment.strip().split()[0] if comment.strip() else address))
+    return boards
+
+
+def is_this_machine(address: str) -> bool:
+    if address in LOCAL_NAMES or address in (socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        if ipaddress.ip_address(address).is_loopback:
+            return True
+    except ValueError:
+        pass
+    import psutil
+    return any(a.address.split("%")[0] == address for addrs in psutil.net_if_addrs().values() for a in addrs)
+
+
+def check_boards(boards: list[Board], ssh: list[str], timeout: float = 5.0) -> list[dict]:
+    """The boards that do not answer SSH now (name, address, what ssh said), checked at once with the
+    agent mpirun uses: what mpirun needs to start its daemon there."""
+    def one(board: Board) -> dict | None:
+        # ssh takes the first value given for an option: these come before the agent's own
+        ours = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, round(timeout))}"]
+        argv = [ssh[0], *(ours if os.path.basename(ssh[0]) == "ssh" else []), *ssh[1:], board.address, "true"]
+        try:   # ConnectTimeout covers the connection; twice that for the login and `true`
+            run = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=2 * timeout)
+        except subprocess.TimeoutExpired:
+            return {"name": board.name, "address": board.address, "error": f"no answer in {2 * timeout:.0f}s"}
+        except OSError as err:
+            return {"name": board.name, "address": board.address, "error": f"cannot run {ssh[0]}: {err}"}
+        if run.returncode == 0:
+            return None
+        said = [line for line in run.stderr.splitlines() if line.strip()]
+        return {"name": board.name, "address": board.address,
+                "error": said[-1].strip() if said else f"{ssh[0]} exited with status {run.returncode}"}
+    if not boards:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(boards))) as pool:
+        return [r for r in pool.map(one, boards) if r is not None]
+
+
+def unreachable_message(unreachable: list[dict]) -> str:
+    names = ", ".join(f"{u['name']} ({u['address']})" if u["name"] != u["address"] else u["address"]
+                      for u in unreachable)
+    said = "; ".join(f"{u['name']}: {u['error']}" for u in unreachable)
+    one = len(unreachable) == 1
+    return (f"board{'' if one else 's'} {names} do{'es' if one else ''} not answer ({said}); the model is split "
+            f"over every board, so the service is down until {'it answers' if one else 'they answer'} again "
+            f"and the job restarts (checked again after Retry-After seconds)")
+
+
+# ---- the job's processes ----
+
+def session_processes(sid: int) -> list:
+    """Every process of the job's session but the session leader (mpirun), which the caller waits for."""
+    import psutil
+    procs = []
+    for p in psutil.process_iter():
         try:
-            os.unlink(pid_file)
+            if p.pid != sid and os.getsid(p.pid) == sid:
+                procs.append(p)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return procs
+
+
+def signal_session(job: subprocess.Popen, sig: int) -> None:
+    for p in [*session_processes(job.pid)]:
+        try:
+            p.send_signal(sig)
+        except Exception:   # psutil.NoSuchProcess: gone meanwhile
+            pass
+    if job.poll() is None:
+        try:
+            job.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def clear_session(sid: int, grace: float = 3.0) -> list[str]:
+    """End what the job left running after mpirun exited (an ssh to a board that vanished, a rank); their names."""
+    import psutil
+    left = session_processes(sid)
+    names = []
+    for p in left:
+        try:
+            names.append(p.name())
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=2)
+    return names
+
+
+class Rank0:
+    """Rank 0's process, from the PID file it writes once its API listens; when it exited."""
+
+    def __init__(self, pid_file: str):
+        self.pid_file, self.proc, self.gone_at = pid_file, None, None
+
+    def gone_for(self) -> float | None:
+        """Seconds since rank 0 exited; None while it runs or before it wrote its PID."""
+        import psutil
+        now = time.monotonic()
+        if self.gone_at is None:
+            if self.proc is None:
+                try:
+                    pid = int(open(self.pid_file).read().strip())
+                except (OSError, ValueError):
+                    return None
+                try:
+                    self.proc = psutil.Process(pid)
+                except psutil.NoSuchProcess:
+                    self.gone_at = now
+            if self.proc is not None:
+                try:
+                    if not self.proc.is_running() or self.proc.status() == psutil.STATUS_ZOMBIE:
+                        self.gone_at = now
+                except psutil.NoSuchProcess:
+                    self.gone_at = now
+        return None if self.gone_at is None else now - self.gone_at
+
+
+# ---- the loop ----
+
+class Supervisor:
+    def __init__(self, job: Job, args):
+        self.job, self.args = job, args
+        self.pid_file = os.environ.get("SHARDLINE_PID_FILE") or os.path.join(
+            tempfile.mkdtemp(prefix="shardline-"), "rank0.pid")
+        self.stopping: float | None = None
+        self.proc: subprocess.Popen | None = None
+        from shardline.unavailable import Responder
+        self.responder = Responder(job.api_host, job.api_port, log) if args.answer_while_down else None
+
+    def on_signal(self, signum, _frame) -> None:
+        if self.stopping is None:
+            self.stopping = time.monotonic()
+            log(f"signal {signum}: stopping the job")
+            if self.proc is not None and self.proc.poll() is None:
+                self._signal_rank0()
+
+    def run(self) -> int:
+        from shardline.unavailable import Down
+        backoff, check_wait, last_unreachable = 1.0, 1.0, None
+        start_at, why = time.monotonic(), None      # when the job may start; why it is down meanwhile
+        try:
+            while self.stopping is None:
+                unreachable = check_boards(self.job.boards, self.job.ssh, self.args.ssh_timeout)
+                if unreachable:
+                    names = sorted(u["name"] for u in unreachable)
+                    message = unreachable_message(unreachable)
+                    if names != last_unreachable:
+                        log(message + (f"; answering 503 on {self.job.api_host}:{self.job.api_port} meanwhile"
+                                       if self.responder else ""))
+                        last_unreachable = names
+                    self._down(Down(message, "boards_unreachable", time.monotonic() + check_wait, unreachable))
+                    self._sleep(check_wait)
+                    check_wait = min(check_wait * 2, self.args.max_check_interval)
+                    continue
+                if last_unreachable:
+                    log(f"every board answers again ({', '.join(last_unreachable)} is back): starting the job")
+                check_wait, last_unreachable = 1.0, None
+                if time.monotonic() < start_at:         # a restart's backoff
+                    self._down(Down(f"the model's job failed ({why}) and restarts in "
+                                    f"{start_at - time.monotonic():.0f}s; retry shortly", "job_restarting", start_at))
+                    self._sleep(min(start_at - time.monotonic(), self.args.max_check_interval))
+                    continue
+                if self.responder:
+                    self.responder.hide()
+                code, ran_for = self._run_job()
+                if self.stopping is not None:
+                    log(f"job stopped (status {code})")
+                    return 0 if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else code
+                if code == EX_CONFIG:
+                    log("the job refused to start (status 78: see the message above); not restarting")
+                    return code
+                if not self.args.restart:
+                    return code
+                if ran_for > 60:
+                    backoff = 1.0
+                why = (f"it ended with status {code}" if code else
+                       "it ended by itself with status 0, without a stop request: Open MPI does that when it "
+                       "loses a board's daemon")
+                log(f"job failed ({why}); restarting in {backoff:.0f}s once every board answers")
+                start_at = time.monotonic() + backoff
+                backoff = min(backoff * 2, self.args.max_backoff)
+            return 0
+        finally:
+            if self.responder:
+                self.responder.hide()
+
+    def _down(self, down) -> None:
+        if self.responder:
+            self.responder.show(down)
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and self.stopping is None:
+            time.sleep(0.1)
+
+    def _run_job(self) -> tuple[int, float]:
+        try:
+            os.unlink(self.pid_file)
         except FileNotFoundError:
             pass
         started = time.monotonic()
-        job = subprocess.Popen(cmd, env=env, start_new_session=True)
-        code = _wait(job, stopping, args.stop_timeout)
-        if stopping:
-            log(f"job stopped (status {code})")
-            return 0 if code in (0, -signal.SIGTERM) else code
-        if code == 0:
-            return 0
-        if code == EX_CONFIG:
-            log("the job refused to start (status 78: see the message above); not restarting")
-            return code
-        if not args.restart:
-            return code
-        if time.monotonic() - started > 60:
-            backoff = 1.0
-        log(f"job ended with status {code}; restarting in {backoff:.0f}s")
-        end = time.monotonic() + backoff
-        while time.monotonic() < end and not stopping:
-            time.sleep(0.1)
-        if stopping:
-            return 0
-        backoff = min(backoff * 2, args.max_backoff)
+        env = dict(os.environ, SHARDLINE_PID_FILE=self.pid_file)
+        self.proc = subprocess.Popen(self.job.command, env=env, start_new_session=True)
+        rank0 = Rank0(self.pid_file)
+        code = self._wait(self.proc, rank0)
+        if self.stopping is None and rank0.gone_for() is None and rank0.proc is not None:
+            # mpirun ended the job under a running rank 0 (Open MPI lost a board's daemon): rank 0 tells
+            # its waiting clients so, then exits; what remains after --exit-grace is ended below.
+            log("mpirun has exited but rank 0 still runs: telling it the job lost a board")
+            try:
+                rank0.proc.send_signal(LOST_BOARD_SIGNAL)
+                rank0.proc.wait(self.args.exit_grace)
+            except Exception:   # psutil.NoSuchProcess / TimeoutExpired
+                pass
+        left = clear_session(self.proc.pid)
+        if left:
+            log(f"ended what the job left running: {', '.join(sorted(set(left)))}")
+        return code, time.monotonic() - started
 
+    def _signal_rank0(self) -> None:
+        try:
+            os.kill(int(open(self.pid_file).read().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            _kill_group(self.proc, signal.SIGTERM)   # rank 0 is not up yet: stop mpirun itself
 
-def _signal_rank0(pid_file: str, job: subprocess.Popen) -> None:
-    try:
-        pid = int(open(pid_file).read().strip())
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError):
-        _kill_group(job, signal.SIGTERM)   # rank 0 is not up yet: stop mpirun itself
+    def _wait(self, job: subprocess.Popen, rank0: Rank0) -> int:
+        """Wait for mpirun. Once a stop was asked: SIGTERM to its process group after --stop-timeout, then
+        SIGKILL to its session. Once rank 0 has exited: --exit-grace seconds for mpirun to follow, then the
+        same (mpirun waits for the daemon of a board that vanished)."""
+        escalated, since = 0, None
+        while True:
+            try:
+                return job.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.stopping is not None:
+                since = self.stopping
+                if escalated == 0 and time.monotonic() - since > self.args.stop_timeout:
+                    log("rank 0 did not stop the job in time; signalling mpirun")
+                    _kill_group(job, signal.SIGTERM)
+                    escalated, since = 1, time.monotonic()
+            elif escalated == 0:
+                gone = rank0.gone_for()
+                if gone is not None and gone > self.args.exit_grace:
+                    log(f"rank 0 exited {gone:.0f}s ago and mpirun is still running (it waits for a board that no "
+                        "longer answers): ending the job")
+                    signal_session(job, signal.SIGTERM)
+                    escalated, since = 1, time.monotonic()
+            if escalated == 1 and time.monotonic() - since > 3:
+                signal_session(job, signal.SIGKILL)
+                escalated = 2
 
 
 def _kill_group(job: subprocess.Popen, sig: int) -> None:
@@ -96,23 +377,35 @@ def _kill_group(job: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _wait(job: subprocess.Popen, stopping: list, stop_timeout: float) -> int:
-    """Wait for the job; once a stop was asked, escalate to SIGTERM then SIGKILL of its process group."""
-    escalated = 0
-    while True:
-        try:
-            return job.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            pass
-        if stopping:
-            waited = time.monotonic() - stopping[0]
-            if escalated == 0 and waited > stop_timeout:
-                log("rank 0 did not stop the job in time; signalling mpirun")
-                _kill_group(job, signal.SIGTERM)
-                escalated = 1
-            elif escalated == 1 and waited > stop_timeout + 3:
-                _kill_group(job, signal.SIGKILL)
-                escalated = 2
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m shardline.supervise", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--restart", action="store_true", help="start the job again when it fails")
+    ap.add_argument("--max-backoff", type=float, default=10.0, help="longest wait between restarts, seconds")
+    ap.add_argument("--stop-timeout", type=float, default=8.0, help="seconds rank 0 gets to stop the job")
+    ap.add_argument("--exit-grace", type=float, default=5.0,
+                    help="seconds mpirun gets to end after rank 0 exited before the job's processes are ended")
+    ap.add_argument("--max-check-interval", type=float, default=5.0,
+                    help="longest wait between two SSH checks of a board that does not answer, seconds")
+    ap.add_argument("--ssh-timeout", type=float, default=5.0, help="seconds a board gets to answer SSH")
+    ap.add_argument("--no-answer-while-down", dest="answer_while_down", action="store_false",
+                    help="leave the API port closed while the job is down (default: answer 503 with the reason)")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the mpirun command")
+    args = ap.parse_args(argv)
+    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not cmd:
+        ap.error("give the job's command after --")
+    try:
+        job = describe_job(cmd)
+    except OSError as err:
+        log(f"cannot read the job's hostfile: {err}")
+        return EX_CONFIG
+    if job.boards:
+        log(f"boards: {', '.join(b.describe() for b in job.boards)} (checked over `{' '.join(job.ssh)}` before every start)")
+    sup = Supervisor(job, args)
+    signal.signal(signal.SIGTERM, sup.on_signal)
+    signal.signal(signal.SIGINT, sup.on_signal)
+    code = sup.run()
+    return 128 - code if code < 0 else code   # a job killed by signal N: status 128+N, as a shell reports it
 
 
 if __name__ == "__main__":

@@ -108,3 +108,28 @@ def test_requests_together_get_what_they_get_alone(ring):
     assert all(r.done.wait(60) for r in reqs)
     assert [r.text for r in reqs] == alone
     assert sorted(engine.free_slots) == list(range(engine.slots))
+
+
+def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir):
+    """What the supervisor's LOST_BOARD_SIGNAL does on rank 0: the requests in flight and those still
+    queued end with that reason (main.LOST_BOARD), not a generic shutdown."""
+    model = hf_model(tiny_model_dir)
+    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
+    cfg = model.config
+    head = Stage(cfg, tensors, (0, 0), True, 1, cfg.n_positions)
+    rest = [Stage(cfg, tensors, (0, 6), False, 1, cfg.n_positions)]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = Engine(head, tok, LoopLink(rest), 2, ["here"] * 2, 1)
+    prompt = tok("the cat sat on")["input_ids"]
+    first = threading.Event()
+    running = engine.submit(Request(prompt, 100, SamplingParams(temperature=0), on_text=lambda r, d: first.set()))
+    queued = engine.submit(Request(prompt, 100, SamplingParams(temperature=0)))   # one slot: it waits
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    assert first.wait(30)
+    reason = "the job has ended: Open MPI lost contact with one of the boards"
+    engine.stop(grace=0, reason=reason)
+    loop.join(10)
+    assert not loop.is_alive()
+    for req in (running, queued):
+        assert req.done.is_set() and req.finish_reason == "error" and req.error == reason, vars(req)

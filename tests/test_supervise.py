@@ -1,0 +1,253 @@
+"""The supervisor (shardline/supervise.py) on this machine, without test hosts: what it reads from the
+job's command, the SSH check of the boards, the 503s while a board is missing and the start once it
+answers, and the end of a job whose mpirun outlives rank 0. The same over real SSH and a link that goes
+down on test hosts is in tests/test_cluster.py (root only)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from shardline import supervise
+from tests.helpers import PY, ROOT, free_port, http, launch_cmd, mpi_env
+
+HOSTFILE = """# the boards, head first
+192.0.2.50 slots=1  # pi0
+192.0.2.51 slots=1  # pi1
+
+192.0.2.52 slots=1
+localhost slots=2
+127.0.0.1 slots=1  # the loopback is this machine too
+"""
+
+
+@pytest.fixture
+def hostfile(tmp_path) -> Path:
+    path = tmp_path / "cluster"
+    path.write_text(HOSTFILE)
+    return path
+
+
+def test_the_job_description_comes_from_launch_sh_s_command(hostfile):
+    cmd = ["/venv/bin/mpirun", "--hostfile", str(hostfile), "-np", "3", "--map-by", "node",
+           "--mca", "plm_rsh_agent", "ssh -F /dev/null -o IdentityFile=/k", "--mca", "btl", "tcp,self",
+           "/venv/bin/python", "-m", "mpi4py", "/home/pi/shardline/main.py", "--model-dir", "m",
+           "--host", "0.0.0.0", "--port", "8001"]
+    job = supervise.describe_job(cmd, env={})
+    assert (job.api_host, job.api_port) == ("0.0.0.0", 8001)
+    assert [(b.address, b.name) for b in job.boards] == [
+        ("192.0.2.50", "pi0"), ("192.0.2.51", "pi1"), ("192.0.2.52", "192.0.2.52")]   # this machine left out
+    assert job.ssh == ["ssh", "-F", "/dev/null", "-o", "IdentityFile=/k"]
+
+
+@pytest.mark.parametrize("cmd, env, api, boards", [
+    # run.sh: one machine, main.py's defaults
+    (["mpirun", "-np", "3", "--hostfile", str(ROOT / "hostfiles/localhost"), "python", "-m", "mpi4py", "main.py",
+      "--model-dir", "m"], {}, ("127.0.0.1", 8000), []),
+    # --host lists, --port=, the SHARDLINE_HOST default, this machine's own name
+    (["mpirun", "--host", f"192.0.2.7:1,{os.uname().nodename}:1,192.0.2.8", "python", "main.py", "--port=9001"],
+     {"SHARDLINE_HOST": "0.0.0.0"}, ("0.0.0.0", 9001), ["192.0.2.7", "192.0.2.8"]),
+    # mpirun's own --host is not the API's
+    (["mpirun", "--host", "192.0.2.9", "python", "main.py", "--model-dir", "m"], {"SHARDLINE_PORT": "8500"},
+     ("127.0.0.1", 8500), ["192.0.2.9"]),
+])
+def test_the_job_description_table(cmd, env, api, boards):
+    job = supervise.describe_job(cmd, env=env)
+    assert (job.api_host, job.api_port) == api
+    assert [b.address for b in job.boards] == boards
+    assert job.ssh == ["ssh"]
+
+
+# ---- the SSH check, with a stand-in ssh ----
+
+FAKE_SSH = """#!{py}
+# Stands in for ssh: records its arguments; the host (second to last) answers if DIR/up-HOST exists,
+# hangs if DIR/hang-HOST exists, else fails as ssh does for a board that is off.
+import os, sys, time
+d = {dir!r}
+host = sys.argv[-2]
+with open(os.path.join(d, "calls"), "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+if os.path.exists(os.path.join(d, "up-" + host)):
+    sys.exit(0)
+if os.path.exists(os.path.join(d, "hang-" + host)):
+    time.sleep(60)
+print(f"ssh: connect to host {{host}} port 22: No route to host", file=sys.stderr)
+sys.exit(255)
+"""
+
+
+@pytest.fixture
+def fake_ssh(tmp_path) -> Path:
+    d = tmp_path / "ssh"
+    d.mkdir()
+    (d / "ssh").write_text(FAKE_SSH.format(py=PY, dir=str(d)))
+    (d / "ssh").chmod(0o755)
+    return d
+
+
+def calls(fake_ssh: Path) -> list[str]:
+    path = fake_ssh / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_the_check_names_each_board_that_does_not_answer_and_what_ssh_said(fake_ssh):
+    boards = [supervise.Board("192.0.2.1", "pi1"), supervise.Board("192.0.2.2", "pi2"),
+              supervise.Board("192.0.2.3", "pi3")]
+    (fake_ssh / "up-192.0.2.1").touch()
+    (fake_ssh / "hang-192.0.2.3").touch()
+    t0 = time.monotonic()
+    unreachable = supervise.check_boards(boards, [str(fake_ssh / "ssh"), "-o", "User=pi"], timeout=1)
+    assert time.monotonic() - t0 < 5, "the boards are checked at once, each within its timeout"
+    assert unreachable == [
+        {"name": "pi2", "address": "192.0.2.2", "error": "ssh: connect to host 192.0.2.2 port 22: No route to host"},
+        {"name": "pi3", "address": "192.0.2.3", "error": "no answer in 2s"},
+    ]
+    # ssh takes the first value of an option: the check's own come before the agent's
+    assert all(c.startswith("-o BatchMode=yes -o ConnectTimeout=1 -o User=pi ") and c.endswith(" true")
+               for c in calls(fake_ssh)), calls(fake_ssh)
+    message = supervise.unreachable_message(unreachable)
+    assert "boards pi2 (192.0.2.2), pi3 (192.0.2.3) do not answer" in message and "No route to host" in message
+
+
+# ---- the whole loop: a board missing at the start, then back ----
+
+def test_while_a_board_is_missing_every_request_gets_a_503_naming_it_then_the_job_starts(
+    tmp_path, fake_ssh, parts3
+):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    hf = tmp_path / "cluster"
+    hf.write_text("localhost slots=3  # head\n192.0.2.20 slots=1  # pi2\n")
+    job = [PY, str(ROOT / "tests" / "stand_in_launcher.py"), "--hostfile", str(hf),
+           "--mca", "plm_rsh_agent", str(fake_ssh / "ssh"), "--",
+           *launch_cmd(3, str(ROOT / "main.py"), "--model-dir", str(parts3), "--port", str(port))]
+    log_path = tmp_path / "supervise.log"
+    with open(log_path, "w") as log:
+        sup = subprocess.Popen([PY, "-m", "shardline.supervise", "--restart", "--max-check-interval", "2",
+                                "--ssh-timeout", "1", "--", *job],
+                               cwd=ROOT, env=mpi_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while _health_status(url) != 503:
+            assert sup.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        status, body = http("GET", url + "/health", timeout=2)
+        assert body["status"] == "unavailable" and body["code"] == "boards_unreachable", body
+        assert body["unreachable"] == [{"name": "pi2", "address": "192.0.2.20",
+                                        "error": "ssh: connect to host 192.0.2.20 port 22: No route to host"}]
+        for method, path, payload in [("POST", "/generate", {"prompt": "hi"}), ("GET", "/v1/models", None),
+                                      ("POST", "/v1/completions", {"prompt": "hi", "stream": True})]:
+            t0 = time.monotonic()
+            status, body = http(method, url + path, payload, timeout=5)
+            assert status == 503 and time.monotonic() - t0 < 1, (path, status, body)
+            assert body["error"]["type"] == "service_unavailable" and "pi2 (192.0.2.20) does not answer" in \
+                body["error"]["message"], body
+            assert [u["name"] for u in body["unreachable"]] == ["pi2"]
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5)
+        except urllib.error.HTTPError as err:
+            assert 1 <= int(err.headers["Retry-After"]) <= 2, dict(err.headers)
+        ranks = [p for p in psutil.Process(sup.pid).children(recursive=True) if "mpi4py" in " ".join(p.cmdline())]
+        assert not ranks, "the job started with a board missing"
+
+        # a backoff, not a tight loop: checks 1, 2, 2, ... seconds apart
+        n0, t0 = len(calls(fake_ssh)), time.monotonic()
+        time.sleep(6)
+        made = len(calls(fake_ssh)) - n0
+        assert 2 <= made <= 5, f"{made} checks in {time.monotonic() - t0:.1f}s"
+
+        (fake_ssh / "up-192.0.2.20").touch()
+        back = time.monotonic()
+        while _health_status(url) != 200:
+            assert time.monotonic() - back < 30, log_path.read_text()
+            time.sleep(0.2)
+        status, body = http("POST", url + "/generate", {"prompt": "hello", "max_new_tokens": 4})
+        assert status == 200 and body["tokens"] == 4, body
+        assert "pi2 (192.0.2.20) does not answer" in log_path.read_text()
+        assert "every board answers again (pi2 is back): starting the job" in log_path.read_text()
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        try:
+            sup.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(sup.pid, signal.SIGKILL)
+            sup.wait()
+
+
+def _health_status(url: str) -> int | None:
+    try:
+        return http("GET", url + "/health", timeout=5)[0]
+    except OSError:   # the port is closed while the job starts
+        return None
+
+
+# ---- a job whose mpirun outlives rank 0 ----
+
+# Stands in for mpirun waiting for the daemon of a board that vanished: it starts "rank 0" (writes its PID
+# where the supervisor says, then exits 1 as rank 0 does after failing its clients) and an "ssh" to the
+# board, ignores SIGTERM and never exits by itself.
+STUCK_MPIRUN = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+ssh = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+rank0 = subprocess.Popen([sys.executable, "-c", "import os, time; open(os.environ['SHARDLINE_PID_FILE'], 'w').write(str(os.getpid())); time.sleep(1); raise SystemExit(1)"])
+print("stand-in mpirun", os.getpid(), "ssh", ssh.pid, "rank0", rank0.pid, flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_an_mpirun_that_outlives_rank_0_is_ended_with_everything_it_started(tmp_path):
+    log_path = tmp_path / "supervise.log"
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        sup = subprocess.run([PY, "-m", "shardline.supervise", "--exit-grace", "1", "--no-answer-while-down", "--",
+                              PY, "-c", STUCK_MPIRUN], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=30)
+    took = time.monotonic() - t0
+    text = log_path.read_text()
+    assert sup.returncode == 128 + signal.SIGKILL, text   # mpirun ended by SIGKILL
+    assert "rank 0 exited 1s ago and mpirun is still running" in text, text
+    assert took < 1 + 1 + 3 + 5, f"{took:.1f}s"    # rank 0's second, the grace, SIGTERM's 3 s, start-up
+    pids = [int(w) for w in text.split("stand-in mpirun", 1)[1].split()[0:5:2]]
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], text
+
+
+# mpirun that exits 0 under a running rank 0 (what Open MPI does when it loses a board's daemon): the
+# supervisor tells rank 0 (LOST_BOARD_SIGNAL), which answers its clients with why, and restarts the job.
+MPIRUN_LOSES_A_BOARD = """
+import os, subprocess, sys, time
+rank0 = subprocess.Popen([sys.executable, "-c", '''
+import os, signal, sys, time
+def lost(signum, frame):
+    open(os.environ["SHARDLINE_PID_FILE"] + ".told", "w").write(str(signum))
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, lost)
+open(os.environ["SHARDLINE_PID_FILE"], "w").write(str(os.getpid()))
+time.sleep(600)
+'''])
+while not os.path.exists(os.environ["SHARDLINE_PID_FILE"]):
+    time.sleep(0.05)
+time.sleep(0.5)
+"""
+
+
+def test_when_mpirun_ends_the_job_under_rank_0_rank_0_is_told_why(tmp_path):
+    pid_file = tmp_path / "rank0.pid"
+    log_path = tmp_path / "supervise.log"
+    with open(log_path, "w") as log:
+        sup = subprocess.run([PY, "-m", "shardline.supervise", "--no-answer-while-down", "--",
+                              PY, "-c", MPIRUN_LOSES_A_BOARD], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             timeout=30, env=dict(os.environ, SHARDLINE_PID_FILE=str(pid_file)))
+    text = log_path.read_text()
+    assert sup.returncode == 0, text          # without --restart the job's own status comes back
+    assert "mpirun has exited but rank 0 still runs: telling it the job lost a board" in text, text
+    assert (tmp_path / "rank0.pid.told").read_text() == str(int(signal.SIGUSR1)), text
