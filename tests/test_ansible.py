@@ -112,7 +112,7 @@ def test_hostfile_template_lists_the_inventory_head_first_one_slot_each():
         tool="ansible",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert r'"msg": "192.168.1.50 slots=1\n192.168.1.51 slots=1\n192.168.1.52 slots=1\n"' in result.stdout
+    assert r'"msg": "192.168.1.50 slots=1  # pi0\n192.168.1.51 slots=1  # pi1\n192.168.1.52 slots=1  # pi2\n"' in result.stdout
 
 
 def _render(template: str, out: Path) -> str:
@@ -170,7 +170,7 @@ def test_hostfile_and_launch_follow_the_plan_and_leave_out_boards_without_layers
     _write_plan(tmp_path, ["pi0", "pi2"], ["pi1"], "none,0-5")
     result = _local_run(tmp_path, "--tags", "hostfile")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (tmp_path / "cluster").read_text() == "192.168.1.50 slots=1\n192.168.1.52 slots=1\n"
+    assert (tmp_path / "cluster").read_text() == "192.168.1.50 slots=1  # pi0\n192.168.1.52 slots=1  # pi2\n"
     assert (tmp_path / "board" / "hostfiles" / "cluster").read_text() == (tmp_path / "cluster").read_text()
     assert "-np 2 " in (tmp_path / "board" / "launch.sh").read_text()
 
@@ -186,7 +186,7 @@ def test_a_plan_made_for_another_inventory_stops_the_split_and_the_hostfile(tmp_
 def test_without_a_plan_the_hostfile_lists_the_inventory(tmp_path):
     result = _local_run(tmp_path, "--tags", "hostfile")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (tmp_path / "cluster").read_text() == "192.168.1.50 slots=1\n192.168.1.51 slots=1\n192.168.1.52 slots=1\n"
+    assert (tmp_path / "cluster").read_text() == "192.168.1.50 slots=1  # pi0\n192.168.1.51 slots=1  # pi1\n192.168.1.52 slots=1  # pi2\n"
 
 
 def test_launch_passes_the_slots_and_context_the_plan_counted(tmp_path):

@@ -28,6 +28,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -205,7 +207,7 @@ def test_setup_gives_every_board_the_program_and_only_its_own_shard(hosts, provi
         assert digest == entry["sha256"]
 
     # Open MPI syntax, one slot per board, inventory order with the head first.
-    expected = "".join(f"{h.address} slots=1\n" for h in hosts.hosts)
+    expected = "".join(f"{h.address} slots=1  # {h.name}\n" for h in hosts.hosts)
     assert hosts.run(head, f"cat {board}/hostfiles/cluster").stdout == expected
     assert Path(extra_vars["shardline_local_hostfile"]).read_text() == expected
     # The ssh tag: the head logs in to every worker by hostfile address with no prompt.
@@ -298,6 +300,197 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float = 60):
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# A board that drops off (issue 14): its link goes down (testhosts.set_link), so nothing comes from it,
+# no FIN and no RST, as when a board loses power or its cable. launch.sh (what the systemd unit runs:
+# the supervisor and mpirun) must end the job and bring the API back by itself.
+
+CLIENT_ERROR_S, JOB_GONE_S, BACK_S = 10, 30, 30   # the issue's limits, in seconds from the cut / the return
+
+
+class Launched:
+    """launch.sh on the head over SSH, as the systemd unit starts it; its output in log_path."""
+
+    def __init__(self, hosts, board_dir: str, log_path: Path):
+        self.hosts, self.head, self.log_path = hosts, hosts.hosts[0], log_path
+        self.pid_file = f"{board_dir}/launch.pid"
+        self.api = f"http://{self.head.address}:8000"
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                hosts.ssh_argv(self.head, f"echo $$ > {self.pid_file} && exec {board_dir}/launch.sh"),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def request(self, method: str, path: str, body: dict | None = None):
+        """(status, headers, JSON) or (None, {}, the error) when nothing answers."""
+        import httpx
+        try:
+            with httpx.Client(trust_env=False, timeout=10) as client:   # the test subnet only, never a proxy
+                r = client.request(method, self.api + path, json=body)
+            return r.status_code, r.headers, r.json()
+        except (httpx.HTTPError, ValueError) as err:
+            return None, {}, repr(err)
+
+    def wait_for(self, check, timeout: float, what: str, since: float | None = None) -> float:
+        """Poll GET /health until check(status, body); the seconds it took from `since` (default: now)."""
+        since = time.monotonic() if since is None else since
+        while True:
+            status, _, body = self.request("GET", "/health")
+            if check(status, body):
+                return time.monotonic() - since
+            assert self.proc.poll() is None, f"launch.sh exited:\n{self.log()}"
+            assert time.monotonic() - since < timeout, f"{what}: not within {timeout}s (last: {status} {body})\n{self.log()}"
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        self.hosts.run(self.head, f"test -s {self.pid_file} && kill -TERM $(cat {self.pid_file})", timeout=20)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _job_processes(hosts, on: list) -> list[str]:
+    """The job's processes on those test hosts: mpirun, its ssh sessions and daemons, the ranks (not sshd,
+    not the supervisor, not its SSH checks)."""
+    import psutil
+    found = []
+    for host in on:
+        for pid in hosts.pids()[host.name]:
+            try:
+                cmd = " ".join(psutil.Process(pid).cmdline())
+            except psutil.Error:
+                continue
+            if "shardline.supervise" not in cmd and any(k in cmd for k in ("prterun", "prted", "mpirun", "mpi4py")):
+                found.append(f"{host.name}: {cmd[:120]}")
+    return found
+
+
+def _is_up(status, body) -> bool:
+    return status == 200
+
+
+def _names_the_board(board):
+    def check(status, body) -> bool:
+        return status == 503 and isinstance(body, dict) and board in [u["name"] for u in body.get("unreachable", [])]
+    return check
+
+
+def _assert_503_naming(launched: Launched, board) -> None:
+    """While the board is away, every request gets a fast 503 with Retry-After and the board's name."""
+    for method, path, body in [("GET", "/health", None), ("POST", "/generate", {"prompt": PROMPT}),
+                               ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
+        t0 = time.monotonic()
+        status, headers, answer = launched.request(method, path, body)
+        assert status == 503, (path, status, answer)
+        assert time.monotonic() - t0 < 2, f"{path}: the 503 took {time.monotonic() - t0:.1f}s"
+        assert int(headers["retry-after"]) >= 1, headers
+        assert [u["name"] for u in answer["unreachable"]] == [board.name], answer
+        assert answer["unreachable"][0]["address"] == board.address, answer
+        message = answer["error"] if path == "/health" else answer["error"]["message"]
+        assert board.name in message and "does not answer" in message, answer
+
+
+def _keep_generating(api: str, stop: threading.Event) -> dict:
+    """One streaming completion after another until one fails: what happened to the one in flight."""
+    import httpx
+    seen = {"tokens": 0, "outcome": None, "t_end": None, "first": threading.Event()}
+
+    def loop():
+        with httpx.Client(trust_env=False, timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    with client.stream("POST", api + "/v1/completions",
+                                       json={"prompt": PROMPT, "max_tokens": 100, "stream": True}) as r:
+                        if r.status_code != 200:
+                            seen["outcome"] = f"http {r.status_code}: {r.read().decode(errors='replace')}"
+                        for line in r.iter_lines() if r.status_code == 200 else []:
+                            if line.startswith("data: {"):
+                                event = json.loads(line[6:])
+                                if "error" in event:
+                                    seen["outcome"] = "error event: " + event["error"]["message"]
+                                else:
+                                    seen["tokens"] += 1
+                                    seen["first"].set()
+                except httpx.HTTPError as err:
+                    seen["outcome"] = f"transport: {err!r}"
+                if seen["outcome"] is not None:
+                    seen["t_end"] = time.monotonic()
+                    return
+
+    threading.Thread(target=loop, daemon=True).start()
+    return seen
+
+
+def test_a_board_that_drops_off_ends_the_job_and_the_api_comes_back_with_it(
+    hosts, extra_vars, provisioned, tiny_model_dir
+):
+    lost = hosts.hosts[2]
+    launched = Launched(hosts, extra_vars["shardline_dir"], hosts.workdir / "board-loss.log")
+    stop = threading.Event()
+    try:
+        launched.wait_for(_is_up, 120, "the API up")
+        assert _job_processes(hosts, hosts.hosts), "no job running"
+        seen = _keep_generating(launched.api, stop)
+        assert seen["first"].wait(30), f"no token arrived: {seen}\n{launched.log()}"
+
+        hosts.set_link(lost, up=False)
+        t_cut = time.monotonic()
+        while seen["t_end"] is None and time.monotonic() - t_cut < CLIENT_ERROR_S + 5:
+            time.sleep(0.05)
+        assert seen["t_end"] is not None and seen["t_end"] - t_cut <= CLIENT_ERROR_S, (seen, launched.log())
+        assert seen["outcome"].startswith(("http 503", "error event")), seen    # an answer, not a dropped connection
+
+        # The job ends on the head and on every board that can still be reached.
+        left = _job_processes(hosts, hosts.hosts[:2])
+        while left and time.monotonic() - t_cut < JOB_GONE_S:
+            time.sleep(0.25)
+            left = _job_processes(hosts, hosts.hosts[:2])
+        assert not left, f"still running {time.monotonic() - t_cut:.0f}s after the cut: {left}\n{launched.log()}"
+        job_gone = time.monotonic() - t_cut
+
+        # While the board is away: 503 naming it, and the job is not started again.
+        launched.wait_for(_names_the_board(lost.name), JOB_GONE_S, "503 naming the lost board", since=t_cut)
+        _assert_503_naming(launched, lost)
+        assert not _job_processes(hosts, hosts.hosts[:2])
+        assert "does not answer" in launched.log() and "job failed" in launched.log(), launched.log()
+
+        hosts.set_link(lost, up=True)
+        back = launched.wait_for(_is_up, BACK_S, "the API back after the board's return")
+        status, _, body = launched.request("POST", "/generate",
+                                           {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0})
+        assert status == 200 and body["text"] == hf_greedy(tiny_model_dir, PROMPT, MAX_NEW_TOKENS), body
+        print(f"board loss: client error {seen['t_end'] - t_cut:.1f}s, job gone {job_gone:.1f}s after the cut, "
+              f"API back {back:.1f}s after the link")
+    finally:
+        stop.set()
+        hosts.set_link(lost, up=True)
+        launched.stop()
+
+
+def test_a_board_missing_at_the_start_is_waited_for_with_503s(hosts, extra_vars, provisioned, tiny_model_dir):
+    lost = hosts.hosts[1]
+    hosts.set_link(lost, up=False)
+    launched = Launched(hosts, extra_vars["shardline_dir"], hosts.workdir / "board-missing.log")
+    try:
+        launched.wait_for(_names_the_board(lost.name), 30, "503 naming the missing board")
+        _assert_503_naming(launched, lost)
+        assert not _job_processes(hosts, hosts.hosts), "the job started without every board"
+
+        hosts.set_link(lost, up=True)
+        back = launched.wait_for(_is_up, BACK_S, "the API up after the board appeared")
+        status, _, body = launched.request("POST", "/generate",
+                                           {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0})
+        assert status == 200 and body["text"] == hf_greedy(tiny_model_dir, PROMPT, MAX_NEW_TOKENS), body
+        print(f"board missing at the start: API up {back:.1f}s after it appeared")
+    finally:
+        hosts.set_link(lost, up=True)
+        launched.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +669,7 @@ def test_the_plan_over_mixed_boards_is_uneven_and_the_split_follows_it(board_hos
     manifest = json.loads(_sh(board_hosts, head, f"cat {board_dir}/model_parts/manifest.json"))
     assert manifest["num_stages"] == len(stages)
     assert [tuple(st["layers"]) for st in manifest["stages"]] == [tuple(s["layers"]) for s in stages], manifest
-    hostfile = "".join(f"{by_name[s['board']].address} slots=1\n" for s in stages)
+    hostfile = "".join(f"{by_name[s['board']].address} slots=1  # {s['board']}\n" for s in stages)
     assert _sh(board_hosts, head, f"cat {board_dir}/hostfiles/cluster") + "\n" == hostfile
     launch = _sh(board_hosts, head, f"cat {board_dir}/launch.sh")
     assert f"-np {len(stages)} " in launch and f"--slots {MIXED_SLOTS} " in launch, launch

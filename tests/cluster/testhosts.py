@@ -435,6 +435,11 @@ class TestHosts:
             except RuntimeError as err:  # a kernel without sch_tbf
                 raise HostsUnavailable(f"cannot limit test host {host.name}'s link: {err}") from None
 
+    def set_link(self, host: TestHost, up: bool) -> None:
+        """Cut a test host off the bridge (its veth down) or connect it again: what a board that loses its
+        cable or power looks like to the others, since nothing (no FIN, no RST) comes from it."""
+        _ip("link", "set", host.veth, "up" if up else "down")
+
     def set_rate(self, host: TestHost, rate: str | None) -> None:
         """Change a test host's link rate while it runs (tbf on both ends of its veth); None: no limit."""
         set_link_rate(host.netns, host.veth, rate)
