@@ -378,7 +378,8 @@ def _kill_group(job: subprocess.Popen, sig: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m shardline.supervise", description=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(prog="python -m shardline.supervise", description=__doc__.split("\n\n")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--restart", action="store_true", help="start the job again when it fails")
     ap.add_argument("--max-backoff", type=float, default=10.0, help="longest wait between restarts, seconds")
     ap.add_argument("--stop-timeout", type=float, default=8.0, help="seconds rank 0 gets to stop the job")

@@ -129,6 +129,9 @@ def _render(template: str, out: Path) -> str:
 def test_launch_script_runs_mpirun_with_the_rendered_hostfile(tmp_path):
     script = _render("launch.sh.j2", tmp_path / "launch.sh")
     assert "mpirun" in script and "--hostfile /home/pi/shardline/hostfiles/cluster" in script
+    # under the supervisor, which ends a job stuck on a vanished board and answers 503 while one is missing
+    assert "exec /home/pi/shardline/.venv/bin/python -m shardline.supervise --restart -- \\\n" \
+           "    /home/pi/shardline/.venv/bin/mpirun" in script
     assert "-np 3" in script and "-m mpi4py /home/pi/shardline/main.py" in script
     assert "--model-dir /home/pi/shardline/model_parts" in script and "--host 0.0.0.0 --port 8000" in script
     assert "--allow-run-as-root" not in script, "only a root user needs --allow-run-as-root"
@@ -142,6 +145,7 @@ def test_systemd_unit_runs_the_launch_script_and_restarts_on_failure(tmp_path):
         "User=pi",
         "ExecStart=/home/pi/shardline/launch.sh",
         "Restart=on-failure",
+        "KillMode=mixed",           # SIGTERM to the supervisor alone: it stops the ranks cleanly
         "WantedBy=multi-user.target",
     } <= lines
 
