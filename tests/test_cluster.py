@@ -687,8 +687,9 @@ def _rank_peaks(host: testhosts.TestHost) -> dict[int, int]:
     for pid in testhosts._cgroup_pids(group):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            # The rank is python ... main.py (mpirun, whose arguments also name main.py, is not).
-            if not (Path(cmdline[0].decode()).name.startswith("python") and any(a.endswith(b"/main.py") for a in cmdline)):
+            # The rank is python ... main.py (mpirun and the supervisor, whose arguments also name main.py, are not).
+            if not (Path(cmdline[0].decode()).name.startswith("python") and any(a.endswith(b"/main.py") for a in cmdline)) \
+                    or b"shardline.supervise" in cmdline:
                 continue
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
