@@ -143,8 +143,11 @@ def _serve_head(args, node) -> int:
 
     from shardline import LOST_BOARD_SIGNAL
 
+    lost_board = []
+
     def on_signal(signum, _frame):
         if signum == LOST_BOARD_SIGNAL:
+            lost_board.append(signum)
             engine.stop(grace=0, reason=LOST_BOARD)
             say("shardline: mpirun has ended the job under rank 0 (it lost a board): stopping")
         else:
@@ -172,6 +175,10 @@ def _serve_head(args, node) -> int:
         time.sleep(0.5)  # let the error responses reach the waiting clients
     server.should_exit = True
     http.join(timeout=3)
+    if lost_board:
+        # mpirun is gone, and with it the job: MPI_Finalize or mpi4py's MPI_Abort for a non-zero status
+        # would wait on it. The clients have their answers; exit at once, non-zero.
+        os._exit(1)
     if code and link is not None:
         # A hung rank would block a clean exit: end the job for the supervisor. MPI_Abort waits for mpirun,
         # which may wait for the daemon of a board that vanished: exit regardless after a few seconds
