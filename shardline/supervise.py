@@ -295,7 +295,8 @@ class Supervisor:
                 why = (f"it ended with status {code}" if code else
                        "it ended by itself with status 0, without a stop request: Open MPI does that when it "
                        "loses a board's daemon")
-                log(f"job failed ({why}); restarting in {backoff:.0f}s once every board answers")
+                log(f"job failed ({why}); restarting in {backoff:.0f}s"
+                    + (" once every board answers" if self.job.boards else ""))
                 start_at = time.monotonic() + backoff
                 backoff = min(backoff * 2, self.args.max_backoff)
             return 0
