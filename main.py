@@ -138,8 +138,11 @@ def _serve_head(args, node) -> int:
                                            # longer than clients' pooled-connection reuse (httpx: 5 s), so a
                                            # request never lands on a connection the server is closing
                                            timeout_keep_alive=30))
-    http = threading.Thread(target=server.run, name="http", daemon=True)
-    http.start()
+    # Under the supervisor, which answers 503 on the port while the job starts, ask it for the port.
+    sock = api_socket(args.host, args.port, handoff=f"{args.pid_file}.bind" if args.pid_file else None)
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
+    if sock is not None:
+        http.start()
 
     from shardline import LOST_BOARD_SIGNAL
 
@@ -157,7 +160,7 @@ def _serve_head(args, node) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(LOST_BOARD_SIGNAL, on_signal)
 
-    for _ in range(100):
+    for _ in range(100 if sock is not None else 0):
         if server.started or not http.is_alive():
             break
         time.sleep(0.05)
@@ -174,7 +177,8 @@ def _serve_head(args, node) -> int:
         say(f"shardline: {engine.failed}", file=sys.stderr)
         time.sleep(0.5)  # let the error responses reach the waiting clients
     server.should_exit = True
-    http.join(timeout=3)
+    if http.is_alive():
+        http.join(timeout=3)
     if lost_board:
         # mpirun is gone, and with it the job: MPI_Finalize or mpi4py's MPI_Abort for a non-zero status
         # would wait on it. The clients have their answers; exit at once, non-zero.
@@ -188,6 +192,29 @@ def _serve_head(args, node) -> int:
         give_up.start()
         link.comm.Abort(code)
     return code
+
+
+def api_socket(host: str, port: int, handoff: str | None = None, wait: float = 15.0):
+    """The API's bound socket for uvicorn, or None when the port stays taken. handoff: a file whose
+    existence asks the supervisor to let go of the port (it answers 503 there while the job starts);
+    the bind is retried meanwhile, so clients see at most a moment with the port closed."""
+    import errno
+    if handoff:
+        with open(handoff, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    deadline = time.monotonic() + (wait if handoff else 0)
+    while True:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return sock
+        except OSError as err:
+            sock.close()
+            if err.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                say(f"shardline: cannot listen on {host}:{port}: {err}", file=sys.stderr)
+                return None
+        time.sleep(0.05)
 
 
 def stop_ids(tok_dir) -> set[int]:

@@ -12,10 +12,12 @@ Four things mpirun alone does badly:
   for good (measured: still running 90 s after the cut, every rank long gone). Once rank 0 has exited,
   mpirun gets --exit-grace seconds to follow; then everything left in the job's session (mpirun, its
   ssh sessions, a rank) gets SIGTERM, then SIGKILL, so nothing of a broken job stays on the head.
-- While the job is down, the API port still answers: every request gets a fast 503 with Retry-After
-  and a JSON error naming the boards that do not answer (shardline/unavailable.py). Before every start
-  the supervisor checks that every board of the hostfile answers SSH (the agent mpirun uses), and
-  checks again with a backoff until they do: a board that comes back brings the API back by itself.
+- While the job is down or starting, the API port still answers: every request gets a fast 503 with
+  Retry-After and a JSON error saying why, naming the boards that do not answer
+  (shardline/unavailable.py). Rank 0 asks for the port once it is ready (it creates its PID file's
+  name + ".bind" and retries the bind until the supervisor lets go). Before every start the
+  supervisor checks that every board of the hostfile answers SSH (the agent mpirun uses), and checks
+  again with a backoff until they do: a board that comes back brings the API back by itself.
 The job runs in its own session, so Ctrl-C in a terminal reaches the supervisor only.
 """
 from __future__ import annotations
@@ -279,8 +281,9 @@ class Supervisor:
                                     f"{start_at - time.monotonic():.0f}s; retry shortly", "job_restarting", start_at))
                     self._sleep(min(start_at - time.monotonic(), self.args.max_check_interval))
                     continue
-                if self.responder:
-                    self.responder.hide()
+                # 503 while the job starts too, until rank 0 asks for the port (its PID file + ".bind")
+                self._down(Down("the model's job is starting: every board is loading its shard; retry shortly",
+                                "job_starting", time.monotonic() + 2))
                 code, ran_for = self._run_job()
                 if self.stopping is not None:
                     log(f"job stopped (status {code})")
@@ -314,10 +317,11 @@ class Supervisor:
             time.sleep(0.1)
 
     def _run_job(self) -> tuple[int, float]:
-        try:
-            os.unlink(self.pid_file)
-        except FileNotFoundError:
-            pass
+        for path in (self.pid_file, self.pid_file + ".bind"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         started = time.monotonic()
         env = dict(os.environ, SHARDLINE_PID_FILE=self.pid_file)
         self.proc = subprocess.Popen(self.job.command, env=env, start_new_session=True)
@@ -350,9 +354,12 @@ class Supervisor:
         escalated, since = 0, None
         while True:
             try:
-                return job.wait(timeout=0.2)
+                return job.wait(timeout=0.1)
             except subprocess.TimeoutExpired:
                 pass
+            if self.responder and self.responder.shown and (
+                    os.path.exists(self.pid_file + ".bind") or os.path.exists(self.pid_file)):
+                self.responder.hide()    # rank 0 is ready to listen: the port is its
             if self.stopping is not None:
                 since = self.stopping
                 if escalated == 0 and time.monotonic() - since > self.args.stop_timeout:

@@ -80,6 +80,10 @@ class Responder:
         if not self._server.started:   # the port is still taken (a rank 0 on its way out): next time
             self.log(f"cannot answer on {self.host}:{self.port} yet (the port is taken); trying again at the next check")
 
+    @property
+    def shown(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def hide(self) -> None:
         if self._thread is None:
             return
