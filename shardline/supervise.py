@@ -35,7 +35,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from shardline import EX_CONFIG, LOST_BOARD_SIGNAL  # EX_CONFIG: a refused start, not retried
+from shardline import (  # EX_CONFIG: a refused start, not retried
+    EX_CONFIG,
+    LOST_BOARD_SIGNAL,
+)
 
 LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 HOSTFILE_OPTIONS = {"--hostfile", "-hostfile", "--machinefile", "-machinefile", "--default-hostfile"}
@@ -174,10 +177,11 @@ def session_processes(sid: int) -> list:
 
 
 def signal_session(job: subprocess.Popen, sig: int) -> None:
-    for p in [*session_processes(job.pid)]:
+    import psutil
+    for p in session_processes(job.pid):
         try:
             p.send_signal(sig)
-        except Exception:   # psutil.NoSuchProcess: gone meanwhile
+        except psutil.NoSuchProcess:   # gone meanwhile
             pass
     if job.poll() is None:
         try:
@@ -331,10 +335,11 @@ class Supervisor:
             # mpirun ended the job under a running rank 0 (Open MPI lost a board's daemon): rank 0 tells
             # its waiting clients so, then exits; what remains after --exit-grace is ended below.
             log("mpirun has exited but rank 0 still runs: telling it the job lost a board")
+            import psutil
             try:
                 rank0.proc.send_signal(LOST_BOARD_SIGNAL)
                 rank0.proc.wait(self.args.exit_grace)
-            except Exception:   # psutil.NoSuchProcess / TimeoutExpired
+            except psutil.Error:   # gone meanwhile, or still running: cleared below
                 pass
         left = clear_session(self.proc.pid)
         if left:

@@ -248,68 +248,6 @@ def test_distribution_replaces_a_damaged_shard_and_verifies_it_on_the_worker(hos
     assert _sh(hosts, worker, f"sha256sum {shard}").split()[0] == manifest["stages"][worker.index]["sha256"]
 
 
-def test_mpirun_over_the_test_hosts_generates_the_single_process_text(
-    hosts, inventory, extra_vars, provisioned, tiny_model_dir
-):
-    head = hosts.hosts[0]
-    board = extra_vars["shardline_dir"]
-    log_path = hosts.workdir / "mpirun.log"
-    pid_file = f"{board}/launch.pid"
-    # What the systemd unit runs (launch.sh: mpirun --hostfile hostfiles/cluster, one rank per board),
-    # started on the head over SSH; mpirun reaches the workers with the keys the ssh tag set up.
-    with open(log_path, "w") as log:
-        launcher = subprocess.Popen(
-            hosts.ssh_argv(head, f"echo $$ > {pid_file} && exec {board}/launch.sh"),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        health = playbook(hosts, inventory, extra_vars, tags="health")
-        assert health.returncode == 0, f"{health.explain()}\n--- mpirun ---\n{log_path.read_text()}"
-
-        api = f"http://{head.address}:8000"
-        status, body = _http("GET", f"{api}/health")
-        assert status == 200, body
-        assert [s["host"] for s in body["stages"]] == [h.name for h in hosts.hosts], body
-
-        status, body = _http(
-            "POST", f"{api}/generate", {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0}
-        )
-        assert status == 200, f"{body}\n--- mpirun ---\n{log_path.read_text()}"
-        expected = hf_greedy(tiny_model_dir, PROMPT, MAX_NEW_TOKENS)
-        assert body["text"] == expected, f"cluster: {body['text']!r}\nsingle process: {expected!r}"
-    finally:
-        # Stop mpirun by its pid (it forwards SIGTERM to every rank); the hosts fixture removes the rest.
-        hosts.run(head, f"test -s {pid_file} && kill -TERM $(cat {pid_file})", timeout=20)
-        try:
-            launcher.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            launcher.wait()
-
-
-def _http(method: str, url: str, body: dict | None = None, timeout: float = 60):
-    """(status, JSON) from a test host's API; never through a proxy (traffic stays on the test subnet)."""
-    assert url.startswith(f"http://{testhosts.SUBNET}."), url
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode(errors="replace")
-
-
-# ---------------------------------------------------------------------------------------------
-# A board that drops off (issue 14): its link goes down (testhosts.set_link), so nothing comes from it,
-# no FIN and no RST, as when a board loses power or its cable. launch.sh (what the systemd unit runs:
-# the supervisor and mpirun) must end the job and bring the API back by itself.
-
-CLIENT_ERROR_S, JOB_GONE_S, BACK_S = 10, 30, 30   # the issue's limits, in seconds from the cut / the return
-
-
 class Launched:
     """launch.sh on the head over SSH, as the systemd unit starts it; its output in log_path."""
 
@@ -353,6 +291,54 @@ class Launched:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def test_mpirun_over_the_test_hosts_generates_the_single_process_text(
+    hosts, inventory, extra_vars, provisioned, tiny_model_dir
+):
+    head = hosts.hosts[0]
+    # What the systemd unit runs (launch.sh: mpirun --hostfile hostfiles/cluster, one rank per board,
+    # under the supervisor), started on the head over SSH; mpirun reaches the workers with the keys
+    # the ssh tag set up.
+    launched = Launched(hosts, extra_vars["shardline_dir"], hosts.workdir / "mpirun.log")
+    try:
+        health = playbook(hosts, inventory, extra_vars, tags="health")
+        assert health.returncode == 0, f"{health.explain()}\n--- mpirun ---\n{launched.log()}"
+
+        api = f"http://{head.address}:8000"
+        status, body = _http("GET", f"{api}/health")
+        assert status == 200, body
+        assert [s["host"] for s in body["stages"]] == [h.name for h in hosts.hosts], body
+
+        status, body = _http(
+            "POST", f"{api}/generate", {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0}
+        )
+        assert status == 200, f"{body}\n--- mpirun ---\n{launched.log()}"
+        expected = hf_greedy(tiny_model_dir, PROMPT, MAX_NEW_TOKENS)
+        assert body["text"] == expected, f"cluster: {body['text']!r}\nsingle process: {expected!r}"
+    finally:
+        launched.stop()   # SIGTERM to the supervisor, which stops every rank; the hosts fixture removes the rest
+
+
+def _http(method: str, url: str, body: dict | None = None, timeout: float = 60):
+    """(status, JSON) from a test host's API; never through a proxy (traffic stays on the test subnet)."""
+    assert url.startswith(f"http://{testhosts.SUBNET}."), url
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# A board that drops off (issue 14): its link goes down (testhosts.set_link), so nothing comes from it,
+# no FIN and no RST, as when a board loses power or its cable. launch.sh (what the systemd unit runs:
+# the supervisor and mpirun) must end the job and bring the API back by itself.
+
+CLIENT_ERROR_S, JOB_GONE_S, BACK_S = 10, 30, 30   # the issue's limits, in seconds from the cut / the return
 
 
 def _job_processes(hosts, on: list) -> list[str]:
@@ -713,19 +699,10 @@ def test_mixed_boards_serve_the_single_process_text_each_rank_within_its_memory(
     stages = plan["stages"]
     by_name = {h.name: h for h in board_hosts.hosts}
     head = board_hosts.hosts[0]
-    board_dir = board_vars["shardline_dir"]
-    log_path = board_hosts.workdir / "mpirun.log"
-    pid_file = f"{board_dir}/launch.pid"
-    with open(log_path, "w") as log:
-        launcher = subprocess.Popen(
-            board_hosts.ssh_argv(head, f"echo $$ > {pid_file} && exec {board_dir}/launch.sh"),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    launched = Launched(board_hosts, board_vars["shardline_dir"], board_hosts.workdir / "mpirun.log")
     try:
         health = _board_playbook(board_hosts, board_inventory, board_vars, tags="health")
-        assert health.returncode == 0, f"{health.explain()}\n--- mpirun ---\n{log_path.read_text()}"
+        assert health.returncode == 0, f"{health.explain()}\n--- mpirun ---\n{launched.log()}"
         api = f"http://{head.address}:8000"
         status, body = _http("GET", f"{api}/health")
         assert status == 200, body
@@ -736,7 +713,7 @@ def test_mixed_boards_serve_the_single_process_text_each_rank_within_its_memory(
             "POST", f"{api}/generate", {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0},
             timeout=120,
         )
-        assert status == 200, f"{body}\n--- mpirun ---\n{log_path.read_text()}"
+        assert status == 200, f"{body}\n--- mpirun ---\n{launched.log()}"
 
         # Every rank's peak RSS (loading its shard, allocating its cache, generating) within its board.
         report = []
@@ -755,9 +732,4 @@ def test_mixed_boards_serve_the_single_process_text_each_rank_within_its_memory(
         expected = hf_greedy(mixed_model_dir, PROMPT, MAX_NEW_TOKENS)
         assert body["text"] == expected, f"cluster: {body['text']!r}\nsingle process: {expected!r}"
     finally:
-        board_hosts.run(head, f"test -s {pid_file} && kill -TERM $(cat {pid_file})", timeout=20)
-        try:
-            launcher.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            launcher.wait()
+        launched.stop()
