@@ -46,9 +46,10 @@ def rnd(x, nd=2):
 
 # ---- what runs on the boards ----
 
-def cluster_mpirun(addresses: list[str], parts: Path, port: int, cidr: str, rsh_agent: list[str]) -> list[str]:
+def cluster_mpirun(addresses: list[str], parts: Path, port: int, cidr: str, rsh_agent: list[str],
+                   serve: tuple[str, ...] = ()) -> list[str]:
     """The mpirun command of ansible/templates/launch.sh.j2, for boards at `addresses` (one slot each).
-    rsh_agent: the ssh command (with its options) mpirun starts its daemons with."""
+    rsh_agent: the ssh command (with its options) mpirun starts its daemons with; serve: more main.py options."""
     from shardline import wire
     return [MPIRUN, "--host", ",".join(f"{a}:1" for a in addresses), "-np", str(len(addresses)),
             "--map-by", "node", "--bind-to", "none", "--enable-recovery", "--prefix", str(Path(PY).parent.parent),
@@ -57,7 +58,45 @@ def cluster_mpirun(addresses: list[str], parts: Path, port: int, cidr: str, rsh_
             "--mca", "btl_tcp_if_include", cidr, "--mca", "oob_tcp_if_include", cidr,
             "-x", "PATH", "-x", "PYTHONUNBUFFERED=1",
             PY, "-m", "mpi4py", str(ROOT / "main.py"), "--model-dir", str(parts),
-            "--host", addresses[0], "--port", str(port)]
+            "--host", addresses[0], "--port", str(port), *serve]
+
+
+CEILING_SCRIPT = r"""
+import os, sys, time, torch, torch.nn.functional as F
+os.sched_setaffinity(0, {int(sys.argv[1])})
+torch.set_num_threads(1)
+rows, hidden, start = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+x, w = torch.randn(rows, hidden), torch.randn(4 * hidden, hidden)
+for _ in range(20):
+    F.linear(x, w)
+while time.time() < start:
+    time.sleep(0.001)
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < 2.0:
+    F.linear(x, w)
+    n += 1
+print((time.perf_counter() - t0) / n * 1e3)
+"""
+
+
+def core_ceiling(cores: list[int], rows: int, hidden: int, tries: int = 3) -> dict:
+    """What N boards could reach on this machine at best: the same fp32 matmul (a board's MLP shape, one
+    thread) timed on one core alone, then on all the boards' cores at once. Real boards share nothing;
+    cores of one machine (or vCPUs of a VM) may share caches, memory bandwidth, a power budget or a
+    physical core, and then each runs slower while the others compute. ceiling = sum over the cores of
+    (time alone / time together): the best aggregate N perfectly balanced boards can have here, in units
+    of one board."""
+    def run(on: list[int]) -> list[float]:
+        start = time.time() + 1.5
+        procs = [subprocess.Popen([PY, "-c", CEILING_SCRIPT, str(c), str(rows), str(hidden), str(start)],
+                                  stdout=subprocess.PIPE, text=True) for c in on]
+        return [float(p.communicate(timeout=60)[0]) for p in procs]
+    # the median of a few tries each: one try is as noisy as this machine
+    alone = sorted(run(cores[:1])[0] for _ in range(tries))[tries // 2]
+    together = [sorted(col)[tries // 2] for col in zip(*(run(cores) for _ in range(tries)))]
+    return {"cores": cores, "shape": [rows, hidden, 4 * hidden], "ms_alone": rnd(alone, 3),
+            "ms_together": [rnd(t, 3) for t in together],
+            "ceiling": rnd(sum(alone / t for t in together), 2)}
 
 
 def split_for(hf: Path, stages: int, out: Path, layers: str | None = None) -> Path:
@@ -80,7 +119,7 @@ def split_for(hf: Path, stages: int, out: Path, layers: str | None = None) -> Pa
 class Served:
     """A server on the boards (one board's `python main.py`, or mpirun over all of them), its URL and log."""
 
-    def __init__(self, hosts, n_boards: int, parts: Path, log: Path):
+    def __init__(self, hosts, n_boards: int, parts: Path, log: Path, slots: int):
         from tests.cluster import testhosts
         self.hosts, self.head = hosts, hosts.hosts[0]
         self.url = f"http://{self.head.address}:{PORT}"
@@ -90,12 +129,13 @@ class Served:
         if n_boards == 1:
             self.pid_file = hosts.workdir / "single.pid"
             cmd = (f"echo $$ > {self.pid_file} && cd {shlex.quote(str(ROOT))} && PYTHONUNBUFFERED=1 exec {PY} main.py "
-                   f"--model-dir {shlex.quote(str(parts))} --host {self.head.address} --port {PORT}")
+                   f"--model-dir {shlex.quote(str(parts))} --host {self.head.address} --port {PORT} --slots {slots}")
             self.cmd = hosts.ssh_argv(self.head, cmd)
         else:
             self.pid_file = None
             agent = ["ssh", *hosts.ssh_options()]
-            self.cmd = cluster_mpirun([h.address for h in hosts.hosts[:n_boards]], parts, PORT, testhosts.CIDR, agent)
+            self.cmd = cluster_mpirun([h.address for h in hosts.hosts[:n_boards]], parts, PORT, testhosts.CIDR, agent,
+                                      ("--slots", str(slots)))
         env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -224,6 +264,10 @@ def markdown(results: dict) -> str:
         rows.append(f"| other processes on this machine, cores (worst level) | {rate} | {a} | {b} | |")
     rows.append(f"| peak RSS per board, MiB | | {' / '.join(str(v) for v in one['peak_rss_mb'].values())} | "
                 f"{' / '.join(str(v) for v in many['peak_rss_mb'].values())} | |")
+    c = results.get("ceiling")
+    if c:
+        rows.append(f"| this machine's ceiling: a {c['shape'][0]}-row matmul per core, ms (alone; all {n} cores at once) | | "
+                    f"{c['ms_alone']} | {' / '.join(str(t) for t in c['ms_together'])} | **{c['ceiling']}×** |")
     return "\n".join(rows)
 
 
@@ -243,6 +287,9 @@ def plot(results: dict, path: Path) -> None:
     base = one["rates"][first]["levels"][str(max(clients))]["aggregate_tok_s"]
     if base:
         ax.axhline(base * TARGET_AGGREGATE, color="red", ls=":", label=f"target: {TARGET_AGGREGATE}× one board at {max(clients)}")
+        if results.get("ceiling"):
+            ax.axhline(base * results["ceiling"]["ceiling"], color="gray", ls="-.",
+                       label=f"this machine's ceiling: {results['ceiling']['ceiling']}× (its cores slow each other)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(clients, [str(c) for c in clients])
     ax.set_xlabel("concurrent clients")
@@ -269,7 +316,12 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--board-memory", default="2g", help="each board's RAM (default 2g, a 2 GB Raspberry Pi 4)")
     ap.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (32; quick 16)")
     ap.add_argument("--prompts", type=int, default=None, help="requests one after another for single-request (8; quick 4)")
-    ap.add_argument("--rounds", type=int, default=1, help="requests per client at each level above 1 (1)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="requests per client at each level above 1 (4, so that a level measures the steady state "
+                         "rather than one wave of prefills and its tail; quick 1)")
+    ap.add_argument("--slots", type=int, default=None,
+                    help="main.py --slots on both sides (default: the largest client count, so that every client is "
+                         "served at once rather than queued)")
     ap.add_argument("--board-weight", type=int, default=BOARD_WEIGHT,
                     help=f"each board's cpu.shares against this machine's other processes (default {BOARD_WEIGHT}; "
                          "an ordinary process has 1024, 262144 keeps nearly everything else off the boards' cores)")
@@ -281,7 +333,9 @@ def parse_args(argv) -> argparse.Namespace:
         ap.error("--boards: 2 or more (one board alone is always measured beside them)")
     a.max_tokens = a.max_tokens or (16 if a.quick else 32)
     a.prompts = a.prompts or (4 if a.quick else 8)
+    a.rounds = a.rounds or (1 if a.quick else 4)
     a.clients = sorted({int(c) for c in ("1,4" if a.quick else a.clients).split(",") if c.strip()} | {1})
+    a.slots = a.slots or max(a.clients)
     a.rates = [r.strip() for r in a.rates.split(",") if r.strip()]
     from tests.cluster.testhosts import parse_rate, parse_size
     try:
@@ -330,6 +384,12 @@ def main(argv=None) -> int:
                      "the single board leaves it a core of its own")
     for n in notes:
         print(f"[bench] note: {n}", flush=True)
+    board_cores = sorted({int(b.cpus) for b in boards})
+    ceiling = core_ceiling(board_cores, cfg.slots // cfg.boards or 1, hidden, 1 if cfg.quick else 3) if len(board_cores) > 1 else None
+    if ceiling:
+        print(f"[bench] this machine's ceiling for {len(board_cores)} boards: {ceiling['ceiling']}× one board "
+              f"(a {ceiling['shape']} fp32 matmul takes {ceiling['ms_alone']} ms on one core alone, "
+              f"{ceiling['ms_together']} ms with every board's core computing at once)", flush=True)
     hosts = testhosts.TestHosts(cfg.boards, shared_paths=[Path(sys.base_prefix), Path(sys.prefix), ROOT], boards=boards)
     results = {}
     try:
@@ -337,7 +397,7 @@ def main(argv=None) -> int:
         for key, n, parts in (("one_board", 1, one_parts), ("boards", cfg.boards, many_parts)):
             label = "one board" if n == 1 else f"{n} boards"
             print(f"[bench] {label}: {boards[0].describe()} each; serving {parts}", flush=True)
-            srv = Served(hosts, n, parts, out / "logs" / f"{key}.log")
+            srv = Served(hosts, n, parts, out / "logs" / f"{key}.log", cfg.slots)
             try:
                 results[key] = measure(srv, hosts, cfg, prompts, hidden, label)
             finally:
@@ -353,6 +413,9 @@ def main(argv=None) -> int:
         return rnd(b / a, 3) if a and b else None
     results["ratios"] = {"single_decode": ratio("decode_tok_s", "1"), f"aggregate_{top}": ratio("aggregate_tok_s", top),
                          "rate": first}
+    results["ceiling"] = ceiling
+    if ceiling and results["ratios"][f"aggregate_{top}"]:
+        results["ratios"][f"aggregate_{top}_of_ceiling"] = rnd(results["ratios"][f"aggregate_{top}"] / ceiling["ceiling"], 3)
     results["targets"] = {"single_decode": TARGET_SINGLE, f"aggregate_{top}": TARGET_AGGREGATE,
                           "applies_to": "2 boards of one core each at 1gbit, 32 clients"}
     results["meta"] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(), "host": platform.node(),
@@ -361,7 +424,7 @@ def main(argv=None) -> int:
                        "model": f"random distilgpt2-shaped weights (seed {cfg.seed})"}
     results["config"] = {"boards": cfg.boards, "board_memory": cfg.board_memory, "board_cpus": [b.cpus for b in boards], "board_weight": cfg.board_weight,
                          "rates": cfg.rates, "clients": cfg.clients, "max_tokens": cfg.max_tokens,
-                         "prompts": cfg.prompts, "rounds": cfg.rounds, "quick": cfg.quick, "layers": cfg.layers,
+                         "prompts": cfg.prompts, "rounds": cfg.rounds, "slots": cfg.slots, "quick": cfg.quick, "layers": cfg.layers,
                          "mpirun": cluster_mpirun(["BOARD0", "BOARD1"], many_parts, PORT, testhosts.CIDR, ["ssh"])}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)
@@ -372,7 +435,8 @@ def main(argv=None) -> int:
     print()
     r = results["ratios"]
     print(f"[bench] {cfg.boards} boards vs one at {first}: one request {r['single_decode']}× (target ≥ {TARGET_SINGLE}), "
-          f"{top} clients {r[f'aggregate_{top}']}× (target ≥ {TARGET_AGGREGATE}); wrote {out / 'results.json'}, "
+          f"{top} clients {r[f'aggregate_{top}']}× (target ≥ {TARGET_AGGREGATE}"
+          + (f"; this machine's ceiling {ceiling['ceiling']}×" if ceiling else "") + f"); wrote {out / 'results.json'}, "
           f"{out / 'results.md'}, {out / 'plot.png'} in {results['meta']['seconds']}s", flush=True)
     bad = [k for k in ("one_board", "boards") for rate in results[k]["rates"].values()
            for lv in rate["levels"].values() if lv["errors"]]

@@ -15,6 +15,7 @@ limits, and the cluster launch uses the settings the benchmark measured.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -159,3 +160,25 @@ def test_launch_script_and_bench_pass_the_same_open_mpi_settings(tmp_path):
     assert bench.items() >= dict(wire.TCP_MCA).items(), bench
     # and the interface selection both make from the one setting (shardline_mpi_if_include)
     assert bench["btl_tcp_if_include"] == bench["oob_tcp_if_include"] == "10.0.0.0/24"
+
+
+# ---- the bench's own figures ----
+
+def test_bench_boards_serves_every_client_at_once_and_measures_the_steady_state():
+    from bench.boards import parse_args
+    cfg = parse_args(["--boards", "2"])
+    assert cfg.slots == 32 and cfg.rounds == 4          # 32 clients served at once, 4 requests each
+    cfg = parse_args(["--boards", "2", "--clients", "1,8", "--slots", "12", "--rounds", "2"])
+    assert (cfg.slots, cfg.rounds, cfg.clients) == (12, 2, [1, 8])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_core_ceiling_times_one_core_alone_and_every_core_at_once():
+    from bench.boards import core_ceiling
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    c = core_ceiling(cores, 4, 256, tries=1)
+    assert c["cores"] == cores and c["shape"] == [4, 256, 1024] and len(c["ms_together"]) == 2
+    assert c["ms_alone"] > 0 and all(t > 0 for t in c["ms_together"])
+    # the sum of (alone / together) over the cores: at most a little over one per core (noise)
+    assert c["ceiling"] == pytest.approx(sum(c["ms_alone"] / t for t in c["ms_together"]), abs=0.02)
+    assert 0.3 < c["ceiling"] < 2.6
