@@ -9,7 +9,7 @@ The weight is packed once, outside the timing. The error column is the largest |
 to max |y_fp32| (it includes the weight quantization error: a sanity check, not the accuracy study;
 that is bench/accuracy.py).
 
-Candidates: fp32 and bf16 F.linear; PyTorch's weight-only kernels (aten._weight_int8pack_mm,
+Candidates: fp32 and bf16 F.linear; fp32 oneDNN (the stages' float kernel on x86-64); PyTorch's weight-only kernels (aten._weight_int8pack_mm,
 aten._weight_int4pack_mm_for_cpu) with fp32 and bf16 activations; the dynamic int8 kernels of
 torch.ao (fbgemm/x86 and qnnpack engines: quantized.linear_dynamic); torchao's configs
 (Int8WeightOnly, Int8DynamicActivationInt8Weight, Int4WeightOnly) where they run on CPU; and the
@@ -55,6 +55,13 @@ def _timeit(fn: Callable[[], torch.Tensor], budget_s: float) -> float:
 
 def fp32_linear(w):
     return lambda x: F.linear(x, w)
+
+
+def fp32_onednn(w):
+    """The stages' float kernel on x86-64 (shardline/models/linear.py): oneDNN's matmul on the weight
+    read [in, out] (passed as its transposed view)."""
+    wt = w.t().contiguous()
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, wt.t(), None, "none", [], "")
 
 
 def bf16_linear(w):
@@ -131,7 +138,7 @@ def shardline_qlinear(scheme):
 def candidates():
     bf, f32 = torch.bfloat16, torch.float32
     return [
-        fp32_linear, bf16_linear,
+        fp32_linear, *([fp32_onednn] if torch.backends.mkldnn.is_available() else []), bf16_linear,
         int8pack(f32), int8pack(bf),
         int4pack(f32, 32), int4pack(bf, 32), int4pack(bf, 64), int4pack(bf, 128),
         dynamic_int8("x86"), dynamic_int8("qnnpack"),

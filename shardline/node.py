@@ -38,6 +38,12 @@ def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | N
     host = socket.gethostname()
     record = {"rank": rank, "host": host, "ok": False, "wire_dtype": wire_dtype}
     try:
+        from shardline.models.linear import fp32_matmul
+        record["fp32_matmul"] = fp32_matmul()
+    except ValueError as err:   # a bad SHARDLINE_FP32_MATMUL on this board
+        record["error"] = str(err)
+        return None, None, None, record
+    try:
         manifest = load_manifest(model_dir)
         check_world(manifest, size)
         entry = manifest.stage(rank)

@@ -1,22 +1,64 @@
 """The matmul weights of a stage: float (as stored) or quantized (shardline/quant.py), one callable each."""
 from __future__ import annotations
 
+import os
+import platform
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 
+# Which kernel multiplies float weights on the CPU: "onednn" (torch.ops.mkldnn._linear_pointwise, the
+# oneDNN matmul that torch.compile's CPU backend calls, on the weight as stored) or "aten" (F.linear /
+# addmm, i.e. MKL's sgemm on x86). Measured on the dev VM (AMD EPYC, AVX-512, 2 threads), weights out
+# of cache (every matrix of several layers read once per token):
+#   30 SmolLM2 layers + head, 1 row: oneDNN 18.6-19.1 ms, aten (x @ W, W [in, out]) 24.8 ms
+#                             16 rows: oneDNN 24-28 ms, aten 57 ms
+#   6 TinyLlama layers,       1 row: oneDNN on [out, in] 37-39 ms, on [in, out] 47-51, aten 50 ms
+#                             16 rows: oneDNN 56 ms ([out, in]) / 64 ([in, out]), aten 113-135 ms
+# so the llama families keep [out, in] under oneDNN and [in, out] under aten (Stage.load); GPT-2's
+# Conv1D weights stay [in, out] (oneDNN reads its 768-wide ones as fast that way). Unmeasured on
+# aarch64 boards, so "auto" picks oneDNN on x86-64 only; SHARDLINE_FP32_MATMUL=onednn|aten overrides.
+FP32_MATMUL_ENV = "SHARDLINE_FP32_MATMUL"
+
+
+@cache
+def fp32_matmul() -> str:
+    """"onednn" or "aten" for this process (see FP32_MATMUL_ENV); oneDNN only when PyTorch has it and it
+    gives F.linear's result on a small check."""
+    want = os.environ.get(FP32_MATMUL_ENV, "auto").strip().lower() or "auto"
+    if want not in ("auto", "onednn", "aten"):
+        raise ValueError(f"{FP32_MATMUL_ENV}={want!r}: use auto, onednn or aten")
+    if want == "aten" or (want == "auto" and platform.machine().lower() not in ("x86_64", "amd64")):
+        return "aten"
+    try:
+        x, w, b = torch.randn(3, 40), torch.randn(24, 40), torch.randn(24)
+        ok = torch.backends.mkldnn.is_available() and torch.allclose(
+            torch.ops.mkldnn._linear_pointwise(x, w.t().contiguous().t(), b, "none", [], ""), F.linear(x, w, b),
+            atol=1e-4)
+    except (AttributeError, RuntimeError):
+        ok = False
+    return "onednn" if ok else "aten"
+
+
+def matmul(x: torch.Tensor, w_oi: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w_oi^T + b for a float weight w_oi of shape [out, in], which may be a transposed view of a
+    contiguous [in, out] matrix (oneDNN reads that layout fastest; measured above)."""
+    if x.device.type == "cpu" and fp32_matmul() == "onednn" and x.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), w_oi, b, "none", [], "")
+    return F.linear(x, w_oi, b)
+
 
 class Dense:
-    """x @ W^T + b on a float weight. conv1d: W is stored [in, out] (GPT-2's Conv1D), so x @ W + b is one
-    addmm with no transpose; else W is [out, in] as nn.Linear keeps it."""
+    """x @ W^T + b on a float weight. conv1d: W is stored [in, out] (GPT-2's Conv1D; the other families'
+    matmul weights are read that way too, see read_shard), else [out, in] as nn.Linear keeps it."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, conv1d: bool = False):
         self.w, self.b, self.conv1d = w, b, conv1d
         self.out_features = w.shape[1] if conv1d else w.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv1d:
-            return torch.addmm(self.b, x, self.w) if self.b is not None else x @ self.w
-        return F.linear(x, self.w, self.b)
+        return matmul(x, self.w.t() if self.conv1d else self.w, self.b)
 
     def to(self, device) -> "Dense":
         return Dense(self.w.to(device), None if self.b is None else self.b.to(device), self.conv1d)
@@ -66,7 +108,7 @@ class Ends:
         return self.table[ids] if isinstance(self.table, torch.Tensor) else self.table.rows(ids)   # [T, d]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.t if self.t is not None else self.q(h)                  # [B, vocab]
+        return matmul(h, self.t.t()) if self.t is not None else self.q(h)      # [B, vocab]
 
 
 def on_device(tensors: dict[str, torch.Tensor], head_t: torch.Tensor | None, device) -> tuple:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from shardline.models import Cost, Spec, default_context
-from shardline.models.linear import Ends, on_device, read_shard
+from shardline.models.linear import Ends, fp32_matmul, on_device, read_shard
 from shardline.models.linear import linear as _linear
 from shardline.stage import KVCache, Seq, positions
 
@@ -175,9 +175,13 @@ class Stage:
     @classmethod
     def load(cls, path: Path, config, layers, first: bool, slots: int, max_context: int | None,
              quant=None, tied: bool = True, device: torch.device | None = None) -> "Stage":
-        tensors, head_t = read_shard(path, first, EMBED, HEAD, tied, transpose=lambda n: n.endswith("_proj.weight"))
+        # The float kernel decides the layout of the projections: aten multiplies [in, out] fastest
+        # (x @ W, read transposed), oneDNN the stored [out, in] (measured: shardline/models/linear.py).
+        io = fp32_matmul() == "aten"
+        tensors, head_t = read_shard(path, first, EMBED, HEAD, tied,
+                                     transpose=(lambda n: n.endswith("_proj.weight")) if io else None)
         return cls(config, tensors, tuple(layers), first, slots, max_context, head_t=head_t, quant=quant, tied=tied,
-                   device=device, transposed=True)
+                   device=device, transposed=io)
 
     # ---- stage 0's ends of the ring ----
     def embed(self, ids: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
@@ -209,12 +213,13 @@ class Stage:
         T, H, KV, hd = x.shape[0], self.n_head, self.n_kv, self.head_dim
         for li, blk in enumerate(self.blocks):
             qkv = blk.qkv(F.rms_norm(x, (self.d,), blk.ln1, self.eps))              # [T, (H + 2 KV) hd]
-            q, k, v = qkv.split((H * hd, KV * hd, KV * hd), dim=1)
-            q, k, v = q.view(T, H, hd), k.view(T, KV, hd), v.view(T, KV, hd)
-            if blk.q_norm is not None:                                            # qwen3: per head, before RoPE
-                q = F.rms_norm(q, (hd,), blk.q_norm, self.eps)
-                k = F.rms_norm(k, (hd,), blk.k_norm, self.eps)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            v = qkv[:, (H + KV) * hd:].view(T, KV, hd)
+            if blk.q_norm is None:        # q and k share the rotation: one call on their [T, H + KV, hd]
+                q, k = self._rotate(qkv[:, :(H + KV) * hd].view(T, H + KV, hd), cos, sin).split((H, KV), dim=1)
+            else:                                                                 # qwen3: per head, before RoPE
+                q = F.rms_norm(qkv[:, :H * hd].view(T, H, hd), (hd,), blk.q_norm, self.eps)
+                k = F.rms_norm(qkv[:, H * hd:(H + KV) * hd].view(T, KV, hd), (hd,), blk.k_norm, self.eps)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             x = x + blk.o(self.cache.attend(li, q, k, v, plan))                   # [T, d]
             g, u = blk.gate_up(F.rms_norm(x, (self.d,), blk.ln2, self.eps)).chunk(2, dim=-1)  # [T, i] each
             x = blk.down(F.silu(g).mul_(u)).add_(x)                               # [T, d]
