@@ -62,18 +62,19 @@ def cluster_mpirun(addresses: list[str], parts: Path, port: int, cidr: str, rsh_
 
 
 CEILING_SCRIPT = r"""
-import os, sys, time, torch, torch.nn.functional as F
+import os, sys, time, torch
+from shardline.models.linear import Dense
 os.sched_setaffinity(0, {int(sys.argv[1])})
 torch.set_num_threads(1)
 rows, hidden, start = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-x, w = torch.randn(rows, hidden), torch.randn(4 * hidden, hidden)
+x, f = torch.randn(rows, hidden), Dense(torch.randn(hidden, 4 * hidden), conv1d=True)   # as a GPT-2 stage
 for _ in range(20):
-    F.linear(x, w)
+    f(x)
 while time.time() < start:
     time.sleep(0.001)
 n, t0 = 0, time.perf_counter()
 while time.perf_counter() - t0 < 2.0:
-    F.linear(x, w)
+    f(x)
     n += 1
 print((time.perf_counter() - t0) / n * 1e3)
 """
@@ -81,7 +82,7 @@ print((time.perf_counter() - t0) / n * 1e3)
 
 def core_ceiling(cores: list[int], rows: int, hidden: int, tries: int = 3) -> dict:
     """What N boards could reach on this machine at best: the same fp32 matmul (a board's MLP shape, one
-    thread) timed on one core alone, then on all the boards' cores at once. Real boards share nothing;
+    thread, the stages' own kernel) timed on one core alone, then on all the boards' cores at once. Real boards share nothing;
     cores of one machine (or vCPUs of a VM) may share caches, memory bandwidth, a power budget or a
     physical core, and then each runs slower while the others compute. ceiling = sum over the cores of
     (time alone / time together): the best aggregate N perfectly balanced boards can have here, in units
@@ -89,7 +90,7 @@ def core_ceiling(cores: list[int], rows: int, hidden: int, tries: int = 3) -> di
     def run(on: list[int]) -> list[float]:
         start = time.time() + 1.5
         procs = [subprocess.Popen([PY, "-c", CEILING_SCRIPT, str(c), str(rows), str(hidden), str(start)],
-                                  stdout=subprocess.PIPE, text=True) for c in on]
+                                  cwd=ROOT, stdout=subprocess.PIPE, text=True) for c in on]
         return [float(p.communicate(timeout=60)[0]) for p in procs]
     # the median of a few tries each: one try is as noisy as this machine
     alone = sorted(run(cores[:1])[0] for _ in range(tries))[tries // 2]
