@@ -200,6 +200,15 @@ def test_launch_passes_the_slots_and_context_the_plan_counted(tmp_path):
     script = (tmp_path / "board" / "launch.sh").read_text()
     assert "--slots 4 \\\n" in script and "--max-context 2048 \\\n" in script
     assert subprocess.run(["sh", "-n", str(tmp_path / "board" / "launch.sh")]).returncode == 0
+    assert " -x SHARDLINE_FP32_MATMUL=auto \\\n" in script      # every rank, the default kernel
+
+
+def test_launch_passes_the_float_kernel_to_every_rank(tmp_path):
+    result = _local_run(tmp_path, "--tags", "hostfile", "-e", "shardline_fp32_matmul=onednn")
+    assert result.returncode == 0, result.stdout + result.stderr
+    script = (tmp_path / "board" / "launch.sh").read_text()
+    assert " -x SHARDLINE_FP32_MATMUL=onednn \\\n" in script
+    assert subprocess.run(["sh", "-n", str(tmp_path / "board" / "launch.sh")]).returncode == 0
 
 
 def test_plan_tag_probes_every_board_writes_the_boards_file_and_plans_or_refuses(tmp_path, tiny_model_dir):
