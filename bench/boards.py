@@ -95,8 +95,8 @@ def core_ceiling(cores: list[int], rows: int, hidden: int, tries: int = 3) -> di
     # the median of a few tries each: one try is as noisy as this machine
     alone = sorted(run(cores[:1])[0] for _ in range(tries))[tries // 2]
     together = [sorted(col)[tries // 2] for col in zip(*(run(cores) for _ in range(tries)))]
-    return {"cores": cores, "shape": [rows, hidden, 4 * hidden], "ms_alone": rnd(alone, 3),
-            "ms_together": [rnd(t, 3) for t in together],
+    return {"cores": cores, "shape": [rows, hidden, 4 * hidden], "ms_alone": rnd(alone, 4),
+            "ms_together": [rnd(t, 4) for t in together],
             "ceiling": rnd(sum(alone / t for t in together), 2)}
 
 

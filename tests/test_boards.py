@@ -180,5 +180,5 @@ def test_core_ceiling_times_one_core_alone_and_every_core_at_once():
     assert c["cores"] == cores and c["shape"] == [4, 256, 1024] and len(c["ms_together"]) == 2
     assert c["ms_alone"] > 0 and all(t > 0 for t in c["ms_together"])
     # the sum of (alone / together) over the cores: at most a little over one per core (noise)
-    assert c["ceiling"] == pytest.approx(sum(c["ms_alone"] / t for t in c["ms_together"]), abs=0.02)
+    assert c["ceiling"] == pytest.approx(sum(c["ms_alone"] / t for t in c["ms_together"]), rel=0.03, abs=0.02)
     assert 0.3 < c["ceiling"] < 2.6

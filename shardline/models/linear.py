@@ -64,8 +64,8 @@ def matmul(x: torch.Tensor, w_oi: torch.Tensor, b: torch.Tensor | None = None) -
 
 
 class Dense:
-    """x @ W^T + b on a float weight. conv1d: W is stored [in, out] (GPT-2's Conv1D; the other families'
-    matmul weights are read that way too, see read_shard), else [out, in] as nn.Linear keeps it."""
+    """x @ W^T + b on a float weight. conv1d: W is stored [in, out] (GPT-2's Conv1D; the llama families'
+    weights too when the kernel is aten, see Stage.load), else [out, in] as nn.Linear keeps it."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, conv1d: bool = False):
         self.w, self.b, self.conv1d = w, b, conv1d
