@@ -393,6 +393,14 @@ def markdown(results: dict) -> str:
             [f"{qrat[k]['single_decode_vs_fp32_pipeline']}×" for k in labels], f"int8 ≥ {TARGET_INT8_SPEEDUP}×")
     row("  the paired baseline runs (denominator of ×)", "", [pipes[k]["baseline_paired"]["single"]["decode_tok_s"]
                                                           for k in labels])
+    floors = [pipes[k].get("matmul_floor") for k in labels]
+    if all(floors):
+        cells = []
+        for k, f in zip(labels, floors):
+            ceiling = rnd(f["max_tok_s"] / pipes[k]["baseline_paired"]["single"]["decode_tok_s"], 2)
+            reached = rnd(100 * pipes[k]["single"]["decode_tok_s"] / f["max_tok_s"], 0)
+            cells.append(f"{f['ms_per_token']:.1f} ms: ≤ {f['max_tok_s']:.0f} tok/s (≤ {ceiling}×; {reached:.0f} % reached)")
+        row("  one request's matmuls alone (`python -m bench.floor`): ms per token, the most tok/s", "", cells)
     row(f"single request, end-to-end tok/s (prompt + {cfg['max_tokens']} tokens)", base["single"]["e2e_tok_s"],
         [x(pipes[k]["single"]["e2e_tok_s"], rat[k]["single_e2e"]) for k in labels])
     row("single request, time to first token p50, ms", base["single"]["ttft_ms_p50"],
@@ -587,6 +595,16 @@ def main(argv=None) -> int:
     top = max(cfg.clients)
     prompts = cfg.prompts_list
 
+    # The matmul floor of one request for each split, measured first, while nothing else runs.
+    from bench.floor import matmul_floor
+    t0 = time.monotonic()
+    floors = {}
+    for p in dict.fromkeys(parts.values()):
+        floors[p] = matmul_floor(p, repeats=5)
+        print(f"[bench] matmuls alone ({p.name}): {floors[p]['ms_per_token']} ms per token, at most "
+              f"{floors[p]['max_tok_s']} tok/s for one request", flush=True)
+    durations["matmul_floor_s"] = rnd(time.monotonic() - t0, 1)
+
     t0 = time.monotonic()
     print(f"[bench] baseline: transformers generate in its own process, {cfg.baseline_threads} threads, greedy, "
           f"KV cache; its requests alternate with the pipeline's in the single-request phase", flush=True)
@@ -598,6 +616,7 @@ def main(argv=None) -> int:
             pipes[label] = pipeline_phase(label, args_, env, model_dir, out, prompts, cfg, hidden, worker,
                                           parts[label])
             durations[f"pipeline_{label}_s"] = pipes[label]["seconds"]
+            pipes[label]["matmul_floor"] = floors[parts[label]]
         t0 = time.monotonic()
         before_batched = worker.call(op="stats")
         batched = None

@@ -60,6 +60,11 @@ def test_pipeline_figures(bench_run):
     assert p["levels"]["16"]["requests"] == 16 * cfg["rounds"]
     assert positive(p["single"]["decode_tok_s"]) and positive(p["single"]["ttft_ms_p50"])
     assert positive(p["baseline_paired"]["single"]["decode_tok_s"])
+    # the matmul floor of one request (bench/floor.py) was measured on this variant's split
+    f = p["matmul_floor"]
+    assert f["parts"] == p["parts"] and [s["stage"] for s in f["stages"]] == [0, 1, 2]
+    assert sum(s["matmuls"] for s in f["stages"]) == 4 * 6     # distilgpt2: 6 blocks of 4 matmuls
+    assert positive(f["ms_per_token"]) and positive(f["max_tok_s"])
 
 
 def test_bytes_per_token_per_hop_match_the_wire_format(bench_run):
@@ -100,6 +105,7 @@ def test_outputs_plot_and_table(bench_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     table = (out / "results.md").read_text()
     assert table.startswith("| figure |") and "aggregate tok/s, 16 concurrent clients" in table
+    assert "one request's matmuls alone" in table
     assert "| figure |" in stdout
 
 
