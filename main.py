@@ -130,7 +130,7 @@ def _serve_head(args, node) -> int:
             "family": manifest.family, "quantization": data.get("quantization"),
             "stages": [{"rank": r["rank"], "host": r["host"], "layers": r["layers"], "rss_mb": r.get("rss_mb"),
                         "load_seconds": r.get("load_seconds"), "device": r.get("device", "cpu"),
-                        "fp32_matmul": r.get("fp32_matmul")} for r in records]}
+                        "fp32_matmul": r.get("fp32_matmul"), "idle_policy": r.get("idle_policy")} for r in records]}
     app = create_app(engine, load_tokenizer(tok_dir), info, name, api_key=args.api_key,
                      cors_origins=args.cors_origin)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

@@ -39,8 +39,10 @@ def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | N
     record = {"rank": rank, "host": host, "ok": False, "wire_dtype": wire_dtype}
     try:
         from shardline.models.linear import fp32_matmul
+        from shardline.wire import idle_policy
         record["fp32_matmul"] = fp32_matmul()
-    except ValueError as err:   # a bad SHARDLINE_FP32_MATMUL on this board
+        record["idle_policy"] = idle_policy()
+    except ValueError as err:   # a bad SHARDLINE_FP32_MATMUL or SHARDLINE_IDLE_POLICY on this board
         record["error"] = str(err)
         return None, None, None, record
     try:
