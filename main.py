@@ -118,7 +118,10 @@ def _serve_head(args, node) -> int:
     from shardline.engine import Engine
     size = manifest.num_stages
     hosts = [r["host"] for r in records]
-    engine = Engine(stage, load_tokenizer(tok_dir), link, size, hosts, args.slots,
+    # One tokenizer for the engine (detokenizing) and the HTTP thread (encoding, chat templates): 12 MiB
+    # less than two (see load_tokenizer for why sharing it is safe).
+    tokenizer = load_tokenizer(tok_dir)
+    engine = Engine(stage, tokenizer, link, size, hosts, args.slots,
                     queue_size=args.queue_size, max_batch_tokens=args.max_batch_tokens,
                     step_timeout=args.step_timeout, log_steps=args.verbose, stats_interval=STATS_INTERVAL,
                     microbatches=args.microbatches or len(set(hosts)), stop_ids=stop_ids(tok_dir),
@@ -131,7 +134,7 @@ def _serve_head(args, node) -> int:
             "stages": [{"rank": r["rank"], "host": r["host"], "layers": r["layers"], "rss_mb": r.get("rss_mb"),
                         "load_seconds": r.get("load_seconds"), "device": r.get("device", "cpu"),
                         "fp32_matmul": r.get("fp32_matmul"), "idle_policy": r.get("idle_policy")} for r in records]}
-    app = create_app(engine, load_tokenizer(tok_dir), info, name, api_key=args.api_key,
+    app = create_app(engine, tokenizer, info, name, api_key=args.api_key,
                      cors_origins=args.cors_origin)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=2,
@@ -223,7 +226,16 @@ def load_tokenizer(tok_dir):
     transformers' model-loading stack (torch.distributed, sympy, accelerate, torch._dynamo: 930
     modules, +116 MiB of RSS on rank 0, measured with transformers 5.23). tests/test_memory.py checks."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    # The engine and the HTTP thread share it. Encoding mutates the Rust tokenizer only to drop a
+    # truncation or padding that a tokenizer.json may carry (the API never asks for either), and a
+    # mutation while another thread is inside it fails ("Already borrowed"): drop them once, here.
+    backend = tok.backend_tokenizer
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    return tok
 
 
 def stop_ids(tok_dir) -> set[int]:

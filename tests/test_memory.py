@@ -49,3 +49,55 @@ def test_the_check_sees_the_model_stack_when_a_config_is_there(llama_model):
     """The same loading pointed at the model's own folder (config.json beside the tokenizer) does pull
     the stack in: the check above can fail."""
     assert set(_rank0(llama_model)["heavy"]) >= {"sympy", "torch.distributed.tensor"}
+
+
+def test_one_tokenizer_serves_both_threads(tiny_model_dir, tmp_path):
+    """Rank 0's engine and HTTP thread share one tokenizer (12 MiB less than two). A tokenizer.json that
+    carries truncation or padding has them dropped at load, so encoding never mutates the shared Rust
+    object while the other thread is inside it; both threads then work at once and get what one
+    thread alone gets."""
+    import threading
+
+    from tokenizers import Tokenizer
+    from tokenizers.decoders import DecodeStream
+
+    import main
+    parts = split(tiny_model_dir, 1, tmp_path / "parts")
+    path = parts / "tokenizer" / "tokenizer.json"
+    t = Tokenizer.from_file(str(path))
+    t.enable_truncation(max_length=8)
+    t.enable_padding(length=12)
+    t.save(str(path))
+    tok = main.load_tokenizer(parts / "tokenizer")
+    assert tok.backend_tokenizer.truncation is None and tok.backend_tokenizer.padding is None
+    text = "the quick brown fox jumps over the lazy dog " * 4
+    want_ids = tok(text)["input_ids"]
+    assert len(want_ids) > 12, "neither truncated nor padded"
+    want_text = tok.decode(want_ids)
+    errors, got = [], {"encode": 0, "decode": 0}
+
+    def encoder():
+        try:
+            for _ in range(300):
+                assert tok(text)["input_ids"] == want_ids
+                tok.batch_decode([[i] for i in want_ids])
+                got["encode"] += 1
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    def decoder():
+        try:
+            for _ in range(300):
+                stream = DecodeStream(skip_special_tokens=True)
+                pieces = [stream.step(tok.backend_tokenizer, i) or "" for i in want_ids]
+                assert "".join(pieces) == tok.decode(want_ids, skip_special_tokens=True) == want_text
+                got["decode"] += 1
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+    threads = [threading.Thread(target=encoder), threading.Thread(target=decoder)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not errors, errors
+    assert got == {"encode": 300, "decode": 300}
