@@ -595,16 +595,7 @@ def main(argv=None) -> int:
     top = max(cfg.clients)
     prompts = cfg.prompts_list
 
-    # The matmul floor of one request for each split, measured first, while nothing else runs.
     from bench.floor import matmul_floor
-    t0 = time.monotonic()
-    floors = {}
-    for p in dict.fromkeys(parts.values()):
-        floors[p] = matmul_floor(p, repeats=5)
-        print(f"[bench] matmuls alone ({p.name}): {floors[p]['ms_per_token']} ms per token, at most "
-              f"{floors[p]['max_tok_s']} tok/s for one request", flush=True)
-    durations["matmul_floor_s"] = rnd(time.monotonic() - t0, 1)
-
     t0 = time.monotonic()
     print(f"[bench] baseline: transformers generate in its own process, {cfg.baseline_threads} threads, greedy, "
           f"KV cache; its requests alternate with the pipeline's in the single-request phase", flush=True)
@@ -613,10 +604,18 @@ def main(argv=None) -> int:
     pipes = {}
     try:
         for label, args_, env in cfg.variant:
+            # The matmul floor of one request on this variant's split, measured just before its pipeline
+            # starts, while nothing else runs: this VM's memory bandwidth drifts between runs and within
+            # one (distilgpt2's floor was 8.1 ms in one run, 12.9 in another), so it is paired in time.
+            t0 = time.monotonic()
+            floor = matmul_floor(parts[label], repeats=5)
+            durations[f"matmul_floor_{label}_s"] = rnd(time.monotonic() - t0, 1)
+            print(f"[bench] matmuls alone ({parts[label].name}): {floor['ms_per_token']} ms per token, at most "
+                  f"{floor['max_tok_s']} tok/s for one request", flush=True)
             pipes[label] = pipeline_phase(label, args_, env, model_dir, out, prompts, cfg, hidden, worker,
                                           parts[label])
             durations[f"pipeline_{label}_s"] = pipes[label]["seconds"]
-            pipes[label]["matmul_floor"] = floors[parts[label]]
+            pipes[label]["matmul_floor"] = floor
         t0 = time.monotonic()
         before_batched = worker.call(op="stats")
         batched = None
