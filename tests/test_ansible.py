@@ -201,13 +201,16 @@ def test_launch_passes_the_slots_and_context_the_plan_counted(tmp_path):
     assert "--slots 4 \\\n" in script and "--max-context 2048 \\\n" in script
     assert subprocess.run(["sh", "-n", str(tmp_path / "board" / "launch.sh")]).returncode == 0
     assert " -x SHARDLINE_FP32_MATMUL=auto \\\n" in script      # every rank, the default kernel
+    assert " -x SHARDLINE_IDLE_POLICY=batch \\\n" in script      # and the default waiting policy
 
 
-def test_launch_passes_the_float_kernel_to_every_rank(tmp_path):
-    result = _local_run(tmp_path, "--tags", "hostfile", "-e", "shardline_fp32_matmul=onednn")
+def test_launch_passes_the_float_kernel_and_idle_policy_to_every_rank(tmp_path):
+    result = _local_run(tmp_path, "--tags", "hostfile", "-e", "shardline_fp32_matmul=onednn",
+                        "-e", "shardline_idle_policy=normal")
     assert result.returncode == 0, result.stdout + result.stderr
     script = (tmp_path / "board" / "launch.sh").read_text()
     assert " -x SHARDLINE_FP32_MATMUL=onednn \\\n" in script
+    assert " -x SHARDLINE_IDLE_POLICY=normal \\\n" in script
     assert subprocess.run(["sh", "-n", str(tmp_path / "board" / "launch.sh")]).returncode == 0
 
 
