@@ -164,15 +164,35 @@ def idle_policy() -> str:
     return want if hasattr(os, "SCHED_BATCH") else "normal"
 
 
+_policy_calls_fail = False   # a sandbox (seccomp) refused the calls once: plain sleeps from then on
+
+
+def _lower() -> bool:
+    """This thread to SCHED_BATCH if it is a normal one and the policy is batch; True if it was."""
+    global _policy_calls_fail
+    if _policy_calls_fail or idle_policy() != "batch":
+        return False
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return False
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        return True
+    except OSError:
+        _policy_calls_fail = True
+        return False
+
+
 def idle_sleep(since_traffic: float) -> None:
     """Poll fast right after traffic (decode steps arrive every few ms), slowly once the ring is quiet,
     so an idle rank uses well under 5% of a core instead of Open MPI's busy-polling 100%; asleep as
     SCHED_BATCH (above)."""
-    lowered = idle_policy() == "batch" and os.sched_getscheduler(0) == os.SCHED_OTHER
-    if lowered:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    lowered = _lower()
     try:
         time.sleep(0.00005 if since_traffic < 0.05 else 0.002)
     finally:
         if lowered:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            try:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            except OSError:      # never seen: BATCH -> OTHER needs no privilege; stay as we are
+                global _policy_calls_fail
+                _policy_calls_fail = True

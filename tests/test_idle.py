@@ -83,3 +83,22 @@ def test_a_bad_policy_stops_the_rank_at_start_and_health_names_the_policy(tiny_m
         import httpx
         stages = httpx.get(s.url + "/health").json()["stages"]
         assert [st["idle_policy"] for st in stages] == ["batch"]
+
+
+def test_a_sandbox_that_refuses_the_calls_leaves_plain_sleeps(policy, monkeypatch):
+    """Where a seccomp profile refuses sched_setscheduler, the waiting loop must still sleep, not fail,
+    and stop trying."""
+    assert policy("batch") == "batch"
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(wire, "_policy_calls_fail", False)
+    monkeypatch.setattr(wire.os, "sched_setscheduler", refuse)
+    slept = []
+    monkeypatch.setattr(wire.time, "sleep", slept.append)
+    wire.idle_sleep(0.0)
+    wire.idle_sleep(1.0)
+    assert slept == [0.00005, 0.002] and len(calls) == 1
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
