@@ -27,13 +27,6 @@ from pathlib import Path
 import torch
 
 
-def _in_features(lin) -> int:
-    """The input width of a stage's matmul callable: Dense (shardline/models/linear.py) or QLinear."""
-    if hasattr(lin, "in_features"):
-        return lin.in_features
-    return lin.w.shape[0] if lin.conv1d else lin.w.shape[1]
-
-
 def stage_matmuls(stage) -> list:
     """Every matmul callable of a stage's blocks, in the order of the block's attributes (the order
     the forward pass uses them is not needed: each reads its own weight once)."""
@@ -46,14 +39,14 @@ def stage_matmuls(stage) -> list:
 def time_stage(stage, repeats: int) -> dict:
     """Median seconds of one pass over the stage's matmuls (one row each) and of its head (stage 0)."""
     lins = stage_matmuls(stage)
-    xs = {n: torch.randn(1, n) for n in {_in_features(lin) for lin in lins}}
+    xs = {n: torch.randn(1, n) for n in {lin.in_features for lin in lins}}
     head = getattr(stage, "ends", None)
     h = torch.randn(1, stage.d) if head is not None else None
 
     @torch.inference_mode()
     def blocks():
         for lin in lins:
-            lin(xs[_in_features(lin)])
+            lin(xs[lin.in_features])
 
     @torch.inference_mode()
     def logits():

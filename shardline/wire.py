@@ -167,19 +167,22 @@ def idle_policy() -> str:
 _policy_calls_fail = False   # a sandbox (seccomp) refused the calls once: plain sleeps from then on
 
 
-def _lower() -> bool:
-    """This thread to SCHED_BATCH if it is a normal one and the policy is batch; True if it was."""
+def _set_policy(policy: int) -> bool:
+    """This thread's scheduling policy; False (and no more tries) where the system refuses it."""
     global _policy_calls_fail
-    if _policy_calls_fail or idle_policy() != "batch":
-        return False
     try:
-        if os.sched_getscheduler(0) != os.SCHED_OTHER:
-            return False
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        os.sched_setscheduler(0, policy, os.sched_param(0))
         return True
     except OSError:
         _policy_calls_fail = True
         return False
+
+
+def _lower() -> bool:
+    """This thread to SCHED_BATCH if it is a normal one and the policy is batch; True if it was."""
+    if _policy_calls_fail or idle_policy() != "batch" or os.sched_getscheduler(0) != os.SCHED_OTHER:
+        return False
+    return _set_policy(os.SCHED_BATCH)
 
 
 def idle_sleep(since_traffic: float) -> None:
@@ -191,8 +194,4 @@ def idle_sleep(since_traffic: float) -> None:
         time.sleep(0.00005 if since_traffic < 0.05 else 0.002)
     finally:
         if lowered:
-            try:
-                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-            except OSError:      # never seen: BATCH -> OTHER needs no privilege; stay as we are
-                global _policy_calls_fail
-                _policy_calls_fail = True
+            _set_policy(os.SCHED_OTHER)

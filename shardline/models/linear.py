@@ -69,7 +69,7 @@ class Dense:
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, conv1d: bool = False):
         self.w, self.b, self.conv1d = w, b, conv1d
-        self.out_features = w.shape[1] if conv1d else w.shape[0]
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, self.w.t() if self.conv1d else self.w, self.b)
