@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     node = start(args.model_dir, args.slots, args.max_context, threads, args.microbatches,
                  device=args.device, wire_dtype=args.wire_dtype)
     if node is None:
+        if omp.world_rank() == 0:
+            exit_status(args.pid_file, EX_CONFIG)
         return EX_CONFIG
     if node.rank == 0:
         return _serve_head(args, node)
@@ -186,6 +188,7 @@ def _serve_head(args, node) -> int:
         # mpirun is gone, and with it the job: MPI_Finalize or mpi4py's MPI_Abort for a non-zero status
         # would wait on it. The clients have their answers; exit at once, non-zero.
         os._exit(1)
+    exit_status(args.pid_file, code)
     if code and link is not None:
         # A hung rank would block a clean exit: end the job for the supervisor. MPI_Abort waits for mpirun,
         # which may wait for the daemon of a board that vanished: exit regardless after a few seconds
@@ -195,6 +198,15 @@ def _serve_head(args, node) -> int:
         give_up.start()
         link.comm.Abort(code)
     return code
+
+
+def exit_status(pid_file: str | None, code: int) -> None:
+    """Tell the supervisor rank 0's exit status (in its PID file's name + ".exit") before the MPI exit:
+    MPI_Abort and MPI_Finalize can hang in mpirun (Open MPI 5 does, now and then, when every rank aborts
+    at once), and then the supervisor ends the job and still reports this status (78: not restarted)."""
+    if pid_file:
+        with open(f"{pid_file}.exit", "w") as f:
+            f.write(f"{code}\n")
 
 
 def api_socket(host: str, port: int, handoff: str | None = None, wait: float = 15.0):

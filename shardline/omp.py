@@ -52,6 +52,11 @@ def launched() -> bool:
     return any(v in os.environ for v in LAUNCH_ENV)
 
 
+def world_rank() -> int:
+    """This process's rank, from the launcher's environment (readable before MPI starts); 0 without one."""
+    return _env_int(RANK_ENV, 0)
+
+
 def local_ranks() -> int:
     """How many ranks share this host (so they can share its cores)."""
     return max(1, _env_int(LOCAL_SIZE_ENV, 1))

@@ -9,8 +9,9 @@ Four things mpirun alone does badly:
   supervisor starts it again with a backoff. Exit status 78 (a refused start: a bad shard, a wrong
   rank count) is not retried: it would fail the same way.
 - A board that vanishes (power, cable, Wi-Fi) sends no FIN or RST: mpirun waits for its daemon there
-  for good (measured: still running 90 s after the cut, every rank long gone). Once rank 0 has exited,
-  mpirun gets --exit-grace seconds to follow; then everything left in the job's session (mpirun, its
+  for good (measured: still running 90 s after the cut, every rank long gone), and Open MPI 5's exit
+  can hang now and then when every rank aborts at once. Once rank 0 has exited, or written its exit
+  status (PID file's name + ".exit", before its MPI exit), mpirun gets --exit-grace seconds to follow; then everything left in the job's session (mpirun, its
   ssh sessions, a rank) gets SIGTERM, then SIGKILL, so nothing of a broken job stays on the head.
 - While the job is down or starting, the API port still answers: every request gets a fast 503 with
   Retry-After and a JSON error saying why, naming the boards that do not answer
@@ -212,10 +213,28 @@ def clear_session(sid: int, grace: float = 3.0) -> list[str]:
 
 
 class Rank0:
-    """Rank 0's process, from the PID file it writes once its API listens; when it exited."""
+    """Rank 0's process, from the PID file it writes once its API listens; when it exited, or said it was
+    exiting (its status in the PID file's name + ".exit", written before the MPI exit, which can hang)."""
 
     def __init__(self, pid_file: str):
         self.pid_file, self.proc, self.gone_at = pid_file, None, None
+        self.status: int | None = None     # from the ".exit" file
+        self.status_at = 0.0
+
+    def exiting_for(self) -> float | None:
+        """Seconds since rank 0 exited or wrote its exit status (a refused start writes only that)."""
+        gone = self.gone_for()
+        if self.status is None:
+            try:
+                with open(self.pid_file + ".exit") as f:
+                    self.status = int(f.read().strip())
+                self.status_at = time.monotonic()
+            except (OSError, ValueError):
+                pass
+        if self.status is not None:
+            since = time.monotonic() - self.status_at
+            return since if gone is None else max(gone, since)
+        return gone
 
     def gone_for(self) -> float | None:
         """Seconds since rank 0 exited; None while it runs or before it wrote its PID."""
@@ -321,7 +340,7 @@ class Supervisor:
             time.sleep(0.1)
 
     def _run_job(self) -> tuple[int, float]:
-        for path in (self.pid_file, self.pid_file + ".bind"):
+        for path in (self.pid_file, self.pid_file + ".bind", self.pid_file + ".exit"):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -344,6 +363,8 @@ class Supervisor:
         left = clear_session(self.proc.pid)
         if left:
             log(f"ended what the job left running: {', '.join(sorted(set(left)))}")
+        if self.ended_it and rank0.status is not None:
+            code = rank0.status   # what rank 0 exited with, not the signal that ended the stuck mpirun
         return code, time.monotonic() - started
 
     def _signal_rank0(self) -> None:
@@ -357,6 +378,7 @@ class Supervisor:
         SIGKILL to its session. Once rank 0 has exited: --exit-grace seconds for mpirun to follow, then the
         same (mpirun waits for the daemon of a board that vanished)."""
         escalated, since = 0, None
+        self.ended_it = False
         while True:
             try:
                 return job.wait(timeout=0.1)
@@ -372,12 +394,14 @@ class Supervisor:
                     _kill_group(job, signal.SIGTERM)
                     escalated, since = 1, time.monotonic()
             elif escalated == 0:
-                gone = rank0.gone_for()
+                gone = rank0.exiting_for()
                 if gone is not None and gone > self.args.exit_grace:
-                    log(f"rank 0 exited {gone:.0f}s ago and mpirun is still running (it waits for a board that no "
-                        "longer answers): ending the job")
+                    said = "" if rank0.status is None else f" with status {rank0.status}"
+                    log(f"rank 0 exited{said} {gone:.0f}s ago and mpirun is still running (it waits for a board "
+                        "that no longer answers, or hangs in the MPI exit): ending the job")
                     signal_session(job, signal.SIGTERM)
                     escalated, since = 1, time.monotonic()
+                    self.ended_it = True
             if escalated == 1 and time.monotonic() - since > 3:
                 signal_session(job, signal.SIGKILL)
                 escalated = 2

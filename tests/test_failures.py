@@ -202,7 +202,11 @@ def test_a_refused_start_is_not_restarted(long_parts, tmp_path):
         f.write(b"\x00\xff")
     job = Supervised(parts, tmp_path / "job.log")
     try:
-        code = job.proc.wait(90)
+        try:
+            code = job.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the supervisor still runs after 90 s; its job's processes: "
+                        f"{[' '.join(p.cmdline()[:3]) for p in job.everything()]}\n{job.log_path.read_text()}")
         log = job.log_path.read_text()
         assert code == 78, log
         assert "stage_2.safetensors" in log and "sha256" in log and "not restarting" in log

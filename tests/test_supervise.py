@@ -229,6 +229,36 @@ def test_an_mpirun_that_outlives_rank_0_is_ended_with_everything_it_started(tmp_
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], text
 
 
+# Stands in for an mpirun that hangs in the MPI exit after a refused start (Open MPI 5 does, now and then,
+# when every rank calls MPI_Abort at once): "rank 0" writes its exit status as main.py does, then sits in
+# an abort that never returns; mpirun ignores SIGTERM and never exits by itself.
+HUNG_REFUSED_START = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+rank0 = subprocess.Popen([sys.executable, "-c", "import os, time; open(os.environ['SHARDLINE_PID_FILE'] + '.exit', 'w').write('78'); time.sleep(600)"])
+print("stand-in mpirun", os.getpid(), "rank0", rank0.pid, flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_refused_start_whose_mpi_exit_hangs_still_stops_with_status_78(tmp_path):
+    log_path = tmp_path / "supervise.log"
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        sup = subprocess.run([PY, "-m", "shardline.supervise", "--restart", "--exit-grace", "1",
+                              "--no-answer-while-down", "--", PY, "-c", HUNG_REFUSED_START],
+                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=30, check=False)
+    took = time.monotonic() - t0
+    text = log_path.read_text()
+    assert sup.returncode == 78, text        # rank 0's status, not the SIGKILL that ended mpirun
+    assert "rank 0 exited with status 78" in text and "mpirun is still running" in text, text
+    assert "not restarting" in text and "restarting in" not in text, text
+    assert took < 1 + 3 + 3 + 5, f"{took:.1f}s"    # the grace, SIGTERM's 3 s, clearing the session, start-up
+    pids = [int(w) for w in text.split("stand-in mpirun", 1)[1].split()[0:3:2]]
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], text
+
+
 # mpirun that exits 0 under a running rank 0 (what Open MPI does when it loses a board's daemon): the
 # supervisor tells rank 0 (LOST_BOARD_SIGNAL), which answers its clients with why, and restarts the job.
 MPIRUN_LOSES_A_BOARD = """
