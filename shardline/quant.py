@@ -7,13 +7,17 @@ Stored format (plain tensors, saved in the shard's safetensors under f"{name}.{s
   int4  qweight uint8 [out, in/2]       two 4-bit codes q in 0..15 per byte, column 2j in the low
                                         nibble, 2j+1 in the high one (0.5 byte per weight)
         scales  bfloat16 [out, in/g]    group-wise along `in` (g = group size, 32 by default),
-        zeros   bfloat16 [out, in/g]    asymmetric: W ~= (q - 8) * scale + zero
-                                        (the convention of PyTorch's int4 CPU kernel, so loading
-                                        never re-derives anything in float)
+        zeros   uint8 [out, in/g]       asymmetric with an integer zero point z in 0..15, as GPTQ
+                                        and AWQ store it: W ~= (q - z) * scale
 
-The int4 scales and zeros are bf16 (a 16-bit scale and zero per 32 weights: 0.625 byte per weight,
-0.16x fp32) and the codes are chosen against the rounded bf16 values, so the stored numbers are
-exactly what every kernel computes with.
+A bf16 scale and a one-byte zero per 32 weights: 0.594 byte per weight, 0.148x fp32 (a bf16 zero,
+as shards written before 2026-11-29 hold and still load, costs a byte more per group). The scale is
+rounded to bf16 before the codes are chosen, so the codes fit the stored scale.
+
+PyTorch's int4 kernel computes (q - 8) * scale + offset, so loading sets offset = (8 - z) * scale:
+exact in fp32 (aarch64), rounded to bf16 on x86-64, whose kernel takes bf16 (an error of at most
+scale / 32, a sixteenth of the codes' own rounding error of scale / 2). dequantize(..., act_dtype)
+gives the weight each kernel computes with, so the reference maths is exactly the kernels'.
 
 Kernels (QLinear): PyTorch's weight-only CPU kernels, aten._weight_int8pack_mm and
 aten._weight_int4pack_mm_for_cpu. They never expand the weight to float: each dequantizes a few
@@ -105,14 +109,14 @@ def quantize(w: torch.Tensor, scheme: str, group_size: int | None = None) -> dic
     ng = in_f // g
     qweight = torch.empty(out_f, in_f // 2, dtype=torch.uint8)
     scales = torch.empty(out_f, ng, dtype=torch.bfloat16)
-    zeros = torch.empty(out_f, ng, dtype=torch.bfloat16)
+    zeros = torch.empty(out_f, ng, dtype=torch.uint8)
     for r in range(0, out_f, _ROWS_PER_CHUNK):
         wc = w[r:r + _ROWS_PER_CHUNK].float().reshape(-1, ng, g)
         q, s, z = _int4_group_fit(wc)
         q = q.reshape(q.shape[0], in_f)
         qweight[r:r + _ROWS_PER_CHUNK] = q[:, 0::2] | (q[:, 1::2] << 4)
         scales[r:r + _ROWS_PER_CHUNK] = s.to(torch.bfloat16)
-        zeros[r:r + _ROWS_PER_CHUNK] = z.to(torch.bfloat16)
+        zeros[r:r + _ROWS_PER_CHUNK] = z.to(torch.uint8)
     return {"qweight": qweight, "scales": scales, "zeros": zeros}
 
 
@@ -126,26 +130,36 @@ _CLIP = (1.0,)
 
 
 def _int4_group_fit(wc: torch.Tensor):
-    """wc [rows, groups, g] -> codes uint8 [rows, groups, g], scale and zero float32 [rows, groups]
-    (both already rounded to bf16, the codes chosen against the rounded values)."""
-    lo0, hi0 = wc.amin(dim=2), wc.amax(dim=2)
+    """wc [rows, groups, g] -> codes [rows, groups, g], scale (float32, rounded to bf16) and integer
+    zero point [rows, groups]: W ~= (q - z) * s. The range always holds 0 (GPTQ's rule), so the zero
+    point lands in 0..15 and an all-positive or all-negative group is not clipped at its far end.
+    Rounding the zero point to an integer shifts the grid by up to half a step, clipping one end: each
+    group takes the best (least squared error) of the zero point rounded down or up, each with the
+    min/max scale or the least scale that covers the range from that zero point."""
+    lo0, hi0 = wc.amin(dim=2).clamp(max=0), wc.amax(dim=2).clamp(min=0)
     best = None
+
+    def bf16(x):
+        x = x.to(torch.bfloat16).float()
+        return torch.where(x > 0, x, torch.ones_like(x))   # an all-zero group: codes = zero point
+
     for f_lo in _CLIP:
         for f_hi in _CLIP:
             lo, hi = lo0 * f_lo, hi0 * f_hi
-            s = ((hi - lo) / 15.0).to(torch.bfloat16).float()
-            s = torch.where(s > 0, s, torch.ones_like(s))  # a constant group: codes 8, value = zero
-            z = (lo + 8.0 * s).to(torch.bfloat16).float()
-            q = torch.round((wc - z[..., None]) / s[..., None] + 8.0).clamp_(0, 15)
-            err = ((q - 8.0) * s[..., None] + z[..., None] - wc).square_().sum(dim=2)
-            if best is None:
-                best = [q, s, z, err]
-                continue
-            better = err < best[3]
-            best[0] = torch.where(better[..., None], q, best[0])
-            best[1] = torch.where(better, s, best[1])
-            best[2] = torch.where(better, z, best[2])
-            best[3] = torch.where(better, err, best[3])
+            s0 = bf16((hi - lo) / 15.0)
+            for z in (torch.floor(-lo / s0).clamp_(0, 15), torch.ceil(-lo / s0).clamp_(0, 15)):
+                cover = torch.maximum(hi / (15.0 - z).clamp(min=1), -lo / z.clamp(min=1))
+                for s in (s0, bf16(cover)):
+                    q = (torch.round(wc / s[..., None]) + z[..., None]).clamp_(0, 15)
+                    err = ((q - z[..., None]) * s[..., None] - wc).square_().sum(dim=2)
+                    if best is None:
+                        best = [q, s, z, err]
+                        continue
+                    better = err < best[3]
+                    best[0] = torch.where(better[..., None], q, best[0])
+                    best[1] = torch.where(better, s, best[1])
+                    best[2] = torch.where(better, z, best[2])
+                    best[3] = torch.where(better, err, best[3])
     return best[0].to(torch.uint8), best[1], best[2]
 
 
@@ -154,15 +168,26 @@ def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
 
 
-def dequantize(parts: dict, scheme: str) -> torch.Tensor:
-    """float32 [out, in]: the reference maths (tests and accuracy studies only, never the hot path)."""
+def _kernel_offset(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The int4 kernel's per-group offset (it computes (q - 8) * scale + offset) in its dtype: from an
+    integer zero point, (8 - z) * scale (exact in fp32, rounded in bf16); a bf16 zero is the offset."""
+    if zeros.dtype == torch.uint8:
+        return ((8.0 - zeros.float()) * scales.float()).to(dtype)
+    return zeros.to(dtype)
+
+
+def dequantize(parts: dict, scheme: str, act_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float32 [out, in]: the reference maths (tests and accuracy studies only, never the hot path).
+    act_dtype: the weight as the int4 kernel fed that activation dtype computes with (see the module
+    doc; only the bf16 kernel rounds, and only the offset); int8 is the same for every dtype."""
     check_parts("<weight>", parts, scheme)
     if scheme == "int8":
         return parts["qweight"].float() * parts["scales"].float()[:, None]
     q = _unpack_nibbles(parts["qweight"]).float()
     out_f, in_f = q.shape
     ng = parts["scales"].shape[1]
-    s, z = parts["scales"].float(), parts["zeros"].float()
+    s = parts["scales"].float()
+    z = _kernel_offset(parts["scales"], parts["zeros"], act_dtype).float()
     return ((q.reshape(out_f, ng, -1) - 8.0) * s[..., None] + z[..., None]).reshape(out_f, in_f)
 
 
@@ -199,7 +224,11 @@ def check_parts(name: str, parts: dict, scheme: str) -> None:
         raise ValueError(f"tensor {name}.scales has shape {got}: int4 wants [{out_f}, {in_f} / group size] "
                          f"with a group size in {GROUP_SIZES}: {fix}")
     want("scales", torch.bfloat16, (out_f, s.shape[1]))
-    want("zeros", torch.bfloat16, (out_f, s.shape[1]))
+    z = parts["zeros"]   # an integer zero point, or a bf16 offset (shards written before 2026-11-29)
+    want("zeros", torch.bfloat16 if isinstance(z, torch.Tensor) and z.dtype == torch.bfloat16 else torch.uint8,
+         (out_f, s.shape[1]))
+    if z.dtype == torch.uint8 and z.numel() and int(z.max()) > 15:
+        raise ValueError(f"tensor {name}.zeros holds {int(z.max())}: an int4 zero point is 0..15: {fix}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +337,7 @@ class QLinear:
             packed[r:r + codes.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
         sz = torch.zeros(ng, out_f + n_pad, 2, dtype=act)
         sz[:, :out_f, 0] = parts["scales"].t()
-        sz[:, :out_f, 1] = parts["zeros"].t()
+        sz[:, :out_f, 1] = _kernel_offset(parts["scales"], parts["zeros"], act).t()
         t = {"packed": _aligned(packed), "scales_zeros": sz}
         self = cls(scheme, out_f, in_f, t, bias, act, group_size=in_f // ng)
         self._layout = _int4_layout()

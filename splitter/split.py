@@ -72,7 +72,7 @@ def spec_bytes(m: Model, spec: Spec, quant: dict | None) -> int:
     rows = sum(m.source.shape(s)[1 if spec.conv1d else 0] for s in spec.sources)
     if quant["scheme"] == "int8":
         return numel + 4 * rows                                   # int8 codes, a float32 scale per row
-    return numel // 2 + 2 * 2 * (numel // quant["group_size"])   # int4: nibbles, bf16 scale and zero per group
+    return numel // 2 + 3 * (numel // quant["group_size"])   # int4: nibbles, a bf16 scale and a uint8 zero per group
 
 
 def _shape(m: Model, spec: Spec) -> tuple[int, int]:

@@ -37,9 +37,9 @@ def test_round_trip_error_is_bounded(shape, scheme, g):
         step = w.abs().amax(dim=1, keepdim=True) / 127
         assert ((d - w).abs() <= step * 0.5 + 1e-6).all()
     else:
-        # per group: half a step of (max-min)/15, plus the bf16 rounding of the scale and zero
+        # per group: half a step of the range (which holds 0) / 15, plus the bf16 rounding of the scale
         wg, dg = w.reshape(shape[0], -1, g), d.reshape(shape[0], -1, g)
-        rng = wg.amax(dim=2, keepdim=True) - wg.amin(dim=2, keepdim=True)
+        rng = wg.amax(dim=2, keepdim=True).clamp(min=0) - wg.amin(dim=2, keepdim=True).clamp(max=0)
         assert ((dg - wg).abs() <= rng / 15 * 0.5 + rng * 0.02 + 1e-6).all()
     assert quantize(w, scheme, g).keys() == parts.keys()
     for k, v in quantize(w, scheme, g).items():  # deterministic
@@ -55,8 +55,9 @@ def test_constant_and_zero_rows_survive():
 
 
 def reference(x, parts, scheme, bias, act_dtype):
-    """The same maths in plain torch: activations rounded to the kernel's dtype, dequantized weight."""
-    return F.linear(x.to(act_dtype).float(), dequantize(parts, scheme), bias)
+    """The same maths in plain torch: activations rounded to the kernel's dtype, the weight the kernel
+    holds for that dtype."""
+    return F.linear(x.to(act_dtype).float(), dequantize(parts, scheme, act_dtype), bias)
 
 
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -97,9 +98,9 @@ def test_default_kernel_path_and_leading_dims(scheme, g):
 @pytest.mark.parametrize("shape,scheme,g", [c for c in COMBOS if c[0] in ((100, 96), (1000, 256))])
 def test_rows_equal_dequantized_rows(shape, scheme, g):
     parts = quantize(weight(*shape), scheme, g)
-    d = dequantize(parts, scheme)
     ids = torch.tensor([0, 1, 63, 64, 65, shape[0] - 1, 7, 7])
     for act in (torch.bfloat16, torch.float32):
+        d = dequantize(parts, scheme, act)
         ql = QLinear.from_parts(parts, scheme, act_dtype=act)
         assert torch.equal(ql.rows(ids), d[ids])
         assert ql.rows(torch.tensor([], dtype=torch.long)).shape == (0, shape[1])
@@ -118,10 +119,46 @@ def test_int4_packing_is_half_a_byte_per_weight():
     parts = quantize(weight(out_f, in_f), "int4", g)
     assert parts["qweight"].dtype == torch.uint8 and parts["qweight"].shape == (out_f, in_f // 2)
     stored = sum(t.numel() * t.element_size() for t in parts.values())
-    assert stored == out_f * in_f // 2 + 2 * 2 * out_f * in_f // g  # codes + bf16 scales and zeros
-    assert stored / (out_f * in_f * 4) < 0.16
+    assert stored == out_f * in_f // 2 + 3 * out_f * in_f // g  # codes + a bf16 scale and a uint8 zero per group
+    assert stored / (out_f * in_f * 4) < 0.15
     int8 = quantize(weight(out_f, in_f), "int8")
     assert sum(t.numel() * t.element_size() for t in int8.values()) == out_f * in_f + 4 * out_f
+
+
+def test_int4_zero_points_are_integers_and_exact_in_fp32():
+    """W = (q - z) * scale with z an integer in 0..15; the fp32 kernel's offset (8 - z) * scale is
+    exact, the bf16 one within 2^-8 of it (bf16 keeps 8 significant bits)."""
+    w = weight(256, 512)
+    w[3] = w[3].abs() + 0.01    # an all-positive row and an all-negative one: the range still holds 0
+    w[4] = -w[4].abs() - 0.01
+    parts = quantize(w, "int4", 32)
+    z = parts["zeros"]
+    assert z.dtype == torch.uint8 and int(z.max()) <= 15
+    step = parts["scales"].float().repeat_interleave(32, dim=1)
+    assert ((dequantize(parts, "int4") - w)[3:5].abs() <= step[3:5] * 0.5 + 1e-6).all()   # neither end clipped
+    q = torch.stack((parts["qweight"] & 0xF, parts["qweight"] >> 4), dim=-1).reshape(256, 512).float()
+    exact = ((q.reshape(256, 16, 32) - z.float()[..., None]) * parts["scales"].float()[..., None]).reshape(256, 512)
+    assert torch.equal(dequantize(parts, "int4"), exact)
+    bf16 = dequantize(parts, "int4", torch.bfloat16)
+    offset = ((8 - z.float()) * parts["scales"].float()).abs().repeat_interleave(32, dim=1)
+    assert ((bf16 - exact).abs() <= offset * 2 ** -8 + 1e-7).all() and not torch.equal(bf16, exact)
+    parts["zeros"] = torch.full_like(z, 16)
+    with pytest.raises(ValueError, match=r"w\.zeros holds 16.*0\.\.15"):
+        check_parts("w", parts, "int4")
+
+
+def test_int4_shards_with_bf16_offsets_still_load():
+    """Shards written before the integer zero points store the kernel's offset in bf16: they load and
+    compute (q - 8) * scale + offset as they did."""
+    w = weight(128, 256)
+    parts = quantize(w, "int4", 32)
+    old = dict(parts, zeros=((8.0 - parts["zeros"].float()) * parts["scales"].float()).to(torch.bfloat16))
+    check_parts("w", old, "int4")
+    assert torch.equal(dequantize(old, "int4"), dequantize(parts, "int4", torch.bfloat16))
+    x = torch.randn(4, 256)
+    for act in (torch.bfloat16, torch.float32):
+        ql = QLinear.from_parts(old, "int4", act_dtype=act)
+        torch.testing.assert_close(ql(x), F.linear(x.to(act).float(), dequantize(old, "int4")), rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("scheme,g", CASES[:2])

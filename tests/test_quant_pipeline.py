@@ -113,3 +113,47 @@ def test_a_rank_holds_its_weights_quantized(scheme, fitted, tmp_path):
             assert not any(t.is_floating_point() and t.numel() >= lin.out_features * lin.in_features // 4
                            for t in lin.tensors().values()), lin
     assert stage.ends.t is None and isinstance(stage.ends.q, QLinear)     # the tied head/embedding too
+
+
+def test_gpt2_quantizes_its_position_table_and_the_split_stays_exact(tmp_path):
+    """GPT-2's position table is an embedding like the token one: under int4 both are int8 (so
+    distilgpt2's int4 shards stay under 0.2x fp32), the split is exact and the maths is the one-process
+    fake-quantized model's."""
+    from safetensors import safe_open
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from shardline.manifest import load_manifest
+    from shardline.quant import QLinear, dequantize, quantize
+    from shardline.stage import load_stage
+    from splitter.random_model import build_tokenizer, random_model
+    cfg = GPT2Config(n_layer=4, n_embd=64, n_head=4, n_positions=128, vocab_size=600, bos_token_id=599,
+                     eos_token_id=599)
+    random_model(cfg).save_pretrained(tmp_path / "model")
+    build_tokenizer(600).save_pretrained(tmp_path / "model")
+    one = split(tmp_path / "model", 1, tmp_path / "p1", "--quantize", "int4")
+    with safe_open(one / "stage_0.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert {"transformer.wpe.weight.qweight", "transformer.wpe.weight.scales"} <= names
+    assert "transformer.wpe.weight" not in names and "transformer.h.0.mlp.c_fc.weight.zeros" in names
+    stage = load_stage(load_manifest(one), 0, one / "stage_0.safetensors", 2, None)
+    assert isinstance(stage.wpe, QLinear) and stage.wpe.scheme == "int8"
+
+    score, prompts = list(range(5, 45)), [list(range(7, 13)), [42]]
+    a = _run(one, 1, tmp_path, prompts, score)
+    b = _run(split(tmp_path / "model", 3, tmp_path / "p3", "--quantize", "int4", "--layers", "0,1,2-3"), 3,
+             tmp_path, prompts, score)
+    assert b["greedy"] == a["greedy"]
+    assert torch.equal(torch.tensor(b["logits"]), torch.tensor(a["logits"]))
+
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:   # Conv1D weights are [in, out]: quantized as [out, in], like the splitter
+                s = "int8" if name.endswith(("wte.weight", "wpe.weight")) else "int4"
+                w = p.detach() if "wte" in name or "wpe" in name else p.detach().t()
+                d = dequantize(quantize(w.contiguous(), s), s, torch.bfloat16)
+                p.copy_(d if "wte" in name or "wpe" in name else d.t())
+        ref = model(torch.tensor([score])).logits[0]
+    got = torch.tensor(a["logits"])
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+    assert (got - ref).abs().max().item() < 0.1 * ref.abs().max().item()

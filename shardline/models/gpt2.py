@@ -46,7 +46,9 @@ def n_layers(config) -> int:
 def specs(config, first: bool, layers: tuple[int, int], tied: bool) -> list[Spec]:
     out = []
     if first:
-        out += [Spec(WTE, (WTE,), matmul=True), Spec(WPE, (WPE,))] + [Spec(n, (n,)) for n in LN_F]
+        # the position table is an embedding too: quantized as the token embedding is (1 % of distilgpt2's
+        # weights, a third of what its int4 shards would otherwise keep in float)
+        out += [Spec(WTE, (WTE,), matmul=True), Spec(WPE, (WPE,), matmul=True)] + [Spec(n, (n,)) for n in LN_F]
         if not tied:
             out.append(Spec(HEAD, (HEAD,), matmul=True))
     for i in range(*layers):
@@ -95,7 +97,7 @@ class Stage:
         self.blocks = [Block(tensors, f"transformer.h.{i}.", quant) for i in range(*layers)]
         if first:
             self.ends = Ends(tensors, WTE, HEAD, tied, quant, head_t)
-            self.wpe = tensors[WPE]
+            self.wpe = tensors[WPE] if WPE in tensors else linear(tensors, WPE, quant=quant)   # [n_positions, d]
             self.ln_f = (tensors[LN_F[0]], tensors[LN_F[1]])
         self.cache = KVCache(len(self.blocks), slots, self.n_head, self.max_context, self.head_dim, self.device)
 
@@ -109,7 +111,9 @@ class Stage:
     # ---- stage 0's ends of the ring ----
     def embed(self, ids: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
         dev = self.device
-        return (self.ends.embed(ids.to(dev)) + self.wpe[positions(seqs).to(dev)]).cpu()   # [T, d]
+        pos = positions(seqs).to(dev)
+        wpe = self.wpe[pos] if isinstance(self.wpe, torch.Tensor) else self.wpe.rows(pos)
+        return (self.ends.embed(ids.to(dev)) + wpe).cpu()   # [T, d]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
