@@ -258,3 +258,21 @@ def test_packing_in_chunks_equals_packing_whole(monkeypatch):
     monkeypatch.setattr(quant, "_ROWS_PER_CHUNK", 4096)
     whole = QLinear.from_parts(parts, "int4", act_dtype=torch.bfloat16)
     assert torch.equal(chunked.tensors()["packed"], whole.tensors()["packed"])
+
+
+def test_loading_an_int4_weight_frees_its_stored_codes_at_once():
+    """The kernel's packed codes replace the stored ones: linear() drops them from the shard's tensors
+    as it builds each layer, so a rank never holds two copies of its codes (its peak RSS is one shard
+    plus the runtime)."""
+    import gc
+    import weakref
+
+    from shardline.models.linear import linear
+    parts = quantize(weight(256, 512), "int4", 32)
+    t = {f"w.{k}": v for k, v in parts.items()}
+    stored = weakref.ref(parts.pop("qweight"))
+    ql = linear(t, "w", quant={"scheme": "int4", "group_size": 32})
+    gc.collect()
+    assert not t and stored() is None
+    x = torch.randn(2, 512)
+    torch.testing.assert_close(ql(x), QLinear.from_parts(quantize(weight(256, 512), "int4", 32), "int4")(x))
