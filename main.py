@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     threads = omp.configure(args.model_dir, args.threads, args.microbatches)
     from shardline.node import start
     node = start(args.model_dir, args.slots, args.max_context, threads, args.microbatches,
-                 device=args.device, wire_dtype=args.wire_dtype)
+                 device=args.device, wire_dtype=args.wire_dtype, load_tokenizer=load_tokenizer)
     if node is None:
         if omp.world_rank() == 0:
             exit_status(args.pid_file, EX_CONFIG)
@@ -122,7 +122,7 @@ def _serve_head(args, node) -> int:
     hosts = [r["host"] for r in records]
     # One tokenizer for the engine (detokenizing) and the HTTP thread (encoding, chat templates): 12 MiB
     # less than two (see load_tokenizer for why sharing it is safe).
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = node.tokenizer    # loaded before the shard (see node.load_stage)
     engine = Engine(stage, tokenizer, link, size, hosts, args.slots,
                     queue_size=args.queue_size, max_batch_tokens=args.max_batch_tokens,
                     step_timeout=args.step_timeout, log_steps=args.verbose, stats_interval=STATS_INTERVAL,

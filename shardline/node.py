@@ -15,7 +15,7 @@ import numpy as np
 
 from shardline import omp
 from shardline.manifest import ShardError, check_world, load_manifest, verify_shard, verify_tokenizer
-from shardline.metrics import rss_bytes
+from shardline.metrics import release_free_heap, rss_bytes
 from shardline.stage import load_stage as load_family_stage
 
 RECORD = 4096  # bytes per rank in the roll call
@@ -33,8 +33,11 @@ def init_dist():
 
 
 def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | None, device: str | None = "auto",
-               wire_dtype: str = "float32"):
-    """Check and load this rank's shard. Returns (stage, manifest, tokenizer_dir or None, record)."""
+               wire_dtype: str = "float32", load_tokenizer=None):
+    """Check and load this rank's shard. Returns (stage, manifest, tokenizer_dir or None, record); on
+    rank 0, load_tokenizer(tokenizer_dir) runs first and its result is record["tokenizer"]: parsing
+    tokenizer.json peaks 28 MiB above what it keeps (SmolLM2's), which is released before the shard is
+    read, so the rank's peak does not hold both."""
     host = socket.gethostname()
     record = {"rank": rank, "host": host, "ok": False, "wire_dtype": wire_dtype}
     try:
@@ -52,8 +55,12 @@ def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | N
         record["layers"] = entry["layers"]
         path = verify_shard(manifest, rank)
         tok_dir = verify_tokenizer(manifest) if rank == 0 else None
+        if tok_dir is not None and load_tokenizer is not None:
+            record["tokenizer"] = load_tokenizer(tok_dir)
+            release_free_heap()
         t0 = time.time()
         stage = load_family_stage(manifest, rank, path, slots, max_context, device)
+        release_free_heap()
         rss, peak = rss_bytes()
         record.update(ok=True, load_seconds=round(time.time() - t0, 2), rss_mb=round(rss / 2**20, 1),
                       shard_mb=round(entry["bytes"] / 2**20, 1), device=str(stage.device))
@@ -94,21 +101,25 @@ def roll_call(comm, rank: int, size: int, record: dict) -> tuple[bool, list[dict
 class Node:
     """This rank after a successful start: its place in the ring and its loaded stage."""
 
-    def __init__(self, comm, rank, size, stage, manifest, tok_dir, records):
+    def __init__(self, comm, rank, size, stage, manifest, tok_dir, records, tokenizer=None):
         from shardline import wire
         self.comm, self.rank, self.size = comm, rank, size
         self.stage, self.manifest, self.tok_dir, self.records = stage, manifest, tok_dir, records
+        self.tokenizer = tokenizer
         self.link = wire.Link(comm, prev=(rank - 1) % size, next=(rank + 1) % size) if size > 1 else None
 
 
 def start(model_dir, slots: int, max_context: int | None = None, threads: int | None = None,
-          microbatches: int | None = None, device: str | None = "auto", wire_dtype: str = "float32") -> Node | None:
+          microbatches: int | None = None, device: str | None = "auto", wire_dtype: str = "float32",
+          load_tokenizer=None) -> Node | None:
     """Every rank: join MPI, check and load its own shard, and take part in the roll call.
     Returns None (after rank 0 has printed why) when any rank cannot serve. threads: torch's thread
     count (main.py has omp.configure choose it; else omp.default_threads)."""
     comm, rank, size = init_dist()
     import torch
     torch.set_num_threads(threads or omp.default_threads(size, microbatches))
-    stage, manifest, tok_dir, record = load_stage(model_dir, rank, size, slots, max_context, device, wire_dtype)
+    stage, manifest, tok_dir, record = load_stage(model_dir, rank, size, slots, max_context, device, wire_dtype,
+                                                  load_tokenizer)
+    tokenizer = record.pop("tokenizer", None)
     go, records = roll_call(comm, rank, size, record)
-    return Node(comm, rank, size, stage, manifest, tok_dir, records) if go else None
+    return Node(comm, rank, size, stage, manifest, tok_dir, records, tokenizer) if go else None

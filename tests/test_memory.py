@@ -101,3 +101,27 @@ def test_one_tokenizer_serves_both_threads(tiny_model_dir, tmp_path):
         th.join(120)
     assert not errors, errors
     assert got == {"encode": 300, "decode": 300}
+
+
+def test_release_free_heap_gives_freed_pages_back():
+    """Freed C-heap chunks below a live one stay resident until malloc_trim: release_free_heap returns
+    them (what the ranks call after loading their stage and rank 0 after its tokenizer)."""
+    import ctypes
+
+    import psutil
+
+    from shardline.metrics import release_free_heap
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "malloc_trim"):
+        pytest.skip("no glibc malloc_trim here")
+    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    chunks = [libc.malloc(4096) for _ in range(16384)]   # 64 MiB in heap-sized chunks
+    for p in chunks:
+        ctypes.memset(p, 1, 4096)
+    sentinel = libc.malloc(4096)                          # keeps them below the heap's top: no automatic trim
+    for p in chunks:
+        libc.free(p)
+    before = psutil.Process().memory_info().rss
+    released = release_free_heap()
+    assert released > 48 * 2**20 and psutil.Process().memory_info().rss < before - 48 * 2**20
+    libc.free(sentinel)
