@@ -459,7 +459,8 @@ def test_a_board_that_drops_off_ends_the_job_and_the_api_comes_back_with_it(
         launched.stop()
 
 
-def test_a_board_missing_at_the_start_is_waited_for_with_503s(hosts, extra_vars, provisioned, tiny_model_dir):
+def test_a_board_missing_at_the_start_is_waited_for_with_503s(hosts, inventory, extra_vars, provisioned,
+                                                             tiny_model_dir):
     lost = hosts.hosts[1]
     hosts.set_link(lost, up=False)
     launched = Launched(hosts, extra_vars["shardline_dir"], hosts.workdir / "board-missing.log")
@@ -467,6 +468,14 @@ def test_a_board_missing_at_the_start_is_waited_for_with_503s(hosts, extra_vars,
         launched.wait_for(_names_the_board(lost.name), 30, "503 naming the missing board")
         _assert_503_naming(launched, lost)
         assert not _job_processes(hosts, hosts.hosts), "the job started without every board"
+
+        # the health tag stops at once with the supervisor's message, instead of waiting out its timeout
+        t0 = time.monotonic()
+        health = playbook(hosts, inventory, extra_vars, tags="health")
+        took = time.monotonic() - t0
+        assert health.returncode != 0, health.explain()
+        assert lost.name in health.output and "does not answer" in health.output, health.explain()
+        assert took < extra_vars["shardline_health_timeout"] / 2, f"the health tag took {took:.0f}s"
 
         hosts.set_link(lost, up=True)
         back = launched.wait_for(_is_up, BACK_S, "the API up after the board appeared")
