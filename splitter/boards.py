@@ -30,6 +30,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitter.plan import check_cover
+
 MB = 2**20
 # Speed assumed when a boards file has none at all: a Raspberry Pi 4 running float32 matmuls.
 NOMINAL = {"gbps": 4.0, "gflops": 20.0}
@@ -525,13 +527,7 @@ def _check_override(layers, n: int, boards: list[Board]) -> list[tuple[int, int]
     ranges = [tuple(int(x) for x in rng) for rng in layers]
     if len(ranges) > len(boards):
         raise ValueError(f"--layers gives {len(ranges)} stages for {len(boards)} boards")
-    expect = 0
-    for a, b in ranges:
-        if a != expect or b < a:
-            raise ValueError(f"--layers: ranges must be contiguous and cover layers 0-{n - 1} in order, got {ranges}")
-        expect = b
-    if expect != n:
-        raise ValueError(f"--layers covers {expect} layers; the model has {n}")
+    check_cover(ranges, n, f"--layers {ranges}")
     return [rng if k == 0 or rng[1] > rng[0] else None for k, rng in enumerate(ranges)]
 
 

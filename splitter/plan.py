@@ -40,6 +40,18 @@ def plan_layers(n_layer: int, n_stages: int, layer_cost: float, head_cost: float
     return ranges
 
 
+def check_cover(ranges, n_layer: int, label: str) -> None:
+    """Raise ValueError (starting with label) unless the ranges [a, b) are contiguous, in order, and
+    cover layers [0, n_layer) exactly."""
+    expect = 0
+    for a, b in ranges:
+        if a != expect or b < a:
+            raise ValueError(f"{label}: ranges must be contiguous and cover layers 0-{n_layer - 1} in order")
+        expect = b
+    if expect != n_layer:
+        raise ValueError(f"{label} covers {expect} layers; the model has {n_layer}")
+
+
 def parse_layers(spec: str, n_layer: int, allow_empty: bool = False) -> list[tuple[int, int]]:
     """Parse ``--layers 0-1,2-3,4-5`` (inclusive ranges, one per stage; ``none`` for a stage
     with no layers, e.g. ``none,0-2,3-5`` keeps only the embeddings and head on stage 0).
@@ -53,13 +65,7 @@ def parse_layers(spec: str, n_layer: int, allow_empty: bool = False) -> list[tup
         lo, _, hi = part.partition("-")
         a, b = int(lo), int(hi or lo) + 1
         ranges.append((a, b))
-    expect = 0
-    for a, b in ranges:
-        if a != expect or b < a:
-            raise ValueError(f"--layers {spec!r}: ranges must be contiguous and cover 0-{n_layer - 1} in order")
-        expect = b
-    if expect != n_layer:
-        raise ValueError(f"--layers {spec!r} covers {expect} layers; the model has {n_layer}")
+    check_cover(ranges, n_layer, f"--layers {spec!r}")
     if not allow_empty and any(a == b for a, b in ranges[1:]):
         raise ValueError(f"--layers {spec!r}: every stage after the first needs at least one layer")
     return ranges
