@@ -214,19 +214,27 @@ while True:
 """
 
 
-def test_an_mpirun_that_outlives_rank_0_is_ended_with_everything_it_started(tmp_path):
+def _supervise_stuck(tmp_path, stand_in: str, *options: str) -> tuple[int, str, float]:
+    """Supervise a stand-in mpirun that never exits (--exit-grace 1): (status, log, seconds taken), after
+    checking that every process the stand-in started (the PIDs it prints) is gone."""
     log_path = tmp_path / "supervise.log"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
-        sup = subprocess.run([PY, "-m", "shardline.supervise", "--exit-grace", "1", "--no-answer-while-down", "--",
-                              PY, "-c", STUCK_MPIRUN], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=30)
+        sup = subprocess.run([PY, "-m", "shardline.supervise", *options, "--exit-grace", "1", "--no-answer-while-down",
+                              "--", PY, "-c", stand_in], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=30,
+                             check=False)
     took = time.monotonic() - t0
     text = log_path.read_text()
-    assert sup.returncode == 128 + signal.SIGKILL, text   # mpirun ended by SIGKILL
+    pids = [int(w) for w in text.split("stand-in mpirun", 1)[1].splitlines()[0].split() if w.isdigit()]
+    assert pids and not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], text
+    return sup.returncode, text, took
+
+
+def test_an_mpirun_that_outlives_rank_0_is_ended_with_everything_it_started(tmp_path):
+    code, text, took = _supervise_stuck(tmp_path, STUCK_MPIRUN)
+    assert code == 128 + signal.SIGKILL, text   # mpirun ended by SIGKILL
     assert "rank 0 exited 1s ago and mpirun is still running" in text, text
     assert took < 1 + 1 + 3 + 5, f"{took:.1f}s"    # rank 0's second, the grace, SIGTERM's 3 s, start-up
-    pids = [int(w) for w in text.split("stand-in mpirun", 1)[1].split()[0:5:2]]
-    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], text
 
 
 # Stands in for an mpirun that hangs in the MPI exit after a refused start (Open MPI 5 does, now and then,
@@ -243,20 +251,11 @@ while True:
 
 
 def test_a_refused_start_whose_mpi_exit_hangs_still_stops_with_status_78(tmp_path):
-    log_path = tmp_path / "supervise.log"
-    t0 = time.monotonic()
-    with open(log_path, "w") as log:
-        sup = subprocess.run([PY, "-m", "shardline.supervise", "--restart", "--exit-grace", "1",
-                              "--no-answer-while-down", "--", PY, "-c", HUNG_REFUSED_START],
-                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=30, check=False)
-    took = time.monotonic() - t0
-    text = log_path.read_text()
-    assert sup.returncode == 78, text        # rank 0's status, not the SIGKILL that ended mpirun
+    code, text, took = _supervise_stuck(tmp_path, HUNG_REFUSED_START, "--restart")
+    assert code == 78, text        # rank 0's status, not the SIGKILL that ended mpirun
     assert "rank 0 exited with status 78" in text and "mpirun is still running" in text, text
     assert "not restarting" in text and "restarting in" not in text, text
     assert took < 1 + 3 + 3 + 5, f"{took:.1f}s"    # the grace, SIGTERM's 3 s, clearing the session, start-up
-    pids = [int(w) for w in text.split("stand-in mpirun", 1)[1].split()[0:3:2]]
-    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], text
 
 
 # mpirun that exits 0 under a running rank 0 (what Open MPI does when it loses a board's daemon): the
