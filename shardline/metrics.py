@@ -58,7 +58,8 @@ def release_free_heap() -> int:
     released. Loading leaves tens of MiB freed but still resident: safetensors' reads and the int4
     repacking on every rank (a SmolLM2 int4 stage: 30 MiB), the parse of tokenizer.json on rank 0 (a
     3 MB file: 45 MiB resident after loading, 17 after this). Much of what a rank allocates later does
-    not reuse it (its KV cache is a mapping of its own), so it would stay on top of the rank's peak. A no-op where the C library has no malloc_trim (musl)."""
+    not reuse it (its KV cache is a mapping of its own), so it would stay on top of the rank's peak.
+    A no-op where the C library has no malloc_trim (musl)."""
     import ctypes
 
     import psutil

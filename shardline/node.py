@@ -34,10 +34,10 @@ def init_dist():
 
 def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | None, device: str | None = "auto",
                wire_dtype: str = "float32", load_tokenizer=None):
-    """Check and load this rank's shard. Returns (stage, manifest, tokenizer_dir or None, record); on
-    rank 0, load_tokenizer(tokenizer_dir) runs first and its result is record["tokenizer"]: parsing
-    tokenizer.json peaks 28 MiB above what it keeps (SmolLM2's), which is released before the shard is
-    read, so the rank's peak does not hold both."""
+    """Check and load this rank's shard. Returns (stage, manifest, tokenizer_dir, tokenizer, record), the
+    tokenizer's only on rank 0: load_tokenizer(tokenizer_dir) runs before the shard is read, since
+    parsing tokenizer.json peaks 28 MiB above what it keeps (SmolLM2's) and that is released first, so
+    the rank's peak does not hold both."""
     host = socket.gethostname()
     record = {"rank": rank, "host": host, "ok": False, "wire_dtype": wire_dtype}
     try:
@@ -47,7 +47,7 @@ def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | N
         record["idle_policy"] = idle_policy()
     except ValueError as err:   # a bad SHARDLINE_FP32_MATMUL or SHARDLINE_IDLE_POLICY on this board
         record["error"] = str(err)
-        return None, None, None, record
+        return None, None, None, None, record
     try:
         manifest = load_manifest(model_dir)
         check_world(manifest, size)
@@ -55,8 +55,9 @@ def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | N
         record["layers"] = entry["layers"]
         path = verify_shard(manifest, rank)
         tok_dir = verify_tokenizer(manifest) if rank == 0 else None
+        tokenizer = None
         if tok_dir is not None and load_tokenizer is not None:
-            record["tokenizer"] = load_tokenizer(tok_dir)
+            tokenizer = load_tokenizer(tok_dir)
             release_free_heap()
         t0 = time.time()
         stage = load_family_stage(manifest, rank, path, slots, max_context, device)
@@ -64,12 +65,12 @@ def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | N
         rss, peak = rss_bytes()
         record.update(ok=True, load_seconds=round(time.time() - t0, 2), rss_mb=round(rss / 2**20, 1),
                       shard_mb=round(entry["bytes"] / 2**20, 1), device=str(stage.device))
-        return stage, manifest, tok_dir, record
+        return stage, manifest, tok_dir, tokenizer, record
     except ShardError as err:
         record["error"] = str(err)
     except Exception as err:  # a broken file safetensors cannot parse, or a bad config
         record["error"] = f"{model_dir}: rank {rank} could not load its shard: {type(err).__name__}: {err}"
-    return None, None, None, record
+    return None, None, None, None, record
 
 
 def roll_call(comm, rank: int, size: int, record: dict) -> tuple[bool, list[dict] | None]:
@@ -118,8 +119,7 @@ def start(model_dir, slots: int, max_context: int | None = None, threads: int | 
     comm, rank, size = init_dist()
     import torch
     torch.set_num_threads(threads or omp.default_threads(size, microbatches))
-    stage, manifest, tok_dir, record = load_stage(model_dir, rank, size, slots, max_context, device, wire_dtype,
-                                                  load_tokenizer)
-    tokenizer = record.pop("tokenizer", None)
+    stage, manifest, tok_dir, tokenizer, record = load_stage(model_dir, rank, size, slots, max_context, device,
+                                                             wire_dtype, load_tokenizer)
     go, records = roll_call(comm, rank, size, record)
     return Node(comm, rank, size, stage, manifest, tok_dir, records, tokenizer) if go else None

@@ -11,8 +11,9 @@ Four things mpirun alone does badly:
 - A board that vanishes (power, cable, Wi-Fi) sends no FIN or RST: mpirun waits for its daemon there
   for good (measured: still running 90 s after the cut, every rank long gone), and Open MPI 5's exit
   can hang now and then when every rank aborts at once. Once rank 0 has exited, or written its exit
-  status (PID file's name + ".exit", before its MPI exit), mpirun gets --exit-grace seconds to follow; then everything left in the job's session (mpirun, its
-  ssh sessions, a rank) gets SIGTERM, then SIGKILL, so nothing of a broken job stays on the head.
+  status (PID file's name + ".exit", before its MPI exit), mpirun gets --exit-grace seconds to
+  follow; then everything left in the job's session (mpirun, its ssh sessions, a rank) gets SIGTERM,
+  then SIGKILL, so nothing of a broken job stays on the head, and the job's status is rank 0's.
 - While the job is down or starting, the API port still answers: every request gets a fast 503 with
   Retry-After and a JSON error saying why, naming the boards that do not answer
   (shardline/unavailable.py). Rank 0 asks for the port once it is ready (it creates its PID file's
@@ -363,8 +364,6 @@ class Supervisor:
         left = clear_session(self.proc.pid)
         if left:
             log(f"ended what the job left running: {', '.join(sorted(set(left)))}")
-        if self.ended_it and rank0.status is not None:
-            code = rank0.status   # what rank 0 exited with, not the signal that ended the stuck mpirun
         return code, time.monotonic() - started
 
     def _signal_rank0(self) -> None:
@@ -376,12 +375,13 @@ class Supervisor:
     def _wait(self, job: subprocess.Popen, rank0: Rank0) -> int:
         """Wait for mpirun. Once a stop was asked: SIGTERM to its process group after --stop-timeout, then
         SIGKILL to its session. Once rank 0 has exited: --exit-grace seconds for mpirun to follow, then the
-        same (mpirun waits for the daemon of a board that vanished)."""
-        escalated, since = 0, None
-        self.ended_it = False
+        same (mpirun waits for the daemon of a board that vanished, or hangs in the MPI exit), and then the
+        status is the one rank 0 wrote, if any, not the signal that ended mpirun."""
+        escalated, since, ended_it = 0, None, False
         while True:
             try:
-                return job.wait(timeout=0.1)
+                code = job.wait(timeout=0.1)
+                return rank0.status if ended_it and rank0.status is not None else code
             except subprocess.TimeoutExpired:
                 pass
             if self.responder and self.responder.shown and (
@@ -400,8 +400,7 @@ class Supervisor:
                     log(f"rank 0 exited{said} {gone:.0f}s ago and mpirun is still running (it waits for a board "
                         "that no longer answers, or hangs in the MPI exit): ending the job")
                     signal_session(job, signal.SIGTERM)
-                    escalated, since = 1, time.monotonic()
-                    self.ended_it = True
+                    escalated, since, ended_it = 1, time.monotonic(), True
             if escalated == 1 and time.monotonic() - since > 3:
                 signal_session(job, signal.SIGKILL)
                 escalated = 2
