@@ -127,7 +127,7 @@ def _serve_head(args, node) -> int:
                     queue_size=args.queue_size, max_batch_tokens=args.max_batch_tokens,
                     step_timeout=args.step_timeout, log_steps=args.verbose, stats_interval=STATS_INTERVAL,
                     microbatches=args.microbatches or len(set(hosts)), stop_ids=stop_ids(tok_dir),
-                    wire_dtype=args.wire_dtype)
+                    wire_dtype=args.wire_dtype, vocab_size=getattr(manifest.config, "vocab_size", None))
     data = manifest.data
     name = args.model_name or os.path.basename(str(data["source"]).rstrip("/")) or "model"
     info = {"model": name, "random_weights": data.get("random_weights", False), "ranks": size,

@@ -14,12 +14,14 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shardline import detok
 from shardline.engine import Engine, EngineStopped, QueueFull, Request
 from shardline.sampling import SamplingParams
 
@@ -28,6 +30,7 @@ MAX_PROMPT_CHARS = 100_000
 MAX_PROMPTS = 32          # prompts in one /v1/completions request (lm-evaluation-harness batches them)
 MAX_LOGPROBS = 20         # top log probabilities per token (OpenAI's chat limit; vLLM's default)
 SIMPLE_CHAT_STOP = "\nUser:"
+DISCONNECT_CHECK = 0.1    # seconds between looks at whether a non-streamed request's client is still there
 
 
 class APIError(Exception):
@@ -288,6 +291,38 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class Guard:
+    """ASGI middleware: the API key (401 without it, except on the open paths and CORS preflights) and
+    the request counter by endpoint and status. Plain ASGI, not @app.middleware("http"): Starlette's
+    BaseHTTPMiddleware hides a client's disconnect from the app (measured: a non-streamed request whose
+    client had hung up ran to its last token), so it could not cancel what nobody waits for."""
+    OPEN = frozenset({"/health", "/", "/favicon.ico"})
+    COUNTED = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
+
+    def __init__(self, app, api_key: str | None, metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.api_key and path not in self.OPEN and scope["method"] != "OPTIONS":
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+                reply = JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
+                                                "authentication_error", code="invalid_api_key"), status_code=401)
+                return await reply(scope, receive, send)
+        if path not in self.COUNTED:
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+        await self.app(scope, receive, counted)
+
+
 def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: str | None = None,
                cors_origins: list[str] | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     # Every route documents OpenAI-shaped errors ("4XX" also keeps FastAPI from listing its own 422,
@@ -302,20 +337,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
     # then the API-key guard and request counter, then the body limit. Starlette wraps the last added
     # around the others, hence the reverse order below.
     app.add_middleware(BodyLimit, limit=max_body_bytes)
-    open_paths = {"/health", "/", "/favicon.ico"}
-
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        if api_key and request.url.path not in open_paths and request.method != "OPTIONS":
-            auth = request.headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
-                                               "authentication_error", code="invalid_api_key"), status_code=401)
-        response = await call_next(request)
-        if request.url.path in ("/generate", "/v1/completions", "/v1/chat/completions"):
-            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, api_key=api_key, metrics=metrics)
 
     if cors_origins:   # a preflight (OPTIONS, no Authorization header) is answered here, before the guard
         from fastapi.middleware.cors import CORSMiddleware
@@ -380,11 +402,17 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         return req, events
 
     async def wait(req: Request, events: asyncio.Queue, http: HTTPRequest) -> None:
-        """Wait for the end of a non-streamed request; cancel it if the client goes away."""
+        """Wait for the end of a non-streamed request; cancel it if the client goes away (looked at
+        every DISCONNECT_CHECK seconds, whether text is coming or not: a request that is generating is
+        the costly one to leave running for nobody)."""
+        checked = time.monotonic()
         while not req.done.is_set():
             try:
-                await asyncio.wait_for(events.get(), timeout=0.5)
+                await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK)
             except asyncio.TimeoutError:
+                pass
+            if time.monotonic() - checked >= DISCONNECT_CHECK:
+                checked = time.monotonic()
                 if await http.is_disconnected():
                     engine.cancel(req)
                     raise APIError(499, "client disconnected")
@@ -401,25 +429,36 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         """Each token's own text (a byte-level piece of a character shows as U+FFFD)."""
         return tokenizer.batch_decode([[i] for i in ids])
 
-    def streamed_texts(ids: list[int], skip_special: bool) -> list[str]:
-        """What each token adds to the decoded text: they join to exactly that text, and a token that
-        ends inside a multi-byte character adds "" (the one that completes it adds the character)."""
-        from tokenizers.decoders import DecodeStream
-        stream = DecodeStream(skip_special_tokens=skip_special)
-        return [stream.step(tokenizer.backend_tokenizer, i) or "" for i in ids]
+    def echo_of(ids: list[int], text: str | None) -> tuple[str, list[str]]:
+        """(the echoed prompt, what each of its tokens adds to it): the prompt as its tokens decode, with
+        special tokens (a token-id prompt shows the ones it has), except those the tokenizer put before
+        a string prompt (a BOS), which add nothing: the pieces join to the echoed text, so each token's
+        text_offset points into it. An unfinished character at the end is U+FFFD, in the last piece."""
+        special = set(tokenizer.all_special_ids)
+        lead = 0
+        while text is not None and lead < len(ids) and ids[lead] in special \
+                and not text.startswith(tokenizer.decode(ids[:lead + 1])):
+            lead += 1
+        got = [""] * lead + detok.pieces(tokenizer.backend_tokenizer, ids[lead:], (), skip_special_tokens=False)
+        joined, whole = "".join(got), tokenizer.decode(ids[lead:])
+        if got and whole.startswith(joined) and len(whole) > len(joined):
+            got[-1] += whole[len(joined):]
+        return "".join(got), got
 
-    def logprob_entries(req: Request, echo_ids: list[int] | None, text: str) -> list[tuple]:
+    def logprob_entries(req: Request, echo: tuple[list[int], list[str]] | None, text: str) -> list[tuple]:
         """(token's text in the returned text, its own text, log p or None, [(alternative's own text,
-        log p)] or None, offset in text) per token of the returned text: the echoed prompt's (the first
-        has no log probability), then the generated ones up to where a stop string cut the text."""
+        log p)] or None, offset in text) per token of the returned text: the echoed prompt's (echo: its
+        ids and pieces; the first has no log probability), then the generated ones up to where a stop
+        string cut the text."""
         entries, pieces = [], []   # (id, logprob or None, [(id, logprob)] or None)
-        if echo_ids is not None:
+        if echo is not None:
+            echo_ids, pieces = echo[0], list(echo[1])
             entries.append((echo_ids[0], None, None))
             entries += [(i, lp, top) for i, (lp, top) in zip(echo_ids[1:], req.prompt_token_logprobs)]
-            pieces = streamed_texts(echo_ids, skip_special=False)
         prompt_entries = len(entries)
         entries += [(i, lp, top) for i, (lp, top) in zip(req.generated, req.token_logprobs)]
-        pieces += streamed_texts(req.generated[:len(req.token_logprobs)], skip_special=True)   # as the engine did
+        # what each generated token added, as the engine's stream (seeded with the prompt) had it
+        pieces += detok.pieces(tokenizer.backend_tokenizer, req.generated[:len(req.token_logprobs)], req.prompt_ids)
         names = token_texts([e[0] for e in entries])
         alternatives = sorted({i for e in entries for i, _ in (e[2] or ())})
         alt_name = dict(zip(alternatives, token_texts(alternatives)))
@@ -434,10 +473,10 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
             out[-1] = (out[-1][0] + text[offset:], *out[-1][1:])
         return out
 
-    def completion_logprobs(req: Request, echo_ids: list[int] | None, text: str) -> dict:
+    def completion_logprobs(req: Request, echo: tuple[list[int], list[str]] | None, text: str) -> dict:
         """OpenAI's legacy completions logprobs: top_logprobs has the k likeliest tokens and the chosen one."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for piece, name, lp, top, offset in logprob_entries(req, echo_ids, text):
+        for piece, name, lp, top, offset in logprob_entries(req, echo, text):
             out["tokens"].append(piece)
             out["token_logprobs"].append(lp)
             if top is None:
@@ -529,9 +568,9 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", type_="not_found_error")
 
-    def completion_prompts(body: CompletionBody) -> list[tuple[list[int], str]]:
-        """(token ids, text) of each prompt: strings are encoded, token ids (what lm-evaluation-harness
-        sends) are checked against the vocabulary and decoded for echo."""
+    def completion_prompts(body: CompletionBody) -> list[tuple[list[int], str | None]]:
+        """(token ids, the string or None) of each prompt: strings are encoded, token ids (what
+        lm-evaluation-harness sends) are checked against the vocabulary."""
         p = body.prompt
         items = [p] if isinstance(p, str) or (p and all(isinstance(v, int) for v in p)) else list(p)
         if not 1 <= len(items) <= MAX_PROMPTS:
@@ -547,10 +586,11 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                 continue
             if not item:
                 raise APIError(400, "prompt: an empty list of token ids", param="prompt")
-            if max(item) >= len(tokenizer):
-                raise APIError(400, f"prompt: token id {max(item)} is not in the vocabulary "
-                               f"(0..{len(tokenizer) - 1})", param="prompt")
-            out.append((list(item), tokenizer.decode(item)))
+            vocab = engine.vocab_size or len(tokenizer)      # the model's: a GGUF tokenizer may count fewer
+            if max(item) >= vocab:
+                raise APIError(400, f"prompt: token id {max(item)} is not in the vocabulary (0..{vocab - 1})",
+                               param="prompt")
+            out.append((list(item), None))
         return out
 
     @app.post("/v1/completions", responses={200: {"model": Completion, "content": SSE}})
@@ -574,7 +614,8 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                 engine.cancel(r)
             raise
         rid = f"cmpl-{uuid.uuid4().hex}"
-        echo = prompts[0][1] if body.echo else ""
+        echoes = [echo_of(ids, text) for ids, text in prompts] if body.echo else None
+        echo = echoes[0][0] if echoes else ""
 
         def chunk(delta, finish):
             if delta is None:
@@ -594,10 +635,11 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                 if not req.done.is_set():
                     engine.cancel(req)
         choices = []
-        for i, ((req, _), (ids, text)) in enumerate(zip(reqs, prompts)):
-            full = (text if body.echo else "") + req.text
+        for i, ((req, _), (ids, _)) in enumerate(zip(reqs, prompts)):
+            full = (echoes[i][0] if echoes else "") + req.text
             choices.append({"text": full, "index": i, "finish_reason": req.finish_reason,
-                            "logprobs": None if k is None else completion_logprobs(req, ids if body.echo else None, full)})
+                            "logprobs": None if k is None else completion_logprobs(
+                                req, (ids, echoes[i][1]) if echoes else None, full)})
         counts = [usage(req) for req, _ in reqs]
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": {f: sum(c[f] for c in counts) for f in counts[0]}}

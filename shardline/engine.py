@@ -8,7 +8,7 @@ A slot needs no message to be freed: it is a free-list entry here, and a new seq
 at position 0, so stale rows past its length are never read.
 
 The critical path of a step is: a micro-batch comes back, the head samples, the next tokens go out.
-Detokenizing (incremental, tokenizers' DecodeStream) and handing text to the HTTP thread wait until
+Detokenizing (incremental, tokenizers' DecodeStream: shardline/detok.py) and handing text to the HTTP thread wait until
 the ring is busy again (_texts), so the next step does not wait for them (and for the HTTP thread,
 which needs the GIL): 1-2 % more tokens/s at 1 and 16 clients in `python -m bench`, 3 ranks on 2 cores.
 """
@@ -23,9 +23,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tokenizers.decoders import DecodeStream
 
 from shardline import omp, wire, wiredtype
+from shardline.detok import TextStream, added_text
 from shardline.metrics import STAT_FIELDS, Metrics, rss_bytes
 from shardline.sampling import SamplingParams, sample
 from shardline.stage import Seq, Stage
@@ -66,7 +66,7 @@ class Request:
     pos: int = 0                      # tokens already in the KV cache
     feed: list[int] = field(default_factory=list)   # tokens to send next
     generated: list[int] = field(default_factory=list)
-    detok: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
+    detok: TextStream | None = None   # generated ids -> text, seeded with the prompt (set on admission)
     texted: int = 0                   # tokens of generated already in text
     cut: bool = False                 # text ends where a stop string began
     text: str = ""                    # the continuation so far (cut at a stop string)
@@ -100,7 +100,8 @@ class Engine:
     def __init__(self, stage: Stage, tokenizer, link: wire.Link | None, size: int, hosts: list[str],
                  slots: int, queue_size: int = 64, max_batch_tokens: int = 256, step_timeout: float = 8.0,
                  metrics: Metrics | None = None, log_steps: bool = False, stats_interval: float = 2.0,
-                 microbatches: int | None = None, stop_ids: set[int] | None = None, wire_dtype: str = "float32"):
+                 microbatches: int | None = None, stop_ids: set[int] | None = None, wire_dtype: str = "float32",
+                 vocab_size: int | None = None):
         self.stage, self.tok, self.link, self.size, self.hosts = stage, tokenizer, link, size, hosts
         self.slots = slots
         # Micro-batches in the ring at once. One per stage keeps every board busy; when stages share
@@ -119,6 +120,9 @@ class Engine:
         self.stop_ids = frozenset(stop_ids or ()) | ({tokenizer.eos_token_id} - {None})
         self.wire_flags = wiredtype.flags_of(wire_dtype)   # hidden states between ranks travel in this type
         self.max_context = stage.max_context
+        # the model's vocabulary (its embedding rows): a prompt id beyond it is refused, not looked up.
+        # It can differ from len(tokenizer) either way (padded embeddings; a GGUF tokenizer's numbering).
+        self.vocab_size = vocab_size
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.stop_deadline = math.inf
@@ -140,6 +144,8 @@ class Engine:
             raise EngineStopped("the server is shutting down")
         if not req.prompt_ids:
             raise ValueError("the prompt is empty")
+        if self.vocab_size and max(req.prompt_ids) >= self.vocab_size:
+            raise ValueError(f"token id {max(req.prompt_ids)} is not in the model's vocabulary (0..{self.vocab_size - 1})")
         if len(req.prompt_ids) + req.max_new_tokens > self.max_context:
             raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) plus max new tokens ({req.max_new_tokens}) "
                              f"exceeds the context of {self.max_context} tokens")
@@ -213,6 +219,7 @@ class Engine:
             req.slot = self.free_slots.pop()
             req.feed = list(req.prompt_ids)
             req.gen = req.params.generator()
+            req.detok = TextStream(self.backend, req.prompt_ids)
             self.active.append(req)
             self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         self._gauges()
@@ -223,7 +230,7 @@ class Engine:
                 self._finish(r, "cancelled")
             ready = [r for r in self.active if not r.in_flight and r.feed]
             if not ready:
-                return
+                break
             cap = max(1, math.ceil(len(self.active) / self.microbatches))  # spread sequences over them
             ready.sort(key=lambda r: r.t_last)                      # least recently served first
             batch, seqs, ids, budget, flags = [], [], [], self.max_batch_tokens, 0
@@ -265,6 +272,7 @@ class Engine:
             return False
         if msg.kind == wire.FORWARD:
             self._complete(self.flights.pop(msg.step), wiredtype.decode(msg.payload, msg.flags), msg.step)
+            self.metrics.in_flight.set(len(self.flights))
         elif msg.kind == wire.STATS:
             self.rank_stats = msg.payload
             self.metrics.set_rank_stats(msg.payload, self.hosts)
@@ -352,16 +360,25 @@ class Engine:
     def _texts(self) -> None:
         """Detokenize the tokens sampled last step and pass the new text on; a stop string ends a request."""
         for r in self.untexted:
-            if not r.done.is_set() and self._detokenize(r):
-                self._finish(r, "stop")
+            try:
+                if not r.done.is_set() and self._detokenize(r):
+                    self._finish(r, "stop")
+            except Exception as err:  # noqa: BLE001 - one request's text must not stop the others
+                self._finish(r, "error", self._text_failed(err))
         self.untexted.clear()
+
+    @staticmethod
+    def _text_failed(err: Exception) -> str:
+        import traceback
+        traceback.print_exc()
+        return f"turning the generated tokens into text failed ({type(err).__name__}: {err}); other requests go on"
 
     def _detokenize(self, r: Request) -> bool:
         """Bring r.text up to r.generated and stream what is safe to show. A stop string cuts the text
         there (r.cut) and returns True."""
         seen = len(r.text)
         for tok in r.generated[r.texted:]:
-            r.text += r.detok.step(self.backend, tok) or ""
+            r.text += r.detok.step(tok)
         r.texted = len(r.generated)
         for s in r.stop:
             at = r.text.find(s, max(0, seen - len(s) + 1))
@@ -382,15 +399,19 @@ class Engine:
         if r.done.is_set():
             return
         if error is None:
-            if not r.cut and self._detokenize(r):
-                reason = "stop"                  # a stop string in the last tokens wins over the length
-            if not r.cut:
-                # The end: bytes the stream still holds (an incomplete UTF-8 character) come out as
-                # the full decode has them, so the text is exactly tokenizer.decode(generated).
-                full = self.tok.decode(r.generated, skip_special_tokens=True)
-                if full.startswith(r.text):
-                    r.text = full
-            self._send_text(r, len(r.text))
+            try:
+                if not r.cut and self._detokenize(r):
+                    reason = "stop"              # a stop string in the last tokens wins over the length
+                if not r.cut:
+                    # The end: bytes the stream still holds (an incomplete UTF-8 character) come out as
+                    # the full decode has them, so the text is exactly what the generated tokens add
+                    # to the prompt's decoded text.
+                    full = added_text(self.tok, r.generated, r.prompt_ids)
+                    if full.startswith(r.text):
+                        r.text = full
+                self._send_text(r, len(r.text))
+            except Exception as err:  # noqa: BLE001 - one request's text must not stop the others
+                reason, error = "error", self._text_failed(err)
         r.finish_reason, r.error = reason, error
         if r in self.active:
             self.active.remove(r)

@@ -110,6 +110,66 @@ def test_requests_together_get_what_they_get_alone(ring):
     assert sorted(engine.free_slots) == list(range(engine.slots))
 
 
+def settled(engine) -> None:
+    """Wait until nothing is in the ring (a finished request's last step may still be out)."""
+    for _ in range(500):
+        if not engine.flights:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("a micro-batch never came back")
+
+
+def test_a_request_whose_text_fails_ends_alone(ring, monkeypatch):
+    """tokenizers can raise on a request's tokens (DecodeStream on some byte sequences, see
+    tests/test_detok.py): that request ends with the reason, the one beside it in the same micro-batches
+    gets its text, and the engine serves on. It used to fail every request and stop the server."""
+    import shardline.engine as eng
+    engine, tok = ring
+    mark = tok("zebra zebra")["input_ids"]          # the prompt that marks the failing request
+
+    class Failing(eng.TextStream):
+        def __init__(self, backend, context=(), **kw):
+            super().__init__(backend, context, **kw)
+            self.fail = list(context[:len(mark)]) == mark
+
+        def step(self, token):
+            if self.fail:
+                raise RuntimeError("the tokenizer broke (a stand-in)")
+            return super().step(token)
+
+    monkeypatch.setattr(eng, "TextStream", Failing)
+    good = tok("the cat sat on")["input_ids"]
+    want = run(engine, good, 24)[0].text
+    bad = engine.submit(Request(mark + good, 24, SamplingParams(temperature=0)))
+    ok = engine.submit(Request(good, 24, SamplingParams(temperature=0)))
+    assert bad.done.wait(60) and ok.done.wait(60)
+    assert bad.finish_reason == "error" and "turning the generated tokens into text failed" in bad.error
+    assert "the tokenizer broke" in bad.error
+    assert (ok.finish_reason, ok.text) == ("length", want) and not engine.failed
+    assert run(engine, good, 24)[0].text == want                     # and it serves on
+    settled(engine)
+    assert sorted(engine.free_slots) == list(range(engine.slots))
+
+
+def test_the_in_flight_gauge_comes_back_to_zero(ring):
+    engine, tok = ring
+    run(engine, tok("the cat sat on")["input_ids"], 8)
+    settled(engine)
+    threading.Event().wait(0.2)                                       # a loop turn after the last step
+    assert engine.metrics.registry.get_sample_value("shardline_microbatches_in_flight") == 0
+
+
+def test_a_prompt_id_beyond_the_models_vocabulary_is_refused(ring):
+    """Not looked up (an embedding index error would end the engine): the caller gets a ValueError."""
+    engine, _ = ring
+    engine.vocab_size, was = 300, engine.vocab_size
+    try:
+        with pytest.raises(ValueError, match=r"token id 300 is not in the model's vocabulary \(0\.\.299\)"):
+            engine.submit(Request([5, 300], 4, SamplingParams(temperature=0)))
+    finally:
+        engine.vocab_size = was
+
+
 def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir):
     """What the supervisor's LOST_BOARD_SIGNAL does on rank 0: the requests in flight and those still
     queued end with that reason (main.LOST_BOARD), not a generic shutdown."""

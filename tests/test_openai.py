@@ -416,6 +416,26 @@ def test_a_new_request_finishes_while_a_long_one_runs(server):
         f"short vs long): {tries}")
 
 
+def test_a_client_that_hangs_up_on_a_non_streamed_request_frees_its_slot(server):
+    """The answer is not generated for nobody: the server looks for the client while text is coming."""
+    body = {"prompt": "a", "max_tokens": CONTEXT - 8, "temperature": 0}
+    generated = lambda: metric(metric_samples(server.url), "shardline_generated_tokens_total")
+    cut_short = []
+    for attempt in range(5):
+        g0 = generated()
+        with pytest.raises(httpx.TimeoutException):      # the client gives up, with most still to come
+            httpx.post(server.url + CMPL, json=body, timeout=0.05)
+        deadline = time.monotonic() + 10
+        while web.get(server.url + "/health").json()["active_sequences"] != 0:
+            assert time.monotonic() < deadline, "the abandoned request kept its slot"
+            time.sleep(0.05)
+        cut_short.append(generated() - g0)
+        if cut_short[-1] < body["max_tokens"]:
+            break
+    assert min(cut_short) < body["max_tokens"], f"the server generated every answer for nobody: {cut_short}"
+    assert complete(server, prompt="a", max_tokens=4)["usage"]["completion_tokens"] == 4
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     body = {"prompt": "a", "max_tokens": CONTEXT - 8, "temperature": 0, "stream": True}
     generated = lambda: metric(metric_samples(server.url), "shardline_generated_tokens_total")
