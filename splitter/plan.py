@@ -63,7 +63,12 @@ def parse_layers(spec: str, n_layer: int, allow_empty: bool = False) -> list[tup
             ranges.append((ranges[-1][1] if ranges else 0,) * 2)
             continue
         lo, _, hi = part.partition("-")
-        a, b = int(lo), int(hi or lo) + 1
+        try:
+            a, b = int(lo), int(hi or lo) + 1
+        except ValueError:
+            raise ValueError(f"--layers {spec!r}: {part!r} is not a layer range such as 0-3, 5 or none") from None
+        if b <= a:
+            raise ValueError(f"--layers {spec!r}: {part!r} is empty (write none for a stage without layers)")
         ranges.append((a, b))
     check_cover(ranges, n_layer, f"--layers {spec!r}")
     if not allow_empty and any(a == b for a, b in ranges[1:]):

@@ -42,7 +42,11 @@ class SafetensorsSource:
         self.dir = path
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{index}: not a safetensors index ({type(err).__name__}: {err}); "
+                                 "download the model again") from None
             self._file = {name: path / f for name, f in weight_map.items()}
         elif (path / "model.safetensors").is_file():
             self._file = {name: path / "model.safetensors" for name in _keys(path / "model.safetensors")}
@@ -56,13 +60,29 @@ class SafetensorsSource:
         for f in set(self._file.values()):
             if not f.is_file():
                 raise ValueError(f"{f}: missing (named by model.safetensors.index.json); download the model again")
+            _keys(f)                    # a damaged header: refused here, naming the file, before any work
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: no config.json; a model directory needs the config.json that save_pretrained "
+                             "writes beside its weights")
         self.config = AutoConfig.from_pretrained(path)
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._tokenizer = None
 
     @property
     def tokenizer(self):
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(self.dir)
+        """The model's tokenizer, loaded once; a directory without usable tokenizer files is refused."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            fix = (f"{self.dir} needs the model's tokenizer files (tokenizer.json and tokenizer_config.json, as "
+                   "save_pretrained writes them): copy them from the model's repository")
+            try:
+                tok = AutoTokenizer.from_pretrained(self.dir)
+            except Exception as err:  # noqa: BLE001 - transformers raises many kinds here
+                raise ValueError(f"its tokenizer does not load ({type(err).__name__}: {err}); {fix}") from None
+            if len(tok) < 2 or not tok.encode("hello world", add_special_tokens=False):
+                raise ValueError(f"its tokenizer is empty ({len(tok)} tokens); {fix}")
+            self._tokenizer = tok
+        return self._tokenizer
 
     @property
     def generation_config(self):
@@ -92,9 +112,12 @@ class SafetensorsSource:
 
 
 def _keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); download the model again") from None
 
 
 class RandomSource:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from shardline.manifest import FORMAT, FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, sha256_file
 from shardline.models import Spec, family
@@ -44,12 +45,28 @@ def open_model(model: str, random_weights: bool = False, seed: int = 0) -> Model
     config = src.config
     fam = family(config.model_type)          # ValueError naming it and listing the supported ones
     fam.check(config)
+    qc = getattr(config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise ValueError(f"{model}: its weights are already quantized ({method}); the splitter reads float weights "
+                         "(fp32, fp16 or bf16). Use the original model, or its .gguf file, with --quantize int8|int4")
     names = set(src.names())
     head = "lm_head.weight"
     tied = bool(getattr(config, "tie_word_embeddings", True)) or head not in names
     if not getattr(config, "tie_word_embeddings", True) and head not in names:
         raise ValueError(f"{model}: the config unties the LM head but the weights have no {head}")
-    return Model(src, config, fam, tied)
+    m = Model(src, config, fam, tied)
+    want = [n for k in range(2) for s in fam.specs(config, k == 0, (0, m.n_layers) if k else (0, 0), tied)
+            for n in s.sources]
+    missing = [n for n in want if n not in names]
+    if missing:
+        raise ValueError(f"{model}: {len(missing)} tensor(s) the config calls for are missing, e.g. "
+                         f"{', '.join(missing[:3])}; the download is incomplete or the files are of another model")
+    try:
+        src.tokenizer                         # loaded (and checked) now, before any work
+    except ValueError as err:
+        raise ValueError(f"{model}: {err}") from None
+    return m
 
 
 def spec_quant(m: Model, spec: Spec, quant: dict | None) -> dict | None:
@@ -140,10 +157,26 @@ def board_plan(m: Model, boards_file: Path, quant: dict | None, slots: int, max_
 def _group(scheme: str, group_size: int | None = None) -> int | None:
     if scheme != "int4":
         return None
-    if group_size:
-        return group_size
-    from shardline.quant import DEFAULT_GROUP_SIZE
-    return DEFAULT_GROUP_SIZE
+    from shardline.quant import DEFAULT_GROUP_SIZE, GROUP_SIZES
+    if group_size is None:
+        return DEFAULT_GROUP_SIZE
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"--group-size {group_size}: the int4 kernel takes {', '.join(map(str, GROUP_SIZES))}")
+    return group_size
+
+
+def float_left(m: Model, quant: dict | None) -> tuple[int, int, set[int]]:
+    """(matrices, bytes, their input widths) that stay float32 under quant: a width the kernels cannot
+    take (not a multiple of 32, or of the int4 group)."""
+    n = size = 0
+    widths = set()
+    for k in range(2):
+        for spec in m.fam.specs(m.config, k == 0, (0, m.n_layers) if k else (0, 0), m.tied):
+            q = spec_quant(m, spec, quant)
+            if spec.matmul and q and not _quantized(m, spec, q):
+                n, size = n + 1, size + spec_bytes(m, spec, None)
+                widths.add(_shape(m, spec)[1])
+    return n, size, widths
 
 
 def plan_table(m: Model, ranges, quant: dict | None) -> tuple[str, list[int]]:
@@ -182,17 +215,32 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
     t0 = time.time()
     m = open_model(model, random_weights, seed)
     quant = None
+    if not quantize and (group_size is not None or head_quantize):
+        raise ValueError("--group-size and --head-quantize go with --quantize int8|int4")
     if quantize:
         from shardline.quant import SCHEMES
         if quantize not in SCHEMES:
             raise ValueError(f"--quantize {quantize!r}: unknown scheme; supported: {', '.join(SCHEMES)}")
-        quant = {"scheme": quantize, "group_size": _group("int4", group_size),
-                 "head": head_quantize or ("int8" if quantize == "int4" else quantize)}
+        head = head_quantize or ("int8" if quantize == "int4" else quantize)
+        if group_size is not None and "int4" not in (quantize, head):
+            raise ValueError(f"--group-size {group_size}: only int4 has groups (int8 scales each output row)")
+        quant = {"scheme": quantize, "group_size": _group("int4", group_size), "head": head}
         if quant["head"] not in (*SCHEMES, "float32"):
             raise ValueError(f"--head-quantize {quant['head']!r}: use int8, int4 or float32")
     kind = "RANDOM WEIGHTS, " if random_weights else ""
     print(f"[splitter] {model}: {kind}{m.config.model_type}, {m.n_layers} layers, hidden "
           f"{m.fam.cost(m.config, m.tied).hidden}, {'tied' if m.tied else 'untied'} LM head", flush=True)
+    if quant:
+        n, size, widths = float_left(m, quant)
+        rule = f"a multiple of {quant['group_size']}" if quant["group_size"] else "a multiple of 32"
+        if n and n == sum(s.matmul for k in range(2)
+                          for s in m.fam.specs(m.config, k == 0, (0, m.n_layers) if k else (0, 0), m.tied)):
+            raise ValueError(f"--quantize {quant['scheme']}: no matrix can be quantized, since no input width "
+                             f"({', '.join(map(str, sorted(widths)))}) is {rule}"
+                             + ("; use --group-size 32 or 64" if quant["group_size"] else ""))
+        if n:
+            print(f"[splitter] note: {n} matrices ({size / 1e6:.1f} MB) stay float32: their input width "
+                  f"({', '.join(map(str, sorted(widths)))}) is not {rule}", flush=True)
     if boards:
         bplan = board_plan(m, boards, quant, slots, max_context, layers)   # DoesNotFit: a ValueError
         print(bplan.table(), flush=True)
@@ -213,10 +261,28 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
                 indent=1) + "\n")
     if plan_only:
         return None
+    try:
+        return _write(m, out, ranges, quant, model, random_weights, t0)
+    except OSError as err:      # --out not writable, a full disk, a file where a folder should be
+        raise ValueError(f"{err.filename or out}: {err.strerror or err}; choose another --out, or free space "
+                         "there") from None
+    except SafetensorError as err:                        # safetensors' own write errors (a full disk)
+        raise ValueError(f"{out}: writing a shard failed ({err}); choose another --out, or free space there") from None
 
+
+def _write(m: Model, out: Path, ranges, quant: dict | None, model: str, random_weights: bool, t0: float) -> dict:
+    """Write the shards, the tokenizer and the manifest (the manifest last)."""
+    n_stages = len(ranges)
     out.mkdir(parents=True, exist_ok=True)
+    # A split over an older one: its manifest and shards go first (so a half-written split is never
+    # taken for whole: ranks refuse a missing manifest), and its tokenizer folder, whose chat template
+    # or generation_config.json the new model may not have.
+    (out / MANIFEST).unlink(missing_ok=True)
     for stale in out.glob("stage_*.safetensors"):
         stale.unlink()
+    if (out / TOKENIZER_DIR).is_dir():
+        import shutil
+        shutil.rmtree(out / TOKENIZER_DIR)
     from safetensors.torch import save_file
     split_id = uuid.uuid4().hex
     stages = []
