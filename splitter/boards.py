@@ -61,7 +61,7 @@ class Board:
 @dataclass
 class ModelCost:
     n_layers: int
-    layer_bytes: list[int]            # shard bytes of each layer (after quantization)
+    layer_bytes: list[int]            # bytes a rank holds for each layer (after quantization; split.held_bytes)
     layer_flops: list[float]          # multiply-adds * 2 per token per layer
     kv_bytes_per_token: list[int]     # KV-cache bytes per token per layer (k and v, all kv heads)
     first_bytes: int                  # stage 0's bytes besides layers: embeddings, final norm, LM head

@@ -31,7 +31,7 @@ def boards_needed(m, quant, memory_mb: float, slots: int, context: int, most: in
 
 
 def table(slots: int = 4, context: int = 2048) -> str:
-    from splitter.split import _group, model_cost, open_model
+    from splitter.split import _group, open_model, shard_bytes
     schemes = [None, "int8", "int4"]
     head = ["model", "family", "params"] + [f"{q or 'fp32'} GB" for q in schemes] + [
         f"{q or 'fp32'} {b}" for q in schemes for b in BOARD_MB]
@@ -42,8 +42,7 @@ def table(slots: int = 4, context: int = 2048) -> str:
         sizes, need = [], []
         for q in schemes:
             quant = {"scheme": q, "group_size": _group("int4"), "head": "int8"} if q else None
-            c = model_cost(m, quant)
-            sizes.append(f"{(sum(c.layer_bytes) + c.first_bytes) / 1e9:.2f}")
+            sizes.append(f"{shard_bytes(m, quant) / 1e9:.2f}")
             for mb in BOARD_MB.values():
                 n = boards_needed(m, quant, mb, slots, context)
                 need.append(str(n) if n else "—")
@@ -52,9 +51,10 @@ def table(slots: int = 4, context: int = 2048) -> str:
         rows.append(row + [f"{params / 1e9:.2f}B"] + sizes + need)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines.append(f"\nboards needed: the fewest equal boards of each size whose plan fits {slots} slots x {context} "
-                 f"tokens of KV cache (float32) and the runtime; — : more than 32 boards or a head too small for "
-                 f"the embeddings and LM head")
+    lines.append(f"\nGB: the shards. Boards needed: the fewest equal boards of each size whose plan fits what each "
+                 f"rank holds (int4: 0.75 bytes per weight on an aarch64 board, see split.held_bytes), {slots} slots "
+                 f"x {context} tokens of KV cache (float32) and the runtime; — : more than 32 boards or a head too "
+                 f"small for the embeddings and LM head")
     return "\n".join(lines)
 
 

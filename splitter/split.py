@@ -63,7 +63,7 @@ def open_model(model: str, random_weights: bool = False, seed: int = 0) -> Model
         raise ValueError(f"{model}: {len(missing)} tensor(s) the config calls for are missing, e.g. "
                          f"{', '.join(missing[:3])}; the download is incomplete or the files are of another model")
     try:
-        src.tokenizer                         # loaded (and checked) now, before any work
+        _ = src.tokenizer                     # loaded (and checked) now, before any work
     except ValueError as err:
         raise ValueError(f"{model}: {err}") from None
     return m
@@ -90,6 +90,21 @@ def spec_bytes(m: Model, spec: Spec, quant: dict | None) -> int:
     if quant["scheme"] == "int8":
         return numel + 4 * rows                                   # int8 codes, a float32 scale per row
     return numel // 2 + 3 * (numel // quant["group_size"])   # int4: nibbles, a bf16 scale and a uint8 zero per group
+
+
+def held_bytes(m: Model, spec: Spec, quant: dict | None) -> int:
+    """Bytes a rank holds for this tensor once loaded, which the board planner budgets: the shard's,
+    except int4's. Its kernel (shardline/quant.py QLinear) keeps the codes, with `out` padded to whole
+    blocks of 64 rows, and a scale and an offset per group in the activations' type: float32 on aarch64
+    boards such as a Pi's (8 bytes a group: 0.75 bytes per weight at group 32, against 0.59 in the
+    shard), bfloat16 on x86-64 (4 bytes). The planner counts the larger, so a plan fits either."""
+    quant = spec_quant(m, spec, quant)
+    if not _quantized(m, spec, quant) or quant["scheme"] != "int4":
+        return spec_bytes(m, spec, quant)
+    from shardline.quant import _N_PAD
+    out_f, in_f = _shape(m, spec)
+    rows = -(-out_f // _N_PAD) * _N_PAD
+    return rows * in_f // 2 + 8 * rows * (in_f // quant["group_size"])
 
 
 def _shape(m: Model, spec: Spec) -> tuple[int, int]:
@@ -128,14 +143,20 @@ def model_cost(m: Model, quant: dict | None, wire_bytes: int = 4):
     """What the board planner (splitter/boards.py) needs, from the family and the source's shapes."""
     from splitter.boards import ModelCost
     c = m.fam.cost(m.config, m.tied)
-    layer_bytes = [sum(spec_bytes(m, s, quant) for s in m.fam.specs(m.config, False, (i, i + 1), m.tied))
+    layer_bytes = [sum(held_bytes(m, s, quant) for s in m.fam.specs(m.config, False, (i, i + 1), m.tied))
                    for i in range(m.n_layers)]
     first = m.fam.specs(m.config, True, (0, 0), m.tied)
     head = next(s for s in first if s.name == ("lm_head.weight" if not m.tied else s.name) and s.matmul)
     return ModelCost(n_layers=m.n_layers, layer_bytes=layer_bytes, layer_flops=[2.0 * c.layer_params] * m.n_layers,
                      kv_bytes_per_token=[4 * c.kv_per_token] * m.n_layers,
-                     first_bytes=sum(spec_bytes(m, s, quant) for s in first), first_flops=2.0 * c.head_params,
-                     hidden_bytes=wire_bytes * c.hidden, head_read_bytes=spec_bytes(m, head, quant))
+                     first_bytes=sum(held_bytes(m, s, quant) for s in first), first_flops=2.0 * c.head_params,
+                     hidden_bytes=wire_bytes * c.hidden, head_read_bytes=held_bytes(m, head, quant))
+
+
+def shard_bytes(m: Model, quant: dict | None) -> int:
+    """The whole split's shard bytes (what is written and distributed)."""
+    return sum(spec_bytes(m, s, quant) for k in range(2)
+               for s in m.fam.specs(m.config, k == 0, (0, m.n_layers) if k else (0, 0), m.tied))
 
 
 def board_plan(m: Model, boards_file: Path, quant: dict | None, slots: int, max_context: int | None,

@@ -333,3 +333,36 @@ def test_boards_file_errors_name_the_file_line_and_field(tmp_path, text, message
 def test_missing_boards_file_is_named(tmp_path):
     with pytest.raises(BoardsFileError, match="nope.yml: cannot read the boards file"):
         load_boards(tmp_path / "nope.yml")
+
+
+@pytest.mark.parametrize("head", ["int8", "int4"])
+def test_the_planner_counts_what_a_rank_holds_not_the_shard(head):
+    """int4 stores 0.59 bytes per weight, but its kernel holds a float32 scale and offset per group on
+    an aarch64 board (bfloat16 on x86-64) and pads `out` to 64 rows: the planner budgets what QLinear
+    really holds with float32 activations, the larger, for every matrix of a layer and for the ends."""
+    import torch
+
+    from shardline.quant import QLinear, quantize
+    from splitter.split import held_bytes, model_cost, open_model, spec_bytes
+    m = open_model("HuggingFaceTB/SmolLM2-135M", random_weights=True)
+    quant = {"scheme": "int4", "group_size": 32, "head": head}
+    specs = m.fam.specs(m.config, True, (0, 1), m.tied)
+    for spec in (s for s in specs if s.matmul):
+        w = torch.cat([m.source.get(n) for n in spec.sources])
+        q = head if spec.name in m.fam_edges else "int4"
+        parts = quantize(w, q, 32 if q == "int4" else None)
+        ql = QLinear.from_parts(parts, q, act_dtype=torch.float32)
+        held = sum(t.nbytes for t in ql.tensors().values())
+        assert held_bytes(m, spec, quant) == held, spec.name
+        if q == "int4":
+            assert held > spec_bytes(m, spec, quant) * 1.2
+    cost = model_cost(m, quant)
+    assert cost.layer_bytes[0] == sum(held_bytes(m, s, quant) for s in m.fam.specs(m.config, False, (0, 1), m.tied))
+
+
+def test_the_readmes_what_fits_table_is_what_splitter_fits_prints():
+    from splitter.fits import table
+    from tests.helpers import ROOT
+    readme = (ROOT / "README.md").read_text()
+    got = table().split("\n\n")[0]
+    assert got in readme, "README.md's What fits table is stale: paste `python -m splitter.fits`'s table"
