@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardline import detok
@@ -35,8 +35,9 @@ DISCONNECT_CHECK = 0.1    # seconds between looks at whether a non-streamed requ
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 headers: dict | None = None):
+                 headers: dict | None = None, code: str | None = None):
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+        self.code = code
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -93,7 +94,20 @@ class CompletionBody(OpenAIBody):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    content: str = Field(..., max_length=MAX_PROMPT_CHARS,
+                         description="a string, or OpenAI's list of content parts (text parts only)")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, v):
+        """OpenAI's content parts ([{"type": "text", "text": ...}], what LangChain and Open WebUI send)
+        become one string, joined by newlines as vLLM joins them; any other part is refused."""
+        if not isinstance(v, list):
+            return v
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in v):
+            raise ValueError('only text parts ({"type": "text", "text": ...}) are supported: this model reads '
+                             "text, not images or audio")
+        return "\n".join(p["text"] for p in v)
 
 
 class ChatBody(OpenAIBody):
@@ -346,7 +360,8 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
 
     @app.exception_handler(APIError)
     async def api_error(_, err: APIError):
-        return JSONResponse(error_body(err.message, err.type, err.param), status_code=err.status, headers=err.headers)
+        return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status,
+                            headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, err: RequestValidationError):
@@ -379,7 +394,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         return tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
 
     def start(prompt_ids: list[int], max_tokens: int, body: Sampling, extra_stop: tuple[str, ...] = (),
-              logprobs: int | None = None, prompt_logprobs: int | None = None):
+              logprobs: int | None = None, prompt_logprobs: int | None = None, param: str = "prompt"):
         """Submit to the engine; returns (request, asyncio queue of ('text', str) / ('done', None))."""
         stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
         if len(stop) > 4 or any(not s for s in stop):
@@ -394,7 +409,8 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         try:
             engine.submit(req)
         except ValueError as err:
-            raise APIError(400, str(err), param="prompt", type_="invalid_request_error") from None
+            code = "context_length_exceeded" if "context" in str(err) else None
+            raise APIError(400, str(err), param=param, type_="invalid_request_error", code=code) from None
         except QueueFull as err:
             raise APIError(503, f"server busy: {err}; retry later", "server_busy", headers={"Retry-After": "1"}) from None
         except EngineStopped as err:
@@ -664,7 +680,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
             raise APIError(400, "logprobs: not with stream: true; ask without stream for logprobs", param="logprobs")
         ids = encode(prompt, special_tokens=not chat_template)   # a template writes its own BOS, if any
         req, events = start(ids, max_tokens_of(body, 256, ids), body, extra_stop,
-                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+                            logprobs=(body.top_logprobs or 0) if body.logprobs else None, param="messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
         def chunk(delta, finish):

@@ -301,6 +301,8 @@ BAD = [
     ("role-missing", CHAT, {"messages": [{"content": "hi"}]}, 400),
     ("content-missing", CHAT, {"messages": [{"role": "user"}]}, 400),
     ("content-int", CHAT, {"messages": [{"role": "user", "content": 42}]}, 400),
+    ("content-image-part", CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}, 400),
     ("chat-over-context", CHAT, {"messages": [{"role": "user", "content": HELLO_200}], "max_tokens": 4}, 400),
     ("chat-max-tokens-negative", CHAT, {"messages": USER, "max_tokens": -1}, 400),
     ("chat-max-completion-tokens-zero", CHAT, {"messages": USER, "max_completion_tokens": 0}, 400),
@@ -313,6 +315,33 @@ BAD = [
     ("body-empty", CHAT, b"", 400),
     ("huge-body", CMPL, json.dumps({"prompt": "a" * (2 << 20)}).encode(), 413),
 ]
+
+
+def test_chat_content_as_text_parts_reads_as_the_joined_string(server):
+    """LangChain and Open WebUI send OpenAI's content parts; text parts join with newlines."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "the cat"}, {"type": "text", "text": "sat"}]}]
+    joined = [{"role": "user", "content": "the cat\nsat"}]
+    got = [post(server.url + CHAT, {"messages": m, "max_tokens": 6, "temperature": 0}) for m in (parts, joined)]
+    assert all(r.status_code == 200 for r in got), [r.text for r in got]
+    assert got[0].json()["choices"][0]["message"] == got[1].json()["choices"][0]["message"]
+    assert got[0].json()["usage"] == got[1].json()["usage"]
+    r = post(server.url + CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    assert r.status_code == 400 and "only text parts" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("path, body, param", [
+    (CMPL, {"prompt": HELLO_200}, "prompt"),
+    (CMPL, {"prompt": "hi", "max_tokens": 200}, "prompt"),
+    (CHAT, {"messages": [{"role": "user", "content": HELLO_200}]}, "messages"),
+])
+def test_over_the_context_is_context_length_exceeded_naming_the_field(server, path, body, param):
+    r = post(server.url + path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["param"]) == ("context_length_exceeded", param), err
+    assert "context of 128 tokens" in err["message"]
+    if "max_tokens" not in body:        # the prompt alone is too long: nothing about max tokens it never set
+        assert "max new tokens" not in err["message"] and "shorten it" in err["message"]
 
 
 @pytest.mark.parametrize("path, body, status", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
