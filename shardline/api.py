@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardline import detok
@@ -70,7 +70,24 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+# OpenAI parameters this server cannot honour: accepted at their no-op value (clients send those), a 400
+# naming them otherwise, rather than an answer that silently ignored them.
+UNSUPPORTED = {"logit_bias": lambda v: not v, "frequency_penalty": lambda v: v == 0,
+               "presence_penalty": lambda v: v == 0, "best_of": lambda v: v in (None, 1),
+               "suffix": lambda v: not v, "tools": lambda v: not v,
+               "response_format": lambda v: not v or (isinstance(v, dict) and v.get("type") == "text")}
+
+
 class OpenAIBody(Sampling):
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_what_is_not_honoured(cls, data):
+        if isinstance(data, dict):
+            bad = [k for k, ok in UNSUPPORTED.items() if k in data and data[k] is not None and not ok(data[k])]
+            if bad:
+                raise ValueError(f"{', '.join(bad)}: not supported by this server (leave out, or at the default)")
+        return data
+
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=100_000)
     max_completion_tokens: int | None = Field(None, ge=1, le=100_000)
@@ -80,7 +97,7 @@ class OpenAIBody(Sampling):
     user: str | None = None
 
 
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]   # strict: true is not token 1
 
 
 class CompletionBody(OpenAIBody):
@@ -88,7 +105,7 @@ class CompletionBody(OpenAIBody):
         ..., description=f"a string, a list of token ids, or a list of up to {MAX_PROMPTS} of either (one choice each)")
     echo: StrictBool = False
     max_tokens: int | None = Field(None, ge=0, le=100_000, description="0 only with echo: score the prompt")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="log probabilities of each token and of its k likeliest alternatives")
 
 
@@ -113,7 +130,7 @@ class ChatMessage(BaseModel):
 class ChatBody(OpenAIBody):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
     logprobs: StrictBool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
 
 
 # ---- what the API answers, for the OpenAPI schema (the handlers build plain dicts of these shapes) ----

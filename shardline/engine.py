@@ -146,7 +146,7 @@ class Engine:
             raise ValueError("the prompt is empty")
         if self.vocab_size and max(req.prompt_ids) >= self.vocab_size:
             raise ValueError(f"token id {max(req.prompt_ids)} is not in the model's vocabulary (0..{self.vocab_size - 1})")
-        if len(req.prompt_ids) >= self.max_context:
+        if len(req.prompt_ids) > self.max_context or (len(req.prompt_ids) == self.max_context and req.max_new_tokens):
             raise ValueError(f"the prompt ({len(req.prompt_ids)} tokens) leaves no room in the context of "
                              f"{self.max_context} tokens; shorten it")
         if len(req.prompt_ids) + req.max_new_tokens > self.max_context:

@@ -301,6 +301,16 @@ BAD = [
     ("role-missing", CHAT, {"messages": [{"content": "hi"}]}, 400),
     ("content-missing", CHAT, {"messages": [{"role": "user"}]}, 400),
     ("content-int", CHAT, {"messages": [{"role": "user", "content": 42}]}, 400),
+    ("logit-bias", CMPL, {"prompt": "hi", "logit_bias": {"5": 10}}, 400),
+    ("frequency-penalty", CHAT, {"messages": USER, "frequency_penalty": 0.5}, 400),
+    ("presence-penalty", CMPL, {"prompt": "hi", "presence_penalty": -1}, 400),
+    ("response-format-json", CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400),
+    ("best-of", CMPL, {"prompt": "hi", "best_of": 3}, 400),
+    ("suffix", CMPL, {"prompt": "hi", "suffix": "end"}, 400),
+    ("tools", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+    ("logprobs-true", CMPL, {"prompt": "hi", "logprobs": True}, 400),
+    ("logprobs-string", CMPL, {"prompt": "hi", "logprobs": "3"}, 400),
+    ("prompt-bool-ids", CMPL, {"prompt": [True, False]}, 400),
     ("content-image-part", CHAT, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}, 400),
     ("chat-over-context", CHAT, {"messages": [{"role": "user", "content": HELLO_200}], "max_tokens": 4}, 400),
@@ -315,6 +325,16 @@ BAD = [
     ("body-empty", CHAT, b"", 400),
     ("huge-body", CMPL, json.dumps({"prompt": "a" * (2 << 20)}).encode(), 413),
 ]
+
+
+def test_unsupported_parameters_at_their_defaults_are_accepted(server):
+    """What clients send unasked (LangChain sends both penalties as 0): no 400 for a no-op."""
+    for path, body in ((CHAT, {"messages": USER}), (CMPL, {"prompt": "hi"})):
+        r = post(server.url + path, {**body, "max_tokens": 2, "frequency_penalty": 0, "presence_penalty": 0.0,
+                                     "logit_bias": {}, "best_of": 1, "response_format": {"type": "text"}})
+        assert r.status_code == 200, r.text
+    r = post(server.url + CMPL, {"prompt": "hi", "logit_bias": {"5": 10}})
+    assert "logit_bias" in r.json()["error"]["message"] and "not supported" in r.json()["error"]["message"]
 
 
 def test_chat_content_as_text_parts_reads_as_the_joined_string(server):
