@@ -266,8 +266,12 @@ class GGUFSource:
             hf_to_gguf[hf], shapes[hf] = t.name, file_shape
         missing = [n for n in expected if n not in hf_to_gguf and not self._tied(n)]
         if missing:
+            import re
+            split = re.search(r"-\d{5}-of-(\d{5})\.gguf$", self.path.name)
+            hint = (f"; it is one part of {int(split.group(1))}: merge them first (llama.cpp's llama-gguf-split "
+                    f"--merge {self.path.name} merged.gguf)") if split else ""
             raise ValueError(f"{self.path}: the file lacks {len(missing)} tensor(s) the {self.config.model_type} "
-                             f"model needs, e.g. {', '.join(missing[:3])}")
+                             f"model needs, e.g. {', '.join(missing[:3])}{hint}")
         return hf_to_gguf, shapes
 
     def _tied(self, name: str) -> bool:
@@ -279,7 +283,8 @@ class GGUFSource:
             return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         except Exception as err:
             raise ValueError(f"{self.path}: transformers cannot build the tokenizer from this GGUF "
-                             f"({type(err).__name__}: {err})") from err
+                             f"({type(err).__name__}: {err}); the file must carry its tokenizer (tokenizer.ggml.* "
+                             "metadata, as llama.cpp's convert_hf_to_gguf.py writes it)") from err
 
     def _generation_config(self):
         """eos/bos from the file; the end-of-turn and end-of-message tokens also stop generation."""

@@ -19,12 +19,21 @@ WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", 
 def open_source(model: str, random_weights: bool = False, seed: int = 0):
     if random_weights:
         return RandomSource(model, seed)
-    if str(model).lower().endswith(".gguf"):
-        if not Path(model).is_file():
+    path = Path(model)
+    if str(model).lower().endswith(".gguf") or (path.is_file() and _magic(path) == b"GGUF"):
+        if not path.is_file():
             raise ValueError(f"{model}: no such GGUF file")
         from splitter.gguf_source import GGUFSource
         return GGUFSource(model)
+    if path.is_file():
+        raise ValueError(f"{model}: a file, but not a GGUF one; give the folder that holds the model's "
+                         "safetensors, config.json and tokenizer files, or a .gguf file")
     return SafetensorsSource(model)
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
 
 
 class SafetensorsSource:

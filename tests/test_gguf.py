@@ -316,6 +316,15 @@ def test_file_missing_a_tensor_is_refused(tmp_path):
         GGUFSource(path)
 
 
+
+def test_one_part_of_a_split_gguf_is_refused_with_how_to_merge(tmp_path):
+    """Big GGUFs come as model-00001-of-00003.gguf...: one part lacks the others' tensors."""
+    _, path = make(tmp_path, LlamaForCausalLM, LlamaConfig(**LLAMA), uniform(Q.Q8_0), drop=("blk.1.ffn_up.weight",))
+    part = path.rename(tmp_path / "model-00001-of-00002.gguf")
+    with pytest.raises(ValueError, match=r"one part of 2: merge them first \(llama.cpp's llama-gguf-split --merge "
+                                         r"model-00001-of-00002\.gguf merged\.gguf\)"):
+        GGUFSource(part)
+
 # ---- memory: one tensor at a time ----
 
 PROBE = textwrap.dedent("""

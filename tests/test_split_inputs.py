@@ -131,3 +131,24 @@ def test_an_out_that_cannot_be_written_is_refused(tiny_model_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     refused(run_split(tiny_model_dir, blocker / "parts"), str(blocker), "choose another --out")
+
+
+def test_a_weights_file_given_as_the_model_is_refused_naming_the_folder_to_give(tiny_model_dir, tmp_path):
+    refused(run_split(tiny_model_dir / "model.safetensors", tmp_path / "out"), "not a GGUF one",
+            "give the folder")
+
+
+def test_a_gguf_file_without_the_suffix_is_read_as_gguf(tmp_path):
+    """A GGUF saved under another name (a browser's download, a blob from a cache) is known by its magic."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.gguf_util import SPM_VOCAB, Q, uniform, write_gguf
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=SPM_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    path = write_gguf(tmp_path / "model.gguf", LlamaForCausalLM(cfg), "sentencepiece", uniform(Q.Q8_0))
+    blob = path.rename(tmp_path / "sha256-5c2f0e")
+    proc = subprocess.run([PY, "-m", "splitter", "--model", str(blob), "--stages", "1", "--plan-only"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and "llama, 2 layers" in proc.stdout, proc.stderr
