@@ -522,11 +522,18 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         return out
 
     def chat_logprobs(req: Request) -> dict:
-        """OpenAI's chat logprobs: each generated token with its UTF-8 bytes and the k likeliest tokens."""
-        def item(name, lp):
-            return {"token": name, "logprob": lp, "bytes": list(name.encode("utf-8", "replace"))}
-        return {"content": [{**item(piece, lp), "top_logprobs": [item(n, v) for n, v in top]}
-                            for piece, _, lp, top, _ in logprob_entries(req, None, req.text)]}
+        """OpenAI's chat logprobs: each generated token with its own bytes (a token that is part of a
+        character carries just its bytes: joined, they make the character) and the k likeliest tokens."""
+        entries = logprob_entries(req, None, req.text)
+        tops = [[i for i, _ in top] for _, top in req.token_logprobs[:len(entries)]]
+        ids = sorted(set(req.generated[:len(entries)]) | {i for t in tops for i in t})
+        raw = dict(zip(ids, detok.token_bytes(tokenizer, ids)))
+
+        def item(name, lp, i):
+            return {"token": name, "logprob": lp, "bytes": list(raw[i])}
+        return {"content": [{**item(piece, lp, req.generated[k]),
+                             "top_logprobs": [item(n, v, i) for (n, v), i in zip(top, tops[k])]}
+                            for k, (piece, _, lp, top, _) in enumerate(entries)]}
 
     def usage(req: Request) -> dict:
         return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.generated),

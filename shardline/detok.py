@@ -14,6 +14,8 @@ tokens and guarded against its one known failure.
 """
 from __future__ import annotations
 
+import re
+
 from tokenizers.decoders import DecodeStream
 
 CONTEXT = 8                   # prompt tokens a stream sees before the first generated one
@@ -75,3 +77,45 @@ def pieces(backend, ids: list[int], context=(), skip_special_tokens: bool = True
     """What each id adds, in order: the pieces join to the streamed text of ids after context."""
     stream = TextStream(backend, context, skip_special_tokens)
     return [stream.step(i) for i in ids]
+
+
+_KINDS: dict[int, str] = {}
+_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _kind(backend) -> str:
+    """How the tokenizer model spells bytes: "bytelevel" (GPT-2's byte table: GPT-2, Llama 3, Qwen,
+    SmolLM2), "bytefallback" (sentencepiece: ▁ for a space, <0xNN> for a byte), or "text"."""
+    kind = _KINDS.get(id(backend))
+    if kind is None:
+        import json
+        dec = json.loads(backend.to_str()).get("decoder") or {}
+        types = {dec.get("type")} | {d.get("type") for d in dec.get("decoders", [])}
+        kind = ("bytelevel" if "ByteLevel" in types else
+                "bytefallback" if types & {"ByteFallback", "Metaspace"} else "text")
+        _KINDS[id(backend)] = kind
+    return kind
+
+
+def token_bytes(tokenizer, ids: list[int]) -> list[bytes]:
+    """Each token's own bytes (OpenAI's logprobs `bytes`): what it adds to the byte string of a text,
+    so a token that is part of a character gives just its bytes. Added and special tokens give their
+    text."""
+    backend = tokenizer.backend_tokenizer
+    kind, added = _kind(backend), tokenizer.added_tokens_decoder
+    if kind == "bytelevel":
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+        table = {c: b for b, c in bytes_to_unicode().items()}
+    out = []
+    for i in ids:
+        piece = backend.id_to_token(i)
+        if i in added or piece is None:
+            out.append(str(added[i].content if i in added else "").encode())
+        elif kind == "bytelevel" and all(c in table for c in piece):
+            out.append(bytes(table[c] for c in piece))
+        elif kind == "bytefallback":
+            m = _BYTE.fullmatch(piece)
+            out.append(bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode())
+        else:
+            out.append(backend.decode([i]).encode())
+    return out

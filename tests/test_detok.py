@@ -119,3 +119,16 @@ def test_a_sentencepiece_gguf_serves_words_with_their_spaces_and_echo_offsets(sp
     assert echo["choices"][0]["text"] == prompt and "".join(lp["tokens"]) == prompt
     assert lp["tokens"][0] == "" and lp["token_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:k]) for k in range(len(ids))]
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "sentencepiece"])
+def test_token_bytes_join_to_the_texts_bytes(kind, spm, tiny_model_dir):
+    """OpenAI's logprobs `bytes`: a token inside a character carries its own bytes, not U+FFFD."""
+    from shardline.detok import token_bytes
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir) if kind == "byte-level BPE" else spm[1]
+    text = "the world é€😀 hello"
+    ids = tok.encode(text, add_special_tokens=False)
+    raw = token_bytes(tok, ids)
+    assert any(len(r) == 1 and r[0] >= 0x80 for r in raw), "no token inside a character: nothing is tested"
+    joined = b"".join(raw).decode()
+    assert joined == (text if kind == "byte-level BPE" else " " + text)   # sentencepiece: "▁the"

@@ -184,8 +184,12 @@ def test_chat_logprobs(server, ref, tiny_model_dir):
     assert 0 < len(content) <= len(gen)
     for j, c in enumerate(content):
         assert abs(c["logprob"] - want[j].max().item()) <= TOL
-        assert c["bytes"] == list(c["token"].encode())
         assert len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] == c["logprob"]
+        assert c["top_logprobs"][0]["bytes"] == c["bytes"]
+    # each token's own bytes (one inside a character has its byte, not U+FFFD): they join to the text's
+    raw = bytes(b for c in content for b in c["bytes"])
+    assert raw.decode("utf-8", "replace") == choice["message"]["content"]
+    assert all(c["bytes"] for c in content)              # every token adds bytes, even if no character yet
     plain = post(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 6, "temperature": 0}).json()
     assert plain["choices"][0]["logprobs"] is None
     assert plain["choices"][0]["message"] == choice["message"]
