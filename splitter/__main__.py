@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan-only", action="store_true", help="print each stage's layers and bytes; write nothing")
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     args = ap.parse_args(argv)
+    if args.stages is None and args.layers and args.boards is None:
+        args.stages = len(args.layers.split(","))        # the ranges give the stage count
     if args.boards is None and (args.stages is None or args.stages < 1):
         ap.error("--stages N (N >= 1) or --boards FILE is required")
     if args.out is None and not args.plan_only:

@@ -212,14 +212,14 @@ def float_left(m: Model, quant: dict | None) -> tuple[int, int, set[int]]:
 def plan_table(m: Model, ranges, quant: dict | None) -> tuple[str, list[int]]:
     sizes = [sum(spec_bytes(m, s, quant) for s in m.fam.specs(m.config, k == 0, r, m.tied))
              for k, r in enumerate(ranges)]
-    lines = [f"{'stage':>5}  {'layers':>9}  {'shard MB':>9}  holds"]
+    lines = [f"{'stage':>5}  {'layers':>9}  {'shard MiB':>9}  holds"]
     for k, ((a, b), size) in enumerate(zip(ranges, sizes)):
         extra = "embeddings, final norm, LM head" + (" (tied)" if m.tied else "") if k == 0 else ""
-        lines.append(f"{k:>5}  {f'{a}..{b - 1}' if b > a else 'none':>9}  {size / 1e6:>9.1f}  "
+        lines.append(f"{k:>5}  {f'{a}..{b - 1}' if b > a else 'none':>9}  {size / 2**20:>9.1f}  "
                      f"{b - a} layers{', ' + extra if extra else ''}")
     scheme = (f"{quant['scheme']}" + (f", group {quant['group_size']}" if quant["scheme"] == "int4" else "")
               + (f", embedding/head {quant['head']}" if quant["head"] != quant["scheme"] else "")) if quant else "float32"
-    lines.append(f"total {sum(sizes) / 1e6:.1f} MB in {len(ranges)} stages ({scheme})")
+    lines.append(f"total {sum(sizes) / 2**20:.1f} MiB in {len(ranges)} stages ({scheme})")
     return "\n".join(lines), sizes
 
 
@@ -269,7 +269,7 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
                              f"({', '.join(map(str, sorted(widths)))}) is {rule}"
                              + ("; use --group-size 32 or 64" if quant["group_size"] else ""))
         if n:
-            print(f"[splitter] note: {n} matrices ({size / 1e6:.1f} MB) stay float32: their input width "
+            print(f"[splitter] note: {n} matrices ({size / 2**20:.1f} MiB) stay float32: their input width "
                   f"({', '.join(map(str, sorted(widths)))}) is not {rule}", flush=True)
     if boards:
         bplan = board_plan(m, boards, quant, slots, max_context, layers)   # DoesNotFit: a ValueError

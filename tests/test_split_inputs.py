@@ -152,3 +152,10 @@ def test_a_gguf_file_without_the_suffix_is_read_as_gguf(tmp_path):
     proc = subprocess.run([PY, "-m", "splitter", "--model", str(blob), "--stages", "1", "--plan-only"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0 and "llama, 2 layers" in proc.stdout, proc.stderr
+
+
+def test_layers_alone_give_the_stage_count_and_the_table_is_in_mib(tiny_model_dir):
+    proc = subprocess.run([PY, "-m", "splitter", "--model", str(tiny_model_dir), "--layers", "0-1,2-3,4-5",
+                           "--plan-only"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "shard MiB" in proc.stdout and "MiB in 3 stages" in proc.stdout
