@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from splitter.hub import hub_reachable
     local = Path(args.model).exists()
+    m = args.model
+    if not local and not args.random_weights and (m.startswith((".", "/", "~")) or m.count("/") > 1
+                                                   or m.endswith((".gguf", ".safetensors", ".json"))):
+        print(f"splitter: {m}: no such file or folder (a hub model is named like org/name)", file=sys.stderr)
+        return 2
     if not local and not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"  # fail fast instead of retrying for half a minute
         if not args.random_weights:

@@ -159,3 +159,8 @@ def test_layers_alone_give_the_stage_count_and_the_table_is_in_mib(tiny_model_di
                            "--plan-only"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "shard MiB" in proc.stdout and "MiB in 3 stages" in proc.stdout
+
+
+@pytest.mark.parametrize("model", ["./SmolLM2-135M", "/models/missing", "models/llama/3b", "m.gguf"])
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_name(model, tmp_path):
+    refused(run_split(model, tmp_path / "out"), f"{model}: no such file or folder")
