@@ -257,6 +257,8 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
         quant = {"scheme": quantize, "group_size": _group("int4", group_size), "head": head}
         if quant["head"] not in (*SCHEMES, "float32"):
             raise ValueError(f"--head-quantize {quant['head']!r}: use int8, int4 or float32")
+    # what a plan file is for: Ansible follows the last plan only for the same model and scheme
+    made_for = {"model": model, "random_weights": random_weights, "quantize": quantize or None}
     kind = "RANDOM WEIGHTS, " if random_weights else ""
     print(f"[splitter] {model}: {kind}{m.config.model_type}, {m.n_layers} layers, hidden "
           f"{m.fam.cost(m.config, m.tied).hidden}, {'tied' if m.tied else 'untied'} LM head", flush=True)
@@ -275,7 +277,7 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
         bplan = board_plan(m, boards, quant, slots, max_context, layers)   # DoesNotFit: a ValueError
         print(bplan.table(), flush=True)
         if plan_json:
-            Path(plan_json).write_text(json.dumps(bplan.to_json(), indent=1) + "\n")
+            Path(plan_json).write_text(json.dumps({**bplan.to_json(), **made_for}, indent=1) + "\n")
         ranges = bplan.layer_ranges()
         if n_stages and n_stages != len(ranges):
             raise ValueError(f"--stages {n_stages}, but the plan over {boards} has {len(ranges)} stages "
@@ -286,7 +288,7 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
         table, sizes = plan_table(m, ranges, quant)
         print(table, flush=True)
         if plan_json:
-            Path(plan_json).write_text(json.dumps({"stages": [
+            Path(plan_json).write_text(json.dumps({**made_for, "stages": [
                 {"board": None, "layers": list(r), "shard_mb": round(b / 2**20, 1)} for r, b in zip(ranges, sizes)]},
                 indent=1) + "\n")
     if plan_only:

@@ -161,9 +161,11 @@ def _local_run(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def _write_plan(tmp_path: Path, stages: list[str], left_out: list[str], spec: str) -> None:
+def _write_plan(tmp_path: Path, stages: list[str], left_out: list[str], spec: str, model: str = "distilgpt2") -> None:
+    """A plan file as `python -m splitter --boards ... --plan-json` writes it, for `model` (the default one)."""
     (tmp_path / "control").mkdir(exist_ok=True)
     (tmp_path / "control" / "plan.json").write_text(json.dumps({
+        "model": model, "random_weights": False, "quantize": None,
         "stages": [{"board": b, "layers": [0, 0], "shard_mb": 1.0, "kv_mb": 1.0, "est_ms": 1.0} for b in stages],
         "left_out": [{"board": b, "reason": "too slow to help"} for b in left_out], "layers_spec": spec,
     }))  # fmt: skip
@@ -183,7 +185,18 @@ def test_a_plan_made_for_another_inventory_stops_the_split_and_the_hostfile(tmp_
     _write_plan(tmp_path, ["pi0", "pi1"], [], "none,0-5")             # pi2 joined since the plan was made
     result = _local_run(tmp_path, "--tags", "hostfile")
     assert result.returncode != 0
-    assert "The inventory has changed since the last plan" in result.stdout and "--tags plan" in result.stdout
+    assert "has changed since the last plan" in result.stdout and "--tags plan" in result.stdout
+    assert not (tmp_path / "cluster").exists()
+
+
+@pytest.mark.parametrize("extra", [["-e", "shardline_model=gpt2"], ["-e", "shardline_quantize=int4"],
+                                   ["-e", "shardline_random_weights=true"]], ids=["model", "quantize", "random"])
+def test_a_plan_made_for_another_model_stops_the_hostfile(tmp_path, extra):
+    """distilgpt2's layers would not cover gpt2's 12: the later tags ask for the plan tag instead."""
+    _write_plan(tmp_path, ["pi0", "pi1", "pi2"], [], "none,0-2,3-5")
+    result = _local_run(tmp_path, "--tags", "hostfile", *extra)
+    assert result.returncode != 0
+    assert "shardline_model, shardline_quantize, shardline_random_weights" in result.stdout
     assert not (tmp_path / "cluster").exists()
 
 

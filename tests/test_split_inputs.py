@@ -164,3 +164,13 @@ def test_layers_alone_give_the_stage_count_and_the_table_is_in_mib(tiny_model_di
 @pytest.mark.parametrize("model", ["./SmolLM2-135M", "/models/missing", "models/llama/3b", "m.gguf"])
 def test_a_mistyped_local_path_is_not_taken_for_a_hub_name(model, tmp_path):
     refused(run_split(model, tmp_path / "out"), f"{model}: no such file or folder")
+
+
+def test_a_plan_file_says_what_it_was_made_for(tiny_model_dir, tmp_path):
+    """Ansible follows the last plan only for the same model and scheme (ansible/site.yml)."""
+    plan = tmp_path / "plan.json"
+    proc = run_split(tiny_model_dir, tmp_path / "out", "--plan-only", "--plan-json", str(plan), "--quantize", "int8")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(plan.read_text())
+    assert (got["model"], got["quantize"], got["random_weights"]) == (str(tiny_model_dir), "int8", False)
+    assert len(got["stages"]) == 2
