@@ -562,7 +562,7 @@ def _refusal(boards, cost, m: _Model, res, hop, slots, max_context, runtime_mb, 
     needed = shard_mb + kv_mb + runtime_total
     have = sum((b.gpu["memory_mb"] + b.memory_mb if b.gpu else b.memory_mb) * (1 - headroom) for b in boards)
     lines = [f"the model does not fit these {len(boards)} boards: it needs about {needed:.0f} MB "
-             f"(shards {shard_mb:.0f} MB, of which embeddings and head {cost.first_bytes / MB:.0f} MB; KV cache "
+             f"(weights {shard_mb:.0f} MB as held in memory, of which embeddings and head {cost.first_bytes / MB:.0f} MB; KV cache "
              f"{kv_mb:.0f} MB for {slots} slots x {max_context} tokens; runtime {runtime_mb:.0f} MB per board), "
              f"and the boards have {have:.0f} MB after {headroom:.0%} headroom"]
     if res[0].budget < cost.first_bytes:
@@ -585,7 +585,7 @@ def _refusal(boards, cost, m: _Model, res, hop, slots, max_context, runtime_mb, 
             plan = fit(cost=qcost)
             if plan is not None:
                 options.append({"option": flag.strip(), "fits": True,
-                                "detail": f"shards {qshard:.0f} MB, about {plan.est_single_tok_s:.1f} tok/s"})
+                                "detail": f"weights {qshard:.0f} MB in memory, about {plan.est_single_tok_s:.1f} tok/s"})
                 continue
         c = _largest_fitting(1, max_context - 1, lambda c: fit(cost=qcost, ctx=c) is not None)
         if c is not None:

@@ -167,7 +167,7 @@ def test_refusal_gives_the_memory_needed_against_what_the_boards_have_and_option
     assert f"{err.needed_mb:.0f} MB" in text and f"{err.have_mb:.0f} MB" in text and f"{kv:.0f} MB" in text
     options = {o["option"]: o for o in err.options}
     assert options["--quantize int8"]["fits"] and options["--quantize int4"]["fits"]
-    assert f"shards {(sum(int8.layer_bytes) + int8.first_bytes) / MB:.0f} MB" in options["--quantize int8"]["detail"]
+    assert f"weights {(sum(int8.layer_bytes) + int8.first_bytes) / MB:.0f} MB" in options["--quantize int8"]["detail"]
     assert any(o.startswith("--max-context ") for o in options) and any(o.startswith("--slots ") for o in options)
     make_plan(boards, int8, slots=16, max_context=2048)          # the option really fits
 
