@@ -8,8 +8,19 @@ scripts/setup.sh requirements.txt
 . .venv/bin/activate
 model=${MODEL:-distilgpt2}
 out=${MODEL_DIR:-model_parts}
-# Re-split unless $out holds a split of this model into 3 stages that this version can serve.
-if ! python -c "import sys; from shardline.manifest import load_manifest; m=load_manifest('$out'); sys.exit(m.num_stages != 3 or m.data['source'] != '$model')" 2>/dev/null; then
+# Re-split unless $out holds a split of this model into 3 stages that this version can serve, and
+# also when that split has random weights (made offline) and the hub is reachable now.
+if ! python - "$out" "$model" 2>/dev/null <<'EOF'
+import sys
+from shardline.manifest import load_manifest
+m = load_manifest(sys.argv[1])
+stale = m.num_stages != 3 or m.data["source"] != sys.argv[2]
+if not stale and m.data.get("random_weights"):
+    from splitter.hub import hub_reachable
+    stale = hub_reachable()
+sys.exit(stale)
+EOF
+then
   if ! python -m splitter --model "$model" --stages 3 --out "$out"; then
     echo "######################################################################"
     echo "#  No model hub: using $model's shapes with RANDOM weights."
