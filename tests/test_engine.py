@@ -151,6 +151,40 @@ def test_a_request_whose_text_fails_ends_alone(ring, monkeypatch):
     assert sorted(engine.free_slots) == list(range(engine.slots))
 
 
+def test_a_long_prompt_takes_turns_with_the_streams(tiny_model_dir):
+    """A prompt prefilled in chunks shares each micro-batch's token budget with the sequences decoding:
+    they get a token every step meanwhile. (A request not yet sampled used to sort first every step and
+    take the whole budget, so every stream waited for the whole prompt.)"""
+    model = hf_model(tiny_model_dir)
+    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
+    cfg, slots = model.config, 4
+    head = Stage(cfg, tensors, (0, 0), True, slots, cfg.n_positions)
+    rest = [Stage(cfg, tensors, (0, 6), False, slots, cfg.n_positions)]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = Engine(head, tok, LoopLink(rest), 2, ["here"] * 2, slots, max_batch_tokens=8, microbatches=1)
+    accepted = {}
+    accept = engine._accept
+
+    def record(r, t):
+        accepted.setdefault(id(r), []).append(engine.step)
+        return accept(r, t)
+    engine._accept = record
+    streams = [engine.submit(Request(tok(p)["input_ids"], 30, SamplingParams(temperature=0))) for p in ("a b", "the")]
+    long = engine.submit(Request(list(range(10, 110)), 2, SamplingParams(temperature=0)))     # 100 tokens
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    try:
+        assert all(r.done.wait(60) for r in (*streams, long))
+    finally:
+        engine.stop(grace=0)
+        loop.join(10)
+    first_long = accepted[id(long)][0]                       # the step that finished its prompt
+    assert first_long >= 100 // 8, "the prompt was not chunked: nothing is tested"
+    for r in streams:
+        during = [s for s in accepted[id(r)] if s <= first_long]
+        assert max(b - a for a, b in zip(during, during[1:])) <= 1, (during, first_long)
+
+
 def test_the_in_flight_gauge_comes_back_to_zero(ring):
     engine, tok = ring
     run(engine, tok("the cat sat on")["input_ids"], 8)
