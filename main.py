@@ -31,27 +31,48 @@ def say(text: str, file=None) -> None:
         pass
 
 
+def at_least(lo, kind=int):
+    """An argparse type: a number of `kind` no smaller than lo."""
+    def check(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{text} is below {lo}")
+        return v
+    return check
+
+
+def port(text: str) -> int:
+    v = at_least(1)(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)")
+    return v
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Serve a model split over MPI ranks (see the README).")
     ap.add_argument("--model-dir", required=True, help="directory with manifest.json and stage_K.safetensors")
     ap.add_argument("--host", default=os.environ.get("SHARDLINE_HOST", "127.0.0.1"),
                     help="API bind address (default 127.0.0.1; 0.0.0.0 to serve the network)")
-    ap.add_argument("--port", type=int, default=int(os.environ.get("SHARDLINE_PORT", "8000")))
-    ap.add_argument("--slots", type=int, default=16, help="concurrent sequences (KV-cache rows per stage)")
-    ap.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default: the model's)")
-    ap.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot before 503")
-    ap.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per micro-batch (prompt chunking)")
-    ap.add_argument("--microbatches", type=int, default=None,
+    ap.add_argument("--port", type=port, default=os.environ.get("SHARDLINE_PORT", "8000"))
+    ap.add_argument("--slots", type=at_least(1), default=16, help="concurrent sequences (KV-cache rows per stage)")
+    ap.add_argument("--max-context", type=at_least(1), default=None, help="tokens per sequence (default: the model's)")
+    ap.add_argument("--queue-size", type=at_least(1), default=64, help="requests that may wait for a slot before 503")
+    ap.add_argument("--max-batch-tokens", type=at_least(1), default=256,
+                    help="tokens per micro-batch (prompt chunking)")
+    ap.add_argument("--microbatches", type=at_least(1), default=None,
                     help="micro-batches in the ring at once (default: one per distinct host, so every board "
                          "works at once; ranks sharing a host's cores do better with fewer, larger batches)")
-    ap.add_argument("--step-timeout", type=float, default=8.0,
+    ap.add_argument("--step-timeout", type=at_least(0.5, float), default=8.0,
                     help="seconds without an answer from the ring before the job is declared dead")
-    ap.add_argument("--shutdown-grace", type=float, default=0.0,
+    ap.add_argument("--shutdown-grace", type=at_least(0.0, float), default=0.0,
                     help="on SIGTERM/SIGINT, seconds in-flight requests may still run (default 0: they get an "
                          "error at once; mpirun kills every rank ~0.25 s after it is signalled)")
     ap.add_argument("--pid-file", default=os.environ.get("SHARDLINE_PID_FILE"),
                     help="rank 0 writes its PID here (the supervisor signals rank 0 for a clean stop)")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=at_least(1), default=None,
                     help="torch threads per rank (default: all the host's cores; the host's cores / its ranks where "
                          "ranks sharing it may compute at once: several hosts or --microbatches above 1)")
     ap.add_argument("--api-key", default=os.environ.get("SHARDLINE_API_KEY"),
@@ -70,7 +91,18 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as err:
+        if err.code in (0, None):
+            raise                                          # --help
+        # A bad option is a refused start (78): restarting with the same options cannot help.
+        from shardline import EX_CONFIG, omp
+        if omp.world_rank() == 0:
+            pre = argparse.ArgumentParser(add_help=False)
+            pre.add_argument("--pid-file", default=os.environ.get("SHARDLINE_PID_FILE"))
+            exit_status(pre.parse_known_args(argv)[0].pid_file, EX_CONFIG)
+        return EX_CONFIG
     from shardline import EX_CONFIG, omp
     # This rank's OpenMP threads (how many, pinned where, spinning or sleeping) are set up before
     # torch loads, since it reads them once: see shardline/omp.py.
@@ -144,7 +176,10 @@ def _serve_head(args, node) -> int:
                                            # request never lands on a connection the server is closing
                                            timeout_keep_alive=30))
     # Under the supervisor, which answers 503 on the port while the job starts, ask it for the port.
-    sock = api_socket(args.host, args.port, handoff=f"{args.pid_file}.bind" if args.pid_file else None)
+    # The wait for the supervisor to let go of the port ends before the workers, hearing nothing from
+    # rank 0 meanwhile, give the job up (step timeout + two heartbeats).
+    sock = api_socket(args.host, args.port, handoff=f"{args.pid_file}.bind" if args.pid_file else None,
+                      wait=max(1.0, args.step_timeout + 2 * STATS_INTERVAL - 4.0))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
     if sock is not None:
         http.start()
@@ -169,8 +204,11 @@ def _serve_head(args, node) -> int:
         if server.started or not http.is_alive():
             break
         time.sleep(0.05)
-    if not server.started:
-        print(f"shardline: the API could not listen on {args.host}:{args.port}", file=sys.stderr, flush=True)
+    refused = not server.started
+    if refused:
+        # Another program has the port: a refused start (78), which restarting cannot mend.
+        print(f"shardline: the API could not listen on {args.host}:{args.port}: stop what uses that port, or "
+              "pick another with --port (Ansible: shardline_api_port)", file=sys.stderr, flush=True)
         engine.stop(grace=0)
     else:
         _banner(args, info, records)
@@ -178,7 +216,10 @@ def _serve_head(args, node) -> int:
             with open(args.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
     code = engine.run()
-    if code:
+    if refused and not code:
+        from shardline import EX_CONFIG
+        code = EX_CONFIG
+    if code and not refused:
         say(f"shardline: {engine.failed}", file=sys.stderr)
         time.sleep(0.5)  # let the error responses reach the waiting clients
     server.should_exit = True

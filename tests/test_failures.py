@@ -212,3 +212,49 @@ def test_a_refused_start_is_not_restarted(long_parts, tmp_path):
         assert "stage_2.safetensors" in log and "sha256" in log and "not restarting" in log
     finally:
         job.stop()
+
+
+def refused_start(job: "Supervised") -> str:
+    """Wait for the supervisor to stop on a refused start (78, not restarted); its log."""
+    try:
+        code = job.proc.wait(90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the supervisor still runs after 90 s (restarting?):\n{job.log_path.read_text()}")
+    log = job.log_path.read_text()
+    assert code == 78 and "not restarting" in log, log
+    return log
+
+
+@pytest.mark.parametrize("option, message", [
+    (("--slots", "0"), "argument --slots: 0 is below 1"),
+    (("--threads", "-2"), "argument --threads: -2 is below 1"),
+    (("--max-batch-tokens", "0"), "argument --max-batch-tokens: 0 is below 1"),
+    (("--queue-size", "0"), "argument --queue-size: 0 is below 1"),
+    (("--step-timeout", "0"), "argument --step-timeout: 0 is below 0.5"),
+])
+def test_a_bad_option_is_a_refused_start_naming_it(long_parts, tmp_path, option, message):
+    """It used to be restarted forever (--threads -2, a bad --port), or to hang every request (--slots 0),
+    or to fail at the first request (--max-batch-tokens 0)."""
+    job = Supervised(long_parts, tmp_path / "job.log", *option)
+    try:
+        assert message in refused_start(job)
+    finally:
+        job.stop()
+
+
+def test_a_taken_port_is_a_refused_start_naming_it(long_parts, tmp_path):
+    """Another program on the API's port: rank 0 says so and the job ends with 78, not restarted (it
+    exited 0, or was restarted forever while the workers gave up on a silent rank 0)."""
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        job = Supervised(long_parts, tmp_path / "job.log", "--port", str(taken.getsockname()[1]))
+        try:
+            log = refused_start(job)
+            assert f"could not listen on 127.0.0.1:{taken.getsockname()[1]}" in log and "--port" in log, log
+        finally:
+            job.stop()
+    finally:
+        taken.close()
