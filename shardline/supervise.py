@@ -222,6 +222,11 @@ class Rank0:
         self.status: int | None = None     # from the ".exit" file
         self.status_at = 0.0
 
+    def started(self) -> bool:
+        """Whether the job came up: rank 0 passed the roll call (it asks for the port: ".bind"), serves
+        (its PID file), or is exiting by itself (".exit")."""
+        return any(os.path.exists(self.pid_file + ext) for ext in ("", ".bind", ".exit"))
+
     def exiting_for(self) -> float | None:
         """Seconds since rank 0 exited or wrote its exit status (a refused start writes only that)."""
         gone = self.gone_for()
@@ -310,8 +315,10 @@ class Supervisor:
                                 "job_starting", time.monotonic() + 2))
                 code, ran_for = self._run_job()
                 if self.stopping is not None:
+                    # asked to stop: whatever status mpirun ends with under that (1, when it was signalled
+                    # before rank 0 was up), the stop went as asked, unless the job had refused to start
                     log(f"job stopped (status {code})")
-                    return 0 if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else code
+                    return EX_CONFIG if code == EX_CONFIG else 0
                 if code == EX_CONFIG:
                     log("the job refused to start (status 78: see the message above); not restarting")
                     return code
@@ -378,6 +385,7 @@ class Supervisor:
         same (mpirun waits for the daemon of a board that vanished, or hangs in the MPI exit), and then the
         status is the one rank 0 wrote, if any, not the signal that ended mpirun."""
         escalated, since, ended_it = 0, None, False
+        started = time.monotonic()
         while True:
             try:
                 code = job.wait(timeout=0.1)
@@ -393,6 +401,12 @@ class Supervisor:
                     log("rank 0 did not stop the job in time; signalling mpirun")
                     _kill_group(job, signal.SIGTERM)
                     escalated, since = 1, time.monotonic()
+            elif escalated == 0 and not rank0.started() and time.monotonic() - started > self.args.start_timeout:
+                # a rank that died or hangs while loading leaves the others waiting in the roll call for good
+                log(f"the job has not come up in {self.args.start_timeout:.0f}s (a rank died or hangs while "
+                    "loading its shard, or a board is too slow: --start-timeout): ending it")
+                signal_session(job, signal.SIGTERM)
+                escalated, since = 1, time.monotonic()
             elif escalated == 0:
                 gone = rank0.exiting_for()
                 if gone is not None and gone > self.args.exit_grace:
@@ -419,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restart", action="store_true", help="start the job again when it fails")
     ap.add_argument("--max-backoff", type=float, default=10.0, help="longest wait between restarts, seconds")
     ap.add_argument("--stop-timeout", type=float, default=8.0, help="seconds rank 0 gets to stop the job")
+    ap.add_argument("--start-timeout", type=float, default=600.0,
+                    help="seconds the job gets to come up (every rank loaded, rank 0 serving) before it is "
+                         "ended as failed (default 600: a large shard from an SD card)")
     ap.add_argument("--exit-grace", type=float, default=5.0,
                     help="seconds mpirun gets to end after rank 0 exited before the job's processes are ended")
     ap.add_argument("--max-check-interval", type=float, default=5.0,

@@ -288,3 +288,43 @@ def test_when_mpirun_ends_the_job_under_rank_0_rank_0_is_told_why(tmp_path):
     assert sup.returncode == 0, text          # without --restart the job's own status comes back
     assert "mpirun has exited but rank 0 still runs: telling it the job lost a board" in text, text
     assert (tmp_path / "rank0.pid.told").read_text() == str(int(signal.SIGUSR1)), text
+
+
+# An mpirun whose ranks never come up (one died while loading its shard; the others wait in the roll
+# call for good): no PID file, no ".bind", no exit.
+NEVER_UP = """
+import os, subprocess, sys, time
+rank0 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print("stand-in mpirun", os.getpid(), "rank0", rank0.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_job_that_never_comes_up_is_ended_after_the_start_timeout(tmp_path):
+    code, text, took = _supervise_stuck(tmp_path, NEVER_UP, "--start-timeout", "2")
+    assert "has not come up in 2s" in text and "--start-timeout" in text, text
+    assert code != 0, text                       # failed: with --restart it would start again
+    assert took < 2 + 3 + 3 + 5, f"{took:.1f}s"
+
+
+STOPPED_WHILE_STARTING = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))    # mpirun signalled before rank 0 is up exits 1
+print("stand-in mpirun", os.getpid(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_stop_while_the_job_starts_is_status_0(tmp_path):
+    """systemctl stop during a start: the unit must not be marked failed (mpirun's 1 was our signal)."""
+    log_path = tmp_path / "supervise.log"
+    with open(log_path, "w") as log:
+        sup = subprocess.Popen([PY, "-m", "shardline.supervise", "--no-answer-while-down", "--", PY, "-c",
+                                STOPPED_WHILE_STARTING], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while "stand-in mpirun" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(30) == 0, log_path.read_text()
+    assert "job stopped (status 1)" in log_path.read_text()
