@@ -465,15 +465,15 @@ def test_a_new_request_finishes_while_a_long_one_runs(server):
         f"short vs long): {tries}")
 
 
-def test_a_client_that_hangs_up_on_a_non_streamed_request_frees_its_slot(server):
-    """The answer is not generated for nobody: the server looks for the client while text is coming."""
-    body = {"prompt": "a", "max_tokens": CONTEXT - 8, "temperature": 0}
+def hang_ups_free_the_slot(server, body: dict, hang_up) -> None:
+    """hang_up(body) sends a request and leaves with most of the answer still to come: its slot comes
+    back, and in one of a few tries the answer is cut short (the tiny model writes it all in ~0.3 s, so
+    on a busy machine a client may not get to hang up before it is done)."""
     generated = lambda: metric(metric_samples(server.url), "shardline_generated_tokens_total")
     cut_short = []
-    for attempt in range(5):
+    for _ in range(5):
         g0 = generated()
-        with pytest.raises(httpx.TimeoutException):      # the client gives up, with most still to come
-            httpx.post(server.url + CMPL, json=body, timeout=0.05)
+        hang_up(body)
         deadline = time.monotonic() + 10
         while web.get(server.url + "/health").json()["active_sequences"] != 0:
             assert time.monotonic() < deadline, "the abandoned request kept its slot"
@@ -482,35 +482,29 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_frees_its_slot(server)
         if cut_short[-1] < body["max_tokens"]:
             break
     assert min(cut_short) < body["max_tokens"], f"the server generated every answer for nobody: {cut_short}"
+    assert metric(metric_samples(server.url), "shardline_active_sequences") == 0
     assert complete(server, prompt="a", max_tokens=4)["usage"]["completion_tokens"] == 4
+
+
+def test_a_client_that_hangs_up_on_a_non_streamed_request_frees_its_slot(server):
+    """The answer is not generated for nobody: the server looks for the client while text is coming."""
+    def hang_up(body):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.url + CMPL, json=body, timeout=0.05)
+    hang_ups_free_the_slot(server, {"prompt": "a", "max_tokens": CONTEXT - 8, "temperature": 0}, hang_up)
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
-    body = {"prompt": "a", "max_tokens": CONTEXT - 8, "temperature": 0, "stream": True}
-    generated = lambda: metric(metric_samples(server.url), "shardline_generated_tokens_total")
-    cut_short = []
-    for attempt in range(5):
-        # The tiny model writes the whole answer in ~0.3 s: on a busy machine the client may not get to
-        # hang up before it is done, so try a few times; one answer cut short shows the cancellation.
-        g0 = generated()
-        with httpx.Client(timeout=30) as h:
-            with h.stream("POST", server.url + CMPL, json=body) as r:
-                got = 0
-                for line in r.iter_lines():
-                    got += line.startswith("data: ")
-                    if got == 2:
-                        break
-                r.close()      # hang up with most of the answer still to come
-        deadline = time.monotonic() + 10
-        while web.get(server.url + "/health").json()["active_sequences"] != 0:
-            assert time.monotonic() < deadline, "the disconnected request kept its slot"
-            time.sleep(0.05)
-        cut_short.append(generated() - g0)
-        if cut_short[-1] < body["max_tokens"]:
-            break
-    assert min(cut_short) < body["max_tokens"], f"the server generated every answer for nobody: {cut_short}"
-    assert metric(metric_samples(server.url), "shardline_active_sequences") == 0
-    assert complete(server, prompt="a", max_tokens=4)["usage"]["completion_tokens"] == 4
+    def hang_up(body):
+        with httpx.Client(timeout=30) as h, h.stream("POST", server.url + CMPL, json=body) as r:
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: ")
+                if got == 2:
+                    break
+            r.close()
+    hang_ups_free_the_slot(server, {"prompt": "a", "max_tokens": CONTEXT - 8, "temperature": 0, "stream": True},
+                           hang_up)
 
 
 # ---------------------------------------------------------------- metrics
