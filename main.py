@@ -45,9 +45,10 @@ def at_least(lo, kind=int):
 
 
 def port(text: str) -> int:
-    v = at_least(1)(text)
+    """A TCP port; 0 lets the system pick a free one (tests)."""
+    v = at_least(0)(text)
     if v > 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)")
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (0-65535)")
     return v
 
 
