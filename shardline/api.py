@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardline import detok
-from shardline.engine import Engine, EngineStopped, QueueFull, Request
+from shardline.engine import ContextLengthExceeded, Engine, EngineStopped, QueueFull, Request
 from shardline.sampling import SamplingParams
 
 STATIC = Path(__file__).parent / "static"
@@ -426,7 +426,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         try:
             engine.submit(req)
         except ValueError as err:
-            code = "context_length_exceeded" if "context" in str(err) else None
+            code = "context_length_exceeded" if isinstance(err, ContextLengthExceeded) else None
             raise APIError(400, str(err), param=param, type_="invalid_request_error", code=code) from None
         except QueueFull as err:
             raise APIError(503, f"server busy: {err}; retry later", "server_busy", headers={"Retry-After": "1"}) from None
@@ -610,7 +610,8 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
 
     def completion_prompts(body: CompletionBody) -> list[tuple[list[int], str | None]]:
         """(token ids, the string or None) of each prompt: strings are encoded, token ids (what
-        lm-evaluation-harness sends) are checked against the vocabulary."""
+        lm-evaluation-harness sends) taken as they are (Engine.submit checks them against the model's
+        vocabulary, as it does every prompt)."""
         p = body.prompt
         items = [p] if isinstance(p, str) or (p and all(isinstance(v, int) for v in p)) else list(p)
         if not 1 <= len(items) <= MAX_PROMPTS:
@@ -626,10 +627,6 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                 continue
             if not item:
                 raise APIError(400, "prompt: an empty list of token ids", param="prompt")
-            vocab = engine.vocab_size or len(tokenizer)      # the model's: a GGUF tokenizer may count fewer
-            if max(item) >= vocab:
-                raise APIError(400, f"prompt: token id {max(item)} is not in the vocabulary (0..{vocab - 1})",
-                               param="prompt")
             out.append((list(item), None))
         return out
 

@@ -14,6 +14,7 @@ tokens and guarded against its one known failure.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from tokenizers.decoders import DecodeStream
@@ -97,15 +98,20 @@ def _kind(backend) -> str:
     return kind
 
 
+@functools.cache
+def _byte_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def token_bytes(tokenizer, ids: list[int]) -> list[bytes]:
     """Each token's own bytes (OpenAI's logprobs `bytes`): what it adds to the byte string of a text,
     so a token that is part of a character gives just its bytes. Added and special tokens give their
     text."""
     backend = tokenizer.backend_tokenizer
     kind, added = _kind(backend), tokenizer.added_tokens_decoder
-    if kind == "bytelevel":
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-        table = {c: b for b, c in bytes_to_unicode().items()}
+    table = _byte_table() if kind == "bytelevel" else {}
     out = []
     for i in ids:
         piece = backend.id_to_token(i)

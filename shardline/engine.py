@@ -50,6 +50,10 @@ class EngineStopped(Exception):
     """The engine is shutting down or has failed and takes no new requests."""
 
 
+class ContextLengthExceeded(ValueError):
+    """A prompt (with the tokens asked for) that does not fit the context: OpenAI's context_length_exceeded."""
+
+
 @dataclass(eq=False)
 class Request:
     prompt_ids: list[int]
@@ -148,10 +152,10 @@ class Engine:
         if self.vocab_size and max(req.prompt_ids) >= self.vocab_size:
             raise ValueError(f"token id {max(req.prompt_ids)} is not in the model's vocabulary (0..{self.vocab_size - 1})")
         if len(req.prompt_ids) > self.max_context or (len(req.prompt_ids) == self.max_context and req.max_new_tokens):
-            raise ValueError(f"the prompt ({len(req.prompt_ids)} tokens) leaves no room in the context of "
+            raise ContextLengthExceeded(f"the prompt ({len(req.prompt_ids)} tokens) leaves no room in the context of "
                              f"{self.max_context} tokens; shorten it")
         if len(req.prompt_ids) + req.max_new_tokens > self.max_context:
-            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) plus max new tokens ({req.max_new_tokens}) "
+            raise ContextLengthExceeded(f"prompt ({len(req.prompt_ids)} tokens) plus max new tokens ({req.max_new_tokens}) "
                              f"exceeds the context of {self.max_context} tokens")
         req.t_submit = time.monotonic()
         try:

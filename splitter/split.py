@@ -34,6 +34,12 @@ class Model:
         return self.fam.n_layers(self.config)
 
     @functools.cached_property
+    def specs(self) -> list[Spec]:
+        """Every tensor of the whole model: stage 0's ends, then all layers."""
+        return (self.fam.specs(self.config, True, (0, 0), self.tied)
+                + self.fam.specs(self.config, False, (0, self.n_layers), self.tied))
+
+    @functools.cached_property
     def fam_edges(self) -> set[str]:
         """The embedding and LM head: stage 0's matmul weights."""
         return {s.name for s in self.fam.specs(self.config, True, (0, 0), self.tied) if s.matmul}
@@ -56,9 +62,7 @@ def open_model(model: str, random_weights: bool = False, seed: int = 0) -> Model
     if not getattr(config, "tie_word_embeddings", True) and head not in names:
         raise ValueError(f"{model}: the config unties the LM head but the weights have no {head}")
     m = Model(src, config, fam, tied)
-    want = [n for k in range(2) for s in fam.specs(config, k == 0, (0, m.n_layers) if k else (0, 0), tied)
-            for n in s.sources]
-    missing = [n for n in want if n not in names]
+    missing = [n for s in m.specs for n in s.sources if n not in names]
     if missing:
         raise ValueError(f"{model}: {len(missing)} tensor(s) the config calls for are missing, e.g. "
                          f"{', '.join(missing[:3])}; the download is incomplete or the files are of another model")
@@ -164,8 +168,7 @@ def model_cost(m: Model, quant: dict | None, wire_bytes: int = 4):
 
 def shard_bytes(m: Model, quant: dict | None) -> int:
     """The whole split's shard bytes (what is written and distributed)."""
-    return sum(spec_bytes(m, s, quant) for k in range(2)
-               for s in m.fam.specs(m.config, k == 0, (0, m.n_layers) if k else (0, 0), m.tied))
+    return sum(spec_bytes(m, s, quant) for s in m.specs)
 
 
 def board_plan(m: Model, boards_file: Path, quant: dict | None, slots: int, max_context: int | None,
@@ -195,18 +198,10 @@ def _group(scheme: str, group_size: int | None = None) -> int | None:
     return group_size
 
 
-def float_left(m: Model, quant: dict | None) -> tuple[int, int, set[int]]:
-    """(matrices, bytes, their input widths) that stay float32 under quant: a width the kernels cannot
-    take (not a multiple of 32, or of the int4 group)."""
-    n = size = 0
-    widths = set()
-    for k in range(2):
-        for spec in m.fam.specs(m.config, k == 0, (0, m.n_layers) if k else (0, 0), m.tied):
-            q = spec_quant(m, spec, quant)
-            if spec.matmul and q and not _quantized(m, spec, q):
-                n, size = n + 1, size + spec_bytes(m, spec, None)
-                widths.add(_shape(m, spec)[1])
-    return n, size, widths
+def float_left(m: Model, quant: dict | None) -> list[Spec]:
+    """The matrices that stay float32 under quant: an input width the kernels cannot take (not a
+    multiple of 32, or of the int4 group)."""
+    return [s for s in m.specs if s.matmul and (q := spec_quant(m, s, quant)) and not _quantized(m, s, q)]
 
 
 def plan_table(m: Model, ranges, quant: dict | None) -> tuple[str, list[int]]:
@@ -263,10 +258,11 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
     print(f"[splitter] {model}: {kind}{m.config.model_type}, {m.n_layers} layers, hidden "
           f"{m.fam.cost(m.config, m.tied).hidden}, {'tied' if m.tied else 'untied'} LM head", flush=True)
     if quant:
-        n, size, widths = float_left(m, quant)
+        left = float_left(m, quant)
+        n, size = len(left), sum(spec_bytes(m, s, None) for s in left)
+        widths = {_shape(m, s)[1] for s in left}
         rule = f"a multiple of {quant['group_size']}" if quant["group_size"] else "a multiple of 32"
-        if n and n == sum(s.matmul for k in range(2)
-                          for s in m.fam.specs(m.config, k == 0, (0, m.n_layers) if k else (0, 0), m.tied)):
+        if n and n == sum(s.matmul for s in m.specs):
             raise ValueError(f"--quantize {quant['scheme']}: no matrix can be quantized, since no input width "
                              f"({', '.join(map(str, sorted(widths)))}) is {rule}"
                              + ("; use --group-size 32 or 64" if quant["group_size"] else ""))
