@@ -16,7 +16,14 @@ import sys
 import threading
 import time
 
-STATS_INTERVAL = 2.0  # rank 0's heartbeat through the ring, seconds
+STATS_INTERVAL = 2.0  # rank 0's heartbeat through the ring, seconds (less with a short --step-timeout)
+
+
+def heartbeat(step_timeout: float) -> float:
+    """Seconds between heartbeats: several fit in --step-timeout, so one late beat is not a death."""
+    return min(STATS_INTERVAL, step_timeout / 4)
+
+
 # What rank 0's waiting clients hear when the supervisor signals it with LOST_BOARD_SIGNAL.
 LOST_BOARD = ("the job has ended: Open MPI lost contact with one of the boards (power or network); the service "
               "comes back once every board answers again (GET /health names the missing one); retry shortly")
@@ -67,7 +74,11 @@ def parse_args(argv=None):
                     help="micro-batches in the ring at once (default: one per distinct host, so every board "
                          "works at once; ranks sharing a host's cores do better with fewer, larger batches)")
     ap.add_argument("--step-timeout", type=at_least(0.5, float), default=8.0,
-                    help="seconds without an answer from the ring before the job is declared dead")
+                    help="seconds without an answer from the ring before a rank is declared dead or hung (a "
+                         "rank busy with a long step still answers: a slow board is not a dead one)")
+    ap.add_argument("--compute-timeout", type=at_least(1.0, float), default=600.0,
+                    help="seconds one micro-batch may take in the ring before the job is declared stuck (a slow "
+                         "board computing a long prompt chunk needs this much; see also --max-batch-tokens)")
     ap.add_argument("--shutdown-grace", type=at_least(0.0, float), default=0.0,
                     help="on SIGTERM/SIGINT, seconds in-flight requests may still run (default 0: they get an "
                          "error at once; mpirun kills every rank ~0.25 s after it is signalled)")
@@ -133,7 +144,8 @@ def _serve_worker(args, node) -> int:
     try:
         worker.serve(node.stage, node.link, rank, rank == node.size - 1,
                      should_stop=lambda: deadline[0] is not None and time.monotonic() > deadline[0][0],
-                     silence_timeout=args.step_timeout + 2 * STATS_INTERVAL)
+                     silence_timeout=args.step_timeout + 2 * heartbeat(args.step_timeout),
+                     heartbeat=heartbeat(args.step_timeout))
     except worker.Silence as err:
         print(f"[rank {rank} on {socket.gethostname()}] {err}: the job is broken, exiting", file=sys.stderr, flush=True)
         os._exit(1)
@@ -158,7 +170,8 @@ def _serve_head(args, node) -> int:
     tokenizer = node.tokenizer    # loaded before the shard (see node.load_stage)
     engine = Engine(stage, tokenizer, link, size, hosts, args.slots,
                     queue_size=args.queue_size, max_batch_tokens=args.max_batch_tokens,
-                    step_timeout=args.step_timeout, log_steps=args.verbose, stats_interval=STATS_INTERVAL,
+                    step_timeout=args.step_timeout, compute_timeout=args.compute_timeout,
+                    log_steps=args.verbose, stats_interval=heartbeat(args.step_timeout),
                     microbatches=args.microbatches or len(set(hosts)), stop_ids=stop_ids(tok_dir),
                     wire_dtype=args.wire_dtype, vocab_size=getattr(manifest.config, "vocab_size", None))
     data = manifest.data
@@ -180,7 +193,7 @@ def _serve_head(args, node) -> int:
     # The wait for the supervisor to let go of the port ends before the workers, hearing nothing from
     # rank 0 meanwhile, give the job up (step timeout + two heartbeats).
     sock = api_socket(args.host, args.port, handoff=f"{args.pid_file}.bind" if args.pid_file else None,
-                      wait=max(1.0, args.step_timeout + 2 * STATS_INTERVAL - 4.0))
+                      wait=max(1.0, args.step_timeout + 2 * heartbeat(args.step_timeout) - 4.0))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
     if sock is not None:
         http.start()

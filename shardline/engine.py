@@ -14,6 +14,7 @@ which needs the GIL): 1-2 % more tokens/s at 1 and 16 clients in `python -m benc
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -106,7 +107,7 @@ class Engine:
                  slots: int, queue_size: int = 64, max_batch_tokens: int = 256, step_timeout: float = 8.0,
                  metrics: Metrics | None = None, log_steps: bool = False, stats_interval: float = 2.0,
                  microbatches: int | None = None, stop_ids: set[int] | None = None, wire_dtype: str = "float32",
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, compute_timeout: float = 600.0):
         self.stage, self.tok, self.link, self.size, self.hosts = stage, tokenizer, link, size, hosts
         self.slots = slots
         # Micro-batches in the ring at once. One per stage keeps every board busy; when stages share
@@ -117,7 +118,9 @@ class Engine:
         self.active: list[Request] = []
         self.flights: dict[int, Flight] = {}
         self.step = 0
-        self.max_batch_tokens, self.step_timeout = max_batch_tokens, step_timeout
+        # step_timeout: the heartbeat's limit (a dead or hung rank); compute_timeout: a micro-batch's (a
+        # rank alive but stuck in one step). See _timed_out.
+        self.max_batch_tokens, self.step_timeout, self.compute_timeout = max_batch_tokens, step_timeout, compute_timeout
         self.metrics = metrics or Metrics()
         self.log_steps, self.stats_interval = log_steps, stats_interval
         # Generation ends at any of these (the tokenizer's EOS plus generation_config.json's eos_token_id:
@@ -137,6 +140,9 @@ class Engine:
         self.rank_stats: np.ndarray = np.zeros((0, len(STAT_FIELDS)))
         self._stats_sent_at = 0.0
         self._stats_pending = False
+        self._alive_at = time.monotonic()                  # when the heartbeat last came home
+        # while this rank computes a long step, its PINGs keep the workers from taking it for dead
+        self.keepalive = wire.Keepalive(link, stats_interval, ping=True) if link is not None else None
         self.threads = omp.Threads()
         self.backend = tokenizer.backend_tokenizer         # the `tokenizers` object DecodeStream steps
         self.untexted: list[Request] = []                  # new tokens not yet detokenized (see _texts)
@@ -196,7 +202,7 @@ class Engine:
                 self._texts()
                 got = self._collect()
                 self._maybe_stats()
-                if self._timed_out():
+                if not got and self._timed_out():
                     return 1
                 if not got:
                     self.threads.idle()            # nothing to compute until a message or request arrives
@@ -259,7 +265,7 @@ class Engine:
                 r.in_flight = True
                 r.t_served = time.monotonic()
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), self._busy():
                 x = self.stage.forward(self.stage.embed(torch.tensor(ids), seqs), seqs)   # [T, d]
             if self.link is not None:
                 self.threads.handoff()           # the next rank may need these cores
@@ -284,13 +290,18 @@ class Engine:
             self.link.reap()
             return False
         if msg.kind == wire.FORWARD:
-            self._complete(self.flights.pop(msg.step), wiredtype.decode(msg.payload, msg.flags), msg.step)
+            with self._busy():
+                self._complete(self.flights.pop(msg.step), wiredtype.decode(msg.payload, msg.flags), msg.step)
             self.metrics.in_flight.set(len(self.flights))
         elif msg.kind == wire.STATS:
             self.rank_stats = msg.payload
             self.metrics.set_rank_stats(msg.payload, self.hosts)
             self._stats_pending = False
-        return True
+            self._alive_at = time.monotonic()
+        return True                                # (a PING that came home after this rank's long step: dropped)
+
+    def _busy(self):
+        return self.keepalive.busy() if self.keepalive is not None else contextlib.nullcontext()
 
     def _complete(self, f: Flight, x: torch.Tensor, step: int) -> None:
         """A micro-batch came back: x is [rows, d], one row per sequence (or every token with ALL_ROWS)."""
@@ -453,17 +464,42 @@ class Engine:
         self.metrics.queue_depth.set(self.inbox.qsize())
 
     def _timed_out(self) -> bool:
-        """A micro-batch or the heartbeat (the periodic STATS round) has been out too long."""
-        sent = [f.t_sent for f in self.flights.values()]
-        if self._stats_pending:
-            sent.append(self._stats_sent_at)
-        if not sent:
-            return False
-        waited = time.monotonic() - min(sent)
-        if waited < self.step_timeout:
-            return False
-        self.failed = (f"no answer from the pipeline for {waited:.1f}s (ranks 1..{self.size - 1} on "
-                       f"{', '.join(self.hosts[1:])}): a rank is dead or hung; the job stops so a supervisor can restart it")
+        """The ring is dead or stuck; called once every message that has arrived is read.
+
+        Dead or hung (a rank or its board killed, stopped, cut off): the heartbeat (the periodic STATS
+        round) has not come home for --step-timeout, and no micro-batch has either. A rank busy with a
+        long step passes the heartbeat on meanwhile (wire.Keepalive), so a slow board is not dead.
+        Stuck: a micro-batch has been out for --compute-timeout while the heartbeat still goes round."""
+        now = time.monotonic()
+        if self.flights:
+            oldest = min(f.t_sent for f in self.flights.values())
+            # heard from every rank since: the heartbeat, or this rank's PINGs while it computed
+            heard = max(oldest, self._alive_at, self.keepalive.home_at)
+            if now - heard > self.step_timeout:
+                return self._fail(f"no answer from the pipeline for {now - heard:.1f}s")
+            if now - oldest > self.compute_timeout:
+                return self._fail(f"a micro-batch has been in the pipeline for {now - oldest:.0f}s "
+                                  f"(--compute-timeout {self.compute_timeout:g}){self._busiest()}", dead=False)
+        if self._stats_pending and now - self._stats_sent_at > self.step_timeout:
+            return self._fail(f"no answer from the pipeline for {now - self._stats_sent_at:.1f}s")
+        return False
+
+    def _busiest(self) -> str:
+        """Which rank the last heartbeat found computing for longest, if any: ', rank 2 (pi-3) had been
+        computing one for 312s'."""
+        rows = [r for r in self.rank_stats if len(r) > 7 and r[7] > 0]
+        if not rows:
+            return ""
+        row = max(rows, key=lambda r: r[7])
+        rank = int(row[0])
+        return f"; rank {rank} ({self.hosts[rank]}) had been computing one for {row[7]:.0f}s when last heard from"
+
+    def _fail(self, what: str, dead: bool = True) -> bool:
+        ranks = f"ranks 1..{self.size - 1} on {', '.join(self.hosts[1:])}"
+        cause = (f"a rank is dead or hung ({ranks}), or the network between them is down" if dead else
+                 "a rank is alive but its step does not end; raise --compute-timeout if the boards are just "
+                 "that slow, or lower --max-batch-tokens for shorter steps")
+        self.failed = f"{what}: {cause}; the job stops so a supervisor can restart it"
         self._fail_all(self.failed)
         return True
 
@@ -471,7 +507,7 @@ class Engine:
         rss, peak = rss_bytes()
         sent = self.link.bytes_sent if self.link else 0
         recv = self.link.bytes_recv if self.link else 0
-        return np.array([[0, self.compute_seconds, sent, recv, self.steps_done, rss, peak]], np.float64)
+        return np.array([[0, self.compute_seconds, sent, recv, self.steps_done, rss, peak, 0.0]], np.float64)
 
     def _maybe_stats(self) -> None:
         now = time.monotonic()

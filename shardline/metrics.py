@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-STAT_FIELDS = ("rank", "compute_seconds", "bytes_sent", "bytes_received", "steps", "rss_bytes", "peak_rss_bytes")
+STAT_FIELDS = ("rank", "compute_seconds", "bytes_sent", "bytes_received", "steps", "rss_bytes", "peak_rss_bytes",
+               "busy_seconds")
 
 
 class Metrics:
@@ -31,6 +32,9 @@ class Metrics:
         self.rank_steps = Gauge("shardline_rank_steps", "Micro-batches each rank computed", labels, registry=r)
         self.rank_rss = Gauge("shardline_rank_rss_bytes", "Resident memory of each rank", labels, registry=r)
         self.rank_peak = Gauge("shardline_rank_peak_rss_bytes", "Peak resident memory of each rank", labels, registry=r)
+        self.rank_busy = Gauge("shardline_rank_busy_seconds", "How long each rank has been computing its current "
+                               "micro-batch, when last heard from (0: between steps, or a step under 0.5 s)",
+                               labels, registry=r)
 
     def set_rank_stats(self, rows, hosts: list[str]) -> None:
         for row in rows:
@@ -42,6 +46,7 @@ class Metrics:
             self.rank_steps.labels(*lab).set(row[4])
             self.rank_rss.labels(*lab).set(row[5])
             self.rank_peak.labels(*lab).set(row[6])
+            self.rank_busy.labels(*lab).set(row[7])
 
 
 def rss_bytes() -> tuple[int, int]:

@@ -26,7 +26,8 @@ def init_dist():
     if not omp.launched():
         return None, 0, 1
     import mpi4py
-    mpi4py.rc.thread_level = "funneled"   # only each rank's main thread calls MPI
+    # one thread at a time: the loop thread, or a wire.Keepalive while the loop computes (Link.lock)
+    mpi4py.rc.thread_level = "serialized"
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     return comm, comm.Get_rank(), comm.Get_size()

@@ -8,8 +8,11 @@ cannot deadlock; a Link keeps each buffer alive until its send completes.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +21,7 @@ import numpy as np
 from shardline import wiredtype
 from shardline.stage import Seq
 
-FORWARD, STATS, SHUTDOWN = 1, 2, 3       # kinds
+FORWARD, STATS, SHUTDOWN, PING = 1, 2, 3, 4   # kinds (PING: rank 0 is busy but alive; no payload)
 FLAG_ALL_ROWS = 1                        # the last stage returns every token's state, not each sequence's last
 TAG_HEADER, TAG_PAYLOAD = 11, 12
 FIXED, MAX_SEQS = 6, 1024
@@ -30,8 +33,8 @@ PAYLOAD_DTYPE = {FORWARD: np.float32, STATS: np.float64}
 # its data leaves only at the sender's next MPI call: a rank that sends a 768 KiB prefill chunk and
 # then computes for 300 ms delivers it 300 ms late, while its neighbour idles. Smaller (eager)
 # messages leave at once. Open MPI's TCP progress thread moves the data while the rank computes
-# (and makes Open MPI lock its own state, so one-thread MPI use stays safe). launch.sh, the bench
-# and the README's mpirun pass exactly these (tests/test_boards.py checks that they agree).
+# (and makes Open MPI lock its own state, so MPI used by one thread at a time stays safe). launch.sh,
+# the bench and the README's mpirun pass exactly these (tests/test_boards.py checks that they agree).
 # A board that loses power or its cable sends no FIN or RST: mpirun's connection to its daemon there
 # just goes quiet, and Open MPI's defaults notice after 300 s idle + 9 probes 20 s apart. TCP
 # keepalives after 3 s idle, 2 s apart, 3 missed: mpirun ends the job about 9 s after the cut (an
@@ -83,7 +86,9 @@ def decode_header(h: np.ndarray, count: int) -> tuple[Message, tuple[int, int]]:
 
 
 class Link:
-    """A rank's two ring neighbours: receives from prev, sends to next."""
+    """A rank's two ring neighbours: receives from prev, sends to next. Its MPI calls hold `lock`, so a
+    Keepalive thread can use the link while the rank's loop computes; messages that thread received
+    for the loop wait in `held`, which poll() returns first, in order."""
 
     def __init__(self, comm, prev: int, next: int):
         from mpi4py import MPI
@@ -94,8 +99,14 @@ class Link:
         self.pending: list[tuple[object, tuple]] = []   # (request, buffers kept alive until sent)
         self.bytes_sent = self.bytes_recv = 0
         self.last_traffic = time.monotonic()
+        self.lock = threading.Lock()
+        self.held: collections.deque[Message] = collections.deque()
 
     def send(self, msg: Message) -> None:
+        with self.lock:
+            self._send(msg)
+
+    def _send(self, msg: Message) -> None:
         header = encode_header(msg)
         self.pending.append((self.comm.Isend(header, dest=self.next, tag=TAG_HEADER), (header,)))
         self.bytes_sent += header.nbytes
@@ -103,14 +114,22 @@ class Link:
             payload = np.ascontiguousarray(msg.payload, dtype=payload_dtype(msg))
             self.pending.append((self.comm.Isend(payload, dest=self.next, tag=TAG_PAYLOAD), (payload,)))
             self.bytes_sent += payload.nbytes
-        self.reap()
+        self._reap()
 
     def reap(self) -> None:
         """Forget sends that have completed (their buffers may be freed)."""
+        with self.lock:
+            self._reap()
+
+    def _reap(self) -> None:
         self.pending = [p for p in self.pending if not p[0].Test()]
 
     def poll(self) -> Message | None:
         """The next message from prev if its header has arrived, else None. Never blocks on an idle ring."""
+        with self.lock:
+            return self.held.popleft() if self.held else self._poll()
+
+    def _poll(self) -> Message | None:
         if not self.req.Test(self.status):
             return None
         count = self.status.Get_count(self.MPI.INT32_T)
@@ -131,6 +150,71 @@ class Link:
             self.reap()
             time.sleep(0.001)
         return not self.pending
+
+
+class Keepalive:
+    """Keeps the ring's heartbeat moving through a rank while its loop computes one long step.
+
+    A rank's loop does one thing at a time, so while it computes a micro-batch nothing passes through
+    it: a prefill chunk of a big model on a slow board (a Pi 4 computes a 256-token chunk of 3.5 B
+    parameters for minutes) used to starve the heartbeat, and rank 0 took a busy board for a dead one
+    (--step-timeout). Now, once a step has run for a quarter of a heartbeat, this thread (asleep as
+    SCHED_BATCH, so its wake-ups never preempt the compute) serves the link every quarter heartbeat
+    (0.5 s by default) until the step ends:
+    - a STATS heartbeat goes on at once, with this rank's row from `on_stats` (workers), so rank 0
+      keeps hearing from every rank, and learns from the row for how long this one has been busy;
+    - rank 0 (`ping`) sends a PING every heartbeat, so the workers do not take its silence for death
+      (their Silence timeout); a PING that comes home here is dropped, noting when (`home_at`): it
+      went through every rank, so the ring is alive;
+    - a PING passes on (workers);
+    - anything else (FORWARD, SHUTDOWN, a STATS coming home to rank 0) is held for the loop, in order.
+    A step shorter than that (every decode step) never meets this thread. A dead or stopped rank, or
+    its board, stops the heartbeat as before; a rank whose step never ends is caught by rank 0's
+    --compute-timeout."""
+
+    def __init__(self, link: Link, heartbeat: float, on_stats=None, ping: bool = False):
+        self.link, self.on_stats = link, on_stats
+        self.tick = heartbeat / 4
+        self.ping_every = heartbeat if ping else None
+        self.since: float | None = None    # when the step being computed began (monotonic)
+        self.home_at = 0.0                 # when rank 0's last PING came home
+        threading.Thread(target=self._run, name="keepalive", daemon=True).start()
+
+    @contextlib.contextmanager
+    def busy(self):
+        """Around one step's compute."""
+        self.since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.since = None
+
+    def busy_for(self) -> float:
+        since = self.since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def _run(self) -> None:
+        _lower()
+        last_ping = 0.0
+        while True:
+            time.sleep(self.tick)
+            if self.busy_for() < self.tick:
+                continue
+            with self.link.lock:
+                while (msg := self.link._poll()) is not None:
+                    if msg.kind == STATS and self.on_stats is not None:
+                        self.link._send(self.on_stats(msg))
+                    elif msg.kind == PING:
+                        if self.ping_every is None:
+                            self.link._send(msg)
+                        else:
+                            self.home_at = time.monotonic()
+                    else:
+                        self.link.held.append(msg)
+                if self.ping_every is not None and time.monotonic() - last_ping > self.ping_every:
+                    self.link._send(Message(PING))
+                    last_ping = time.monotonic()
+                self.link._reap()
 
 
 def ring_output(x, msg_seqs: list[Seq], flags: int):

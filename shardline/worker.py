@@ -14,11 +14,24 @@ class Silence(Exception):
     """Nothing came from the previous rank for too long: rank 0's heartbeat stopped, so the job is broken."""
 
 
-def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, silence_timeout: float = 0) -> None:
+def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, silence_timeout: float = 0,
+          heartbeat: float = 2.0) -> None:
     """Runs until rank 0's SHUTDOWN passes through, or should_stop() says the deadline to get one has gone.
     Raises Silence after silence_timeout seconds (0 = never) without a message: rank 0 sends a STATS
-    heartbeat every few seconds, so silence means a rank before this one is dead or hung."""
-    compute, steps = 0.0, 0
+    heartbeat every `heartbeat` seconds (a PING while it computes a long step), so silence means a rank
+    before this one, or its board, is dead or hung. While this rank computes a long step, a
+    wire.Keepalive passes the heartbeat on."""
+    done = {"compute": 0.0, "steps": 0}
+    keepalive = None
+
+    def with_row(msg: wire.Message) -> wire.Message:
+        rss, peak = rss_bytes()
+        busy = keepalive.busy_for() if keepalive else 0.0
+        row = [rank, done["compute"], link.bytes_sent, link.bytes_recv, done["steps"], rss, peak, busy]
+        msg.payload = np.vstack([msg.payload, np.array([row], np.float64)])
+        return msg
+
+    keepalive = wire.Keepalive(link, heartbeat, on_stats=with_row)
     threads = omp.Threads()
     while True:
         msg = link.poll()
@@ -34,18 +47,17 @@ def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, sil
             continue
         if msg.kind == wire.FORWARD:
             t0 = time.perf_counter()
-            x = stage.forward(wiredtype.decode(msg.payload, msg.flags), msg.seqs)   # [T, d] float32
-            if last:
-                x = wire.ring_output(x, msg.seqs, msg.flags)
-            msg.payload = wiredtype.encode(x, msg.flags)   # back in the --wire-dtype it came in
-            threads.handoff()
-            compute += time.perf_counter() - t0
-            steps += 1
+            with keepalive.busy():
+                x = stage.forward(wiredtype.decode(msg.payload, msg.flags), msg.seqs)   # [T, d] float32
+                if last:
+                    x = wire.ring_output(x, msg.seqs, msg.flags)
+                msg.payload = wiredtype.encode(x, msg.flags)   # back in the --wire-dtype it came in
+                threads.handoff()
+            done["compute"] += time.perf_counter() - t0
+            done["steps"] += 1
         elif msg.kind == wire.STATS:
-            rss, peak = rss_bytes()
-            row = [rank, compute, link.bytes_sent, link.bytes_recv, steps, rss, peak]
-            msg.payload = np.vstack([msg.payload, np.array([row], np.float64)])
-        link.send(msg)
+            msg = with_row(msg)
+        link.send(msg)      # a PING passes on as it came
         if msg.kind == wire.SHUTDOWN:
             link.drain()
             return

@@ -115,12 +115,13 @@ def test_hostfile_template_lists_the_inventory_head_first_one_slot_each():
     assert r'"msg": "192.168.1.50 slots=1  # pi0\n192.168.1.51 slots=1  # pi1\n192.168.1.52 slots=1  # pi2\n"' in result.stdout
 
 
-def _render(template: str, out: Path) -> str:
-    """Render one of ansible/templates with the example inventory and group_vars, on this machine only."""
+def _render(template: str, out: Path, *extra: str) -> str:
+    """Render one of ansible/templates with the example inventory and group_vars (and extra ansible
+    arguments), on this machine only."""
     result = ansible(
         "localhost", "-i", "inventory.example.ini", "-m", "ansible.builtin.copy",
         "-a", f"content={{{{ lookup('ansible.builtin.template', 'templates/{template}') }}}} dest={out} mode=0644",
-        tool="ansible",
+        *extra, tool="ansible",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return out.read_text()
@@ -136,6 +137,16 @@ def test_launch_script_runs_mpirun_with_the_rendered_hostfile(tmp_path):
     assert "--model-dir /home/pi/shardline/model_parts" in script and "--host 0.0.0.0 --port 8000" in script
     assert "--allow-run-as-root" not in script, "only a root user needs --allow-run-as-root"
     assert subprocess.run(["sh", "-n", str(tmp_path / "launch.sh")]).returncode == 0
+
+
+def test_launch_script_passes_shardline_main_args_on_word_by_word(tmp_path):
+    """Slow boards need a longer --compute-timeout or shorter chunks; each word is quoted for the shell."""
+    script = _render("launch.sh.j2", tmp_path / "launch.sh",
+                     "-e", "shardline_main_args='--compute-timeout 1800  --max-batch-tokens 64 --model-name a;b'")
+    assert "    --compute-timeout 1800 --max-batch-tokens 64 --model-name 'a;b' \\\n    --host 0.0.0.0" in script
+    assert subprocess.run(["sh", "-n", str(tmp_path / "launch.sh")]).returncode == 0
+    # unset (the default ""): no line at all
+    assert "--model-dir /home/pi/shardline/model_parts \\\n    --host" in _render("launch.sh.j2", tmp_path / "plain.sh")
 
 
 def test_systemd_unit_runs_the_launch_script_and_restarts_on_failure(tmp_path):

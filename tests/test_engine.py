@@ -22,6 +22,7 @@ class LoopLink:
         self.stages, self.inbox = stages, deque()
         self.bytes_sent = self.bytes_recv = 0
         self.last_traffic = 0.0
+        self.lock, self.held = threading.Lock(), deque()      # as wire.Link has, for the engine's Keepalive
 
     def send(self, msg):
         if msg.kind == wire.FORWARD:
@@ -36,6 +37,8 @@ class LoopLink:
 
     def reap(self):
         pass
+
+    _poll, _send, _reap = poll, send, reap
 
     def drain(self, timeout=0):
         return True

@@ -258,3 +258,86 @@ def test_a_taken_port_is_a_refused_start_naming_it(long_parts, tmp_path):
             job.stop()
     finally:
         taken.close()
+
+
+class Slowed:
+    """main.py on 3 ranks (plain mpirun, no supervisor) with some ranks' prompt steps slowed down, as on
+    a board much slower than this host (tests/slow_main.py)."""
+
+    def __init__(self, parts: Path, log: Path, slow: str, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path, self.log = log, open(log, "w")
+        cmd = launch_cmd(3, str(ROOT / "tests" / "slow_main.py"), "--model-dir", str(parts), "--port",
+                         str(self.port), *args)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(mpi_env(), SHARDLINE_TEST_SLOW=slow),
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if http("GET", self.url + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert self.proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.log.close()
+
+
+LONG_PROMPT = " ".join(f"w{i}" for i in range(60))    # one prompt chunk of well over 20 tokens
+
+
+def test_a_slow_board_is_not_a_dead_one(long_parts, tmp_path):
+    """Every rank takes 2.5 s over a prompt chunk (a Pi computing a big model's 256-token chunk takes
+    minutes), with --step-timeout 1: the job used to declare the ring dead after 1 s, and the workers
+    rank 0 dead while it computed its own share. Now the heartbeat passes the busy ranks, and the
+    requests complete; /metrics shows which rank is busy meanwhile. Two micro-batches in the ring, so
+    that rank 0 computes one prompt chunk while the other is out on a busy worker."""
+    job = Slowed(long_parts, tmp_path / "job.log", "0,1,2:2.5:20", "--step-timeout", "1", "--microbatches", "2")
+    try:
+        out = {}
+
+        def ask(key, prompt):
+            out[key] = http("POST", job.url + "/generate", {"prompt": prompt, "max_new_tokens": 6}, timeout=60)
+        t0 = time.monotonic()
+        clients = [threading.Thread(target=ask, args=("long", LONG_PROMPT)),
+                   threading.Thread(target=ask, args=("long2", "more " + LONG_PROMPT)),
+                   threading.Thread(target=ask, args=("short", "hello"))]
+        for c in clients:
+            c.start()
+        busy = set()
+        while any(c.is_alive() for c in clients):
+            _, text = http("GET", job.url + "/metrics", timeout=5)
+            for line in str(text).splitlines():
+                if line.startswith("shardline_rank_busy_seconds{") and float(line.split()[-1]) > 0:
+                    busy.add(line.split('rank="')[1].split('"')[0])
+            time.sleep(0.2)
+        took = time.monotonic() - t0
+        for key in ("long", "long2", "short"):
+            assert out[key][0] == 200 and out[key][1]["tokens"] == 6, (out, job.log_path.read_text())
+        assert took > 7.5, took               # the three slowed steps did happen
+        assert busy & {"1", "2"}, busy        # a worker's row came home while it computed
+        assert job.proc.poll() is None, job.log_path.read_text()
+    finally:
+        job.stop()
+
+
+def test_a_step_that_never_ends_is_an_error_naming_the_rank(long_parts, tmp_path):
+    """Rank 2 is alive (its heartbeat goes round) but its step never ends: after --compute-timeout the
+    client gets an error naming rank 2 and the option, and the job ends for a supervisor to restart."""
+    job = Slowed(long_parts, tmp_path / "job.log", "2:600:20", "--step-timeout", "1", "--compute-timeout", "5")
+    try:
+        t0 = time.monotonic()
+        status, body = http("POST", job.url + "/generate", {"prompt": LONG_PROMPT, "max_new_tokens": 4}, timeout=60)
+        took = time.monotonic() - t0
+        message = json.dumps(body)
+        assert status >= 500 and "--compute-timeout 5" in message and "rank 2" in message, (status, body)
+        assert 5 <= took < 9, took
+        assert job.proc.wait(30) != 0
+    finally:
+        job.stop()

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mpi4py  # noqa: E402
 
-mpi4py.rc.thread_level = "funneled"  # what shardline/node.py asks for
+mpi4py.rc.thread_level = "serialized"  # what shardline/node.py asks for
 from mpi4py import MPI  # noqa: E402
 
 import numpy as np  # noqa: E402

@@ -1,0 +1,39 @@
+"""main.py with some ranks' steps made slow, as a board far slower than this host makes them:
+
+    SHARDLINE_TEST_SLOW="RANKS:SECONDS:MIN_TOKENS" mpirun ... python -m mpi4py tests/slow_main.py ARGS
+
+e.g. "1,2:3:20": on ranks 1 and 2, every micro-batch of at least 20 tokens (a prompt chunk, not a
+decode step) takes 3 s longer. The delay is a sleep, which releases the GIL as torch's kernels do, so
+the rank's other threads run meanwhile as they would beside a long matmul."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shardline import omp
+
+
+def slow_down() -> None:
+    ranks, seconds, min_tokens = os.environ["SHARDLINE_TEST_SLOW"].split(":")
+    if omp.world_rank() not in {int(r) for r in ranks.split(",")}:
+        return
+    from shardline.models import gpt2, llama
+    for module in (gpt2, llama):
+        forward = module.Stage.forward
+
+        def slow(self, x, seqs, forward=forward):
+            if x.shape[0] >= int(min_tokens):
+                time.sleep(float(seconds))
+            return forward(self, x, seqs)
+        module.Stage.forward = slow
+
+
+if __name__ == "__main__":
+    import runpy
+    slow_down()
+    sys.argv[0] = str(Path(__file__).resolve().parents[1] / "main.py")
+    runpy.run_path(sys.argv[0], run_name="__main__")
