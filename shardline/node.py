@@ -65,7 +65,8 @@ def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | N
         release_free_heap()
         rss, peak = rss_bytes()
         record.update(ok=True, load_seconds=round(time.time() - t0, 2), rss_mb=round(rss / 2**20, 1),
-                      shard_mb=round(entry["bytes"] / 2**20, 1), device=str(stage.device))
+                      shard_mb=round(entry["bytes"] / 2**20, 1), device=str(stage.device),
+                      slots=slots, max_context=stage.max_context)
         return stage, manifest, tok_dir, tokenizer, record
     except ShardError as err:
         record["error"] = str(err)
@@ -83,21 +84,34 @@ def roll_call(comm, rank: int, size: int, record: dict) -> tuple[bool, list[dict
         raw = json.dumps(record).encode()[:RECORD]
         buf[:len(raw)] = np.frombuffer(raw, np.uint8)
         allbuf = np.zeros((size, RECORD), np.uint8) if rank == 0 else None
-        comm.Gather(buf, allbuf, root=0)
+        _wait(comm.Igather(buf, allbuf, root=0))
         records = ([json.loads(bytes(row).rstrip(b"\0") or b"{}") for row in allbuf] if rank == 0 else None)
     go = np.array([1], np.uint8)
     if rank == 0:
-        for r in records[1:]:   # every rank must send and expect the hidden state in the same type
-            if r.get("ok") and r.get("wire_dtype") != records[0].get("wire_dtype"):
-                r.update(ok=False, error=f"started with --wire-dtype {r.get('wire_dtype')} but rank 0 with "
-                                         f"{records[0].get('wire_dtype')}; start every rank with the same --wire-dtype")
+        # Every rank must send and expect the hidden state in the same type, and hold the same KV-cache
+        # rows (rank 0 hands out slot numbers and positions; a smaller cache elsewhere broke mid-request).
+        for r in records[1:] if records[0].get("ok") else []:
+            differ = [(option, r.get(key), records[0].get(key)) for key, option in
+                      (("wire_dtype", "--wire-dtype"), ("slots", "--slots"), ("max_context", "--max-context"))
+                      if r.get(key) != records[0].get(key)]
+            if r.get("ok") and differ:
+                r.update(ok=False, error="started with " + ", ".join(f"{o} {mine}" for o, mine, _ in differ) +
+                         " but rank 0 with " + ", ".join(f"{o} {head}" for o, _, head in differ) +
+                         "; start every rank with the same " + " and ".join(o for o, _, _ in differ))
         bad = [r for r in records if not r.get("ok")]
         for r in bad:
             print(f"shardline: rank {r.get('rank')} on {r.get('host')}: {r.get('error')}", file=sys.stderr, flush=True)
         go[0] = 0 if bad else 1
     if comm is not None:
-        comm.Bcast(go, root=0)
+        _wait(comm.Ibcast(go, root=0))
     return bool(go[0]), records
+
+
+def _wait(request) -> None:
+    """Wait for a non-blocking collective, asleep: Open MPI's blocking ones poll without pause, so ranks
+    that loaded first spun a core each, which the ranks still loading on the same host needed."""
+    while not request.Test():
+        time.sleep(0.05)
 
 
 class Node:
@@ -122,5 +136,6 @@ def start(model_dir, slots: int, max_context: int | None = None, threads: int | 
     torch.set_num_threads(threads or omp.default_threads(size, microbatches))
     stage, manifest, tok_dir, tokenizer, record = load_stage(model_dir, rank, size, slots, max_context, device,
                                                              wire_dtype, load_tokenizer)
+    omp.Threads().idle()     # loading ran parallel regions: end their threads, which spin (ACTIVE) otherwise
     go, records = roll_call(comm, rank, size, record)
     return Node(comm, rank, size, stage, manifest, tok_dir, records, tokenizer) if go else None

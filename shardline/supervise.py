@@ -243,14 +243,19 @@ class Rank0:
         return gone
 
     def gone_for(self) -> float | None:
-        """Seconds since rank 0 exited; None while it runs or before it wrote its PID."""
+        """Seconds since rank 0 exited; None while it runs or before it wrote its PID (in the PID file,
+        or in ".bind" when it asked for the port: it may die between the two)."""
         import psutil
         now = time.monotonic()
         if self.gone_at is None:
             if self.proc is None:
-                try:
-                    pid = int(open(self.pid_file).read().strip())
-                except (OSError, ValueError):
+                for path in (self.pid_file, self.pid_file + ".bind"):
+                    try:
+                        pid = int(open(path).read().strip())
+                        break
+                    except (OSError, ValueError):
+                        pass
+                else:
                     return None
                 try:
                     self.proc = psutil.Process(pid)
@@ -380,6 +385,7 @@ class Supervisor:
             _kill_group(self.proc, signal.SIGTERM)   # rank 0 is not up yet: stop mpirun itself
 
     def _wait(self, job: subprocess.Popen, rank0: Rank0) -> int:
+        from shardline.unavailable import Down
         """Wait for mpirun. Once a stop was asked: SIGTERM to its process group after --stop-timeout, then
         SIGKILL to its session. Once rank 0 has exited: --exit-grace seconds for mpirun to follow, then the
         same (mpirun waits for the daemon of a board that vanished, or hangs in the MPI exit), and then the
@@ -392,7 +398,7 @@ class Supervisor:
                 return rank0.status if ended_it and rank0.status is not None else code
             except subprocess.TimeoutExpired:
                 pass
-            if self.responder and self.responder.shown and (
+            if self.responder and self.responder.shown and rank0.gone_at is None and (
                     os.path.exists(self.pid_file + ".bind") or os.path.exists(self.pid_file)):
                 self.responder.hide()    # rank 0 is ready to listen: the port is its
             if self.stopping is not None:
@@ -409,10 +415,21 @@ class Supervisor:
                 escalated, since = 1, time.monotonic()
             elif escalated == 0:
                 gone = rank0.exiting_for()
-                if gone is not None and gone > self.args.exit_grace:
+                if rank0.gone_at is not None and self.responder and not self.responder.shown:
+                    # rank 0 has exited, and its port with it: the rest of the job may take a while to end
+                    # (workers waiting out their silence timeout, --exit-grace), so answer 503 at once
+                    # rather than refuse connections meanwhile
+                    self._down(Down("the model's job has failed (rank 0 exited) and restarts shortly; retry shortly",
+                                    "job_restarting", time.monotonic() + 5))
+                killed = rank0.gone_at is not None and rank0.status is None   # it wrote no exit status
+                if killed:
+                    # (a signal, the OOM killer): the workers would wait out their silence timeout
+                    log("rank 0 died without an exit status (killed?): ending the job")
+                elif gone is not None and gone > self.args.exit_grace:
                     said = "" if rank0.status is None else f" with status {rank0.status}"
                     log(f"rank 0 exited{said} {gone:.0f}s ago and mpirun is still running (it waits for a board "
                         "that no longer answers, or hangs in the MPI exit): ending the job")
+                if killed or (gone is not None and gone > self.args.exit_grace):
                     signal_session(job, signal.SIGTERM)
                     escalated, since, ended_it = 1, time.monotonic(), True
             if escalated == 1 and time.monotonic() - since > 3:

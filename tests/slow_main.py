@@ -4,7 +4,10 @@
 
 e.g. "1,2:3:20": on ranks 1 and 2, every micro-batch of at least 20 tokens (a prompt chunk, not a
 decode step) takes 3 s longer. The delay is a sleep, which releases the GIL as torch's kernels do, so
-the rank's other threads run meanwhile as they would beside a long matmul."""
+the rank's other threads run meanwhile as they would beside a long matmul.
+
+SHARDLINE_TEST_SLOW_LOAD="RANK:SECONDS": that rank takes SECONDS longer to load its shard, as a board
+reading it from a slow SD card does, while the others wait in the roll call."""
 from __future__ import annotations
 
 import os
@@ -15,6 +18,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardline import omp
+
+
+def slow_load() -> None:
+    rank, seconds = os.environ["SHARDLINE_TEST_SLOW_LOAD"].split(":")
+    if omp.world_rank() != int(rank):
+        return
+    from shardline import node
+    load = node.load_family_stage
+
+    def slow(*args, **kwargs):
+        time.sleep(float(seconds))
+        return load(*args, **kwargs)
+    node.load_family_stage = slow
 
 
 def slow_down() -> None:
@@ -34,6 +50,9 @@ def slow_down() -> None:
 
 if __name__ == "__main__":
     import runpy
-    slow_down()
+    if "SHARDLINE_TEST_SLOW" in os.environ:
+        slow_down()
+    if "SHARDLINE_TEST_SLOW_LOAD" in os.environ:
+        slow_load()
     sys.argv[0] = str(Path(__file__).resolve().parents[1] / "main.py")
     runpy.run_path(sys.argv[0], run_name="__main__")

@@ -261,17 +261,23 @@ def test_a_taken_port_is_a_refused_start_naming_it(long_parts, tmp_path):
 
 
 class Slowed:
-    """main.py on 3 ranks (plain mpirun, no supervisor) with some ranks' prompt steps slowed down, as on
-    a board much slower than this host (tests/slow_main.py)."""
+    """main.py on 3 ranks (plain mpirun, no supervisor) with some ranks' prompt steps (slow) or loading
+    (slow_load) slowed down, as on a board much slower than this host (tests/slow_main.py)."""
 
-    def __init__(self, parts: Path, log: Path, slow: str, *args: str):
+    def __init__(self, parts: Path, log: Path, slow: str, *args: str, slow_load: str | None = None,
+                 wait: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path, self.log = log, open(log, "w")
         cmd = launch_cmd(3, str(ROOT / "tests" / "slow_main.py"), "--model-dir", str(parts), "--port",
                          str(self.port), *args)
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(mpi_env(), SHARDLINE_TEST_SLOW=slow),
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = dict(mpi_env(), SHARDLINE_TEST_SLOW=slow, **({"SHARDLINE_TEST_SLOW_LOAD": slow_load} if slow_load else {}))
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self) -> None:
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -339,5 +345,86 @@ def test_a_step_that_never_ends_is_an_error_naming_the_rank(long_parts, tmp_path
         assert status >= 500 and "--compute-timeout 5" in message and "rank 2" in message, (status, body)
         assert 5 <= took < 9, took
         assert job.proc.wait(30) != 0
+    finally:
+        job.stop()
+
+
+def test_ranks_started_with_different_cache_or_wire_options_are_a_refused_start(long_parts):
+    """One mpirun, different options per rank (an MPMD command line, or a board with an old launch.sh):
+    rank 0 hands out KV-cache slots and positions that the others must hold, and every rank must agree
+    on the wire's type. A mismatch used to start, and a worker holding fewer rows than rank 0 hands out
+    failed mid-request; now the start is refused (78) with the options named."""
+    import socket
+
+    from tests.helpers import MPIRUN
+    main = [PY, "-m", "mpi4py", str(ROOT / "main.py"), "--model-dir", str(long_parts), "--port", str(free_port())]
+    cmd = [MPIRUN, "--oversubscribe", "--bind-to", "none",
+           "-np", "1", *main, "--slots", "4", ":",
+           "-np", "1", *main, "--slots", "8", ":",
+           "-np", "1", *main, "--slots", "4", "--max-context", "512", "--wire-dtype", "float16"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 78, out
+    assert f"rank 1 on {socket.gethostname()}: started with --slots 8 but rank 0 with --slots 4; start every rank with the same --slots" in out, out
+    assert f"rank 2 on {socket.gethostname()}: started with --wire-dtype float16, --max-context 512 but rank 0 with --wire-dtype float32, " \
+           "--max-context 1024; start every rank with the same --wire-dtype and --max-context" in out, out
+
+
+def test_a_killed_rank_0_leaves_a_503_on_its_port_not_a_refused_connection(long_parts, tmp_path):
+    """Rank 0 killed: its port closed at once, while the workers took their silence timeout (step
+    timeout + two heartbeats) to end and mpirun with them: ~8 s of refused connections. The supervisor
+    now answers 503 as soon as rank 0 is gone, ends the job at once and restarts it."""
+    job = Supervised(long_parts, tmp_path / "job.log")
+    try:
+        job.wait_healthy(120)
+        first = job.ranks()[0]
+        first.send_signal(signal.SIGKILL)
+        t_kill, seen = time.monotonic(), []
+        while time.monotonic() - t_kill < 60:
+            try:
+                status, body = http("GET", job.url + "/health", timeout=2)
+                seen.append((time.monotonic() - t_kill, status, body.get("code") if isinstance(body, dict) else None))
+                if status == 200:
+                    break
+            except OSError as err:
+                seen.append((time.monotonic() - t_kill, "refused", type(err).__name__))
+            time.sleep(0.1)
+        assert seen[-1][1] == 200, (seen, job.log_path.read_text())
+        assert any(s == 503 and code == "job_restarting" for _, s, code in seen), seen
+        # refused: only right after the kill, and for a moment while the new rank 0 takes the port back
+        late = [t for t, s, _ in seen if s == "refused" and 1 < t < seen[-1][0] - 1]
+        assert not late, (late, seen, job.log_path.read_text())
+        # and the job is ended at once (the workers would wait out their silence timeout), not after
+        # --exit-grace: rank 0 left no exit status, so there is nothing to wait for
+        assert "rank 0 died without an exit status (killed?): ending the job" in job.log_path.read_text()
+    finally:
+        job.stop()
+
+
+def test_ranks_waiting_for_a_slow_board_to_load_use_no_cpu(long_parts, tmp_path):
+    """Rank 2 takes 60 s longer to load: ranks 0 and 1 wait for it in the roll call. They used to spin a
+    core each there (Open MPI's blocking gather polls, and the threads of the loading's parallel regions
+    spun on), taking it from the board's other work, or from a slow rank on the same host."""
+    job = Slowed(long_parts, tmp_path / "job.log", "0:0:999999", slow_load="2:60", wait=False)
+    try:
+        deadline = time.monotonic() + 30
+        ranks = {}
+        while len(ranks) < 3 and time.monotonic() < deadline:
+            ranks = rank_processes(job.proc.pid)
+            time.sleep(0.2)
+        # once ranks 0 and 1 have loaded (a few seconds) they wait: measure after a second in which neither
+        # used CPU, or after 25 s at the latest
+        settle = time.monotonic() + 25
+        while time.monotonic() < settle:
+            before = {r: sum(ranks[r].cpu_times()[:2]) for r in (0, 1)}
+            time.sleep(1.0)
+            if all(sum(ranks[r].cpu_times()[:2]) - before[r] < 0.05 for r in (0, 1)):
+                break
+        before = {r: sum(ranks[r].cpu_times()[:2]) for r in (0, 1)}
+        time.sleep(3.0)
+        share = {r: (sum(ranks[r].cpu_times()[:2]) - before[r]) / 3.0 for r in (0, 1)}
+        waiting = job.proc.poll() is None and "API at" not in job.log_path.read_text()
+        assert waiting, job.log_path.read_text()      # measured while rank 2 was still loading
+        assert all(s < 0.05 for s in share.values()), share
     finally:
         job.stop()
