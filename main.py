@@ -24,6 +24,13 @@ def heartbeat(step_timeout: float) -> float:
     return min(STATS_INTERVAL, step_timeout / 4)
 
 
+def silence(step_timeout: float) -> float:
+    """Seconds a worker hears nothing from the rank before it until it takes the job for broken: rank 0
+    sends nothing while it starts its API (imports, the port hand-off), so at least 4 s over the step
+    timeout, however short that is."""
+    return step_timeout + 2 * STATS_INTERVAL
+
+
 # What rank 0's waiting clients hear when the supervisor signals it with LOST_BOARD_SIGNAL.
 LOST_BOARD = ("the job has ended: Open MPI lost contact with one of the boards (power or network); the service "
               "comes back once every board answers again (GET /health names the missing one); retry shortly")
@@ -77,8 +84,8 @@ def parse_args(argv=None):
                     help="seconds without an answer from the ring before a rank is declared dead or hung (a "
                          "rank busy with a long step still answers: a slow board is not a dead one)")
     ap.add_argument("--compute-timeout", type=at_least(1.0, float), default=600.0,
-                    help="seconds one micro-batch may take in the ring before the job is declared stuck (a slow "
-                         "board computing a long prompt chunk needs this much; see also --max-batch-tokens)")
+                    help="seconds one rank may compute one step before the job is declared stuck (a slow board "
+                         "computing a long prompt chunk needs this much; see also --max-batch-tokens)")
     ap.add_argument("--shutdown-grace", type=at_least(0.0, float), default=0.0,
                     help="on SIGTERM/SIGINT, seconds in-flight requests may still run (default 0: they get an "
                          "error at once; mpirun kills every rank ~0.25 s after it is signalled)")
@@ -144,8 +151,7 @@ def _serve_worker(args, node) -> int:
     try:
         worker.serve(node.stage, node.link, rank, rank == node.size - 1,
                      should_stop=lambda: deadline[0] is not None and time.monotonic() > deadline[0][0],
-                     silence_timeout=args.step_timeout + 2 * heartbeat(args.step_timeout),
-                     heartbeat=heartbeat(args.step_timeout))
+                     silence_timeout=silence(args.step_timeout), heartbeat=heartbeat(args.step_timeout))
     except worker.Silence as err:
         print(f"[rank {rank} on {socket.gethostname()}] {err}: the job is broken, exiting", file=sys.stderr, flush=True)
         os._exit(1)
@@ -193,7 +199,7 @@ def _serve_head(args, node) -> int:
     # The wait for the supervisor to let go of the port ends before the workers, hearing nothing from
     # rank 0 meanwhile, give the job up (step timeout + two heartbeats).
     sock = api_socket(args.host, args.port, handoff=f"{args.pid_file}.bind" if args.pid_file else None,
-                      wait=max(1.0, args.step_timeout + 2 * heartbeat(args.step_timeout) - 4.0))
+                      wait=max(1.0, silence(args.step_timeout) - 4.0))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
     if sock is not None:
         http.start()
@@ -251,6 +257,7 @@ def _serve_head(args, node) -> int:
         give_up = threading.Timer(5.0, os._exit, (code,))
         give_up.daemon = True
         give_up.start()
+        link.lock.acquire(timeout=1.0)      # no Keepalive in an MPI call meanwhile (serialized)
         link.comm.Abort(code)
     return code
 

@@ -1,6 +1,7 @@
 """Rank 0's engine: continuous batching over a ring of pipeline stages.
 
-All MPI calls happen here, on one thread. The HTTP thread hands requests in through a bounded queue
+All MPI calls happen here, on the loop's thread, except those of wire.Keepalive while the loop
+computes a long step (one thread at a time: Link.lock). The HTTP thread hands requests in through a bounded queue
 (submit) and gets text back through each request's callbacks. Every active sequence owns a KV-cache
 slot (the same row on every stage); the next tokens of the ready sequences go out together as one
 packed micro-batch, and up to one micro-batch per stage is in the ring at once so every stage works.
@@ -141,8 +142,10 @@ class Engine:
         self._stats_sent_at = 0.0
         self._stats_pending = False
         self._alive_at = time.monotonic()                  # when the heartbeat last came home
-        # while this rank computes a long step, its PINGs keep the workers from taking it for dead
-        self.keepalive = wire.Keepalive(link, stats_interval, ping=True) if link is not None else None
+        # while this rank computes a long step, its PINGs keep the workers from taking it for dead; a step
+        # of its own that never ends is given up by the Keepalive (the loop is the thing stuck)
+        self.keepalive = (wire.Keepalive(link, stats_interval, ping=True, stuck_after=compute_timeout,
+                                         on_stuck=self._stuck) if link is not None else None)
         self.threads = omp.Threads()
         self.backend = tokenizer.backend_tokenizer         # the `tokenizers` object DecodeStream steps
         self.untexted: list[Request] = []                  # new tokens not yet detokenized (see _texts)
@@ -469,7 +472,9 @@ class Engine:
         Dead or hung (a rank or its board killed, stopped, cut off): the heartbeat (the periodic STATS
         round) has not come home for --step-timeout, and no micro-batch has either. A rank busy with a
         long step passes the heartbeat on meanwhile (wire.Keepalive), so a slow board is not dead.
-        Stuck: a micro-batch has been out for --compute-timeout while the heartbeat still goes round."""
+        Stuck: the heartbeat still goes round, but a worker reports one step running for longer than
+        --compute-timeout (a step, not a micro-batch's time in the ring, which waits behind others'
+        steps on a ring of slow boards). Rank 0's own step: see _stuck."""
         now = time.monotonic()
         if self.flights:
             oldest = min(f.t_sent for f in self.flights.values())
@@ -477,22 +482,32 @@ class Engine:
             heard = max(oldest, self._alive_at, self.keepalive.home_at)
             if now - heard > self.step_timeout:
                 return self._fail(f"no answer from the pipeline for {now - heard:.1f}s")
-            if now - oldest > self.compute_timeout:
-                return self._fail(f"a micro-batch has been in the pipeline for {now - oldest:.0f}s "
-                                  f"(--compute-timeout {self.compute_timeout:g}){self._busiest()}", dead=False)
+            stuck = [r for r in self.rank_stats if r[7] > self.compute_timeout]
+            if stuck:
+                row = max(stuck, key=lambda r: r[7])
+                rank = int(row[0])
+                return self._fail(f"rank {rank} ({self.hosts[rank]}) has been computing one step for {row[7]:.0f}s "
+                                  f"(--compute-timeout {self.compute_timeout:g})", dead=False)
         if self._stats_pending and now - self._stats_sent_at > self.step_timeout:
             return self._fail(f"no answer from the pipeline for {now - self._stats_sent_at:.1f}s")
         return False
 
-    def _busiest(self) -> str:
-        """Which rank the last heartbeat found computing for longest, if any: ', rank 2 (pi-3) had been
-        computing one for 312s'."""
-        rows = [r for r in self.rank_stats if len(r) > 7 and r[7] > 0]
-        if not rows:
-            return ""
-        row = max(rows, key=lambda r: r[7])
-        rank = int(row[0])
-        return f"; rank {rank} ({self.hosts[rank]}) had been computing one for {row[7]:.0f}s when last heard from"
+    def _stuck(self, busy: float) -> None:
+        """Rank 0's own step (its layers, the head, sampling) has run for --compute-timeout: called from
+        its Keepalive, since this loop is what hangs. The waiting clients get the error (the loop
+        touches no request while it is stuck), then the process ends without an exit status, which
+        the supervisor takes as a death: it ends the job at once and starts it again."""
+        import os
+        import sys
+        self.failed = (f"rank 0 ({self.hosts[0]}) has been computing one step for {busy:.0f}s (--compute-timeout "
+                       f"{self.compute_timeout:g}): its step does not end; the job stops so a supervisor can restart it")
+        print(f"shardline: {self.failed}", file=sys.stderr, flush=True)
+        try:
+            self._fail_all(self.failed)
+        except Exception as err:  # noqa: BLE001 - the process ends next regardless
+            print(f"shardline: while failing the requests: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        time.sleep(0.5)        # let the error responses go out
+        os._exit(1)
 
     def _fail(self, what: str, dead: bool = True) -> bool:
         ranks = f"ranks 1..{self.size - 1} on {', '.join(self.hosts[1:])}"

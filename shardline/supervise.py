@@ -385,12 +385,12 @@ class Supervisor:
             _kill_group(self.proc, signal.SIGTERM)   # rank 0 is not up yet: stop mpirun itself
 
     def _wait(self, job: subprocess.Popen, rank0: Rank0) -> int:
-        from shardline.unavailable import Down
         """Wait for mpirun. Once a stop was asked: SIGTERM to its process group after --stop-timeout, then
         SIGKILL to its session. Once rank 0 has exited: --exit-grace seconds for mpirun to follow, then the
         same (mpirun waits for the daemon of a board that vanished, or hangs in the MPI exit), and then the
         status is the one rank 0 wrote, if any, not the signal that ended mpirun."""
-        escalated, since, ended_it = 0, None, False
+        from shardline.unavailable import Down
+        escalated, since, ended_it, answered = 0, None, False, False
         started = time.monotonic()
         while True:
             try:
@@ -415,10 +415,12 @@ class Supervisor:
                 escalated, since = 1, time.monotonic()
             elif escalated == 0:
                 gone = rank0.exiting_for()
-                if rank0.gone_at is not None and self.responder and not self.responder.shown:
+                if (rank0.gone_at is not None and self.responder and not answered and rank0.status != EX_CONFIG
+                        and self.args.restart):
                     # rank 0 has exited, and its port with it: the rest of the job may take a while to end
                     # (workers waiting out their silence timeout, --exit-grace), so answer 503 at once
-                    # rather than refuse connections meanwhile
+                    # rather than refuse connections meanwhile (once: the restart's own 503 comes next)
+                    answered = True
                     self._down(Down("the model's job has failed (rank 0 exited) and restarts shortly; retry shortly",
                                     "job_restarting", time.monotonic() + 5))
                 killed = rank0.gone_at is not None and rank0.status is None   # it wrote no exit status

@@ -101,6 +101,7 @@ class Link:
         self.last_traffic = time.monotonic()
         self.lock = threading.Lock()
         self.held: collections.deque[Message] = collections.deque()
+        self.failed: Exception | None = None    # what stopped a Keepalive using this link; poll() raises it
 
     def send(self, msg: Message) -> None:
         with self.lock:
@@ -127,7 +128,11 @@ class Link:
     def poll(self) -> Message | None:
         """The next message from prev if its header has arrived, else None. Never blocks on an idle ring."""
         with self.lock:
-            return self.held.popleft() if self.held else self._poll()
+            if self.held:
+                return self.held.popleft()
+            if self.failed is not None:
+                raise self.failed
+            return self._poll()
 
     def _poll(self) -> Message | None:
         if not self.req.Test(self.status):
@@ -158,9 +163,10 @@ class Keepalive:
     A rank's loop does one thing at a time, so while it computes a micro-batch nothing passes through
     it: a prefill chunk of a big model on a slow board (a Pi 4 computes a 256-token chunk of 3.5 B
     parameters for minutes) used to starve the heartbeat, and rank 0 took a busy board for a dead one
-    (--step-timeout). Now, once a step has run for a quarter of a heartbeat, this thread (asleep as
-    SCHED_BATCH, so its wake-ups never preempt the compute) serves the link every quarter heartbeat
-    (0.5 s by default) until the step ends:
+    (--step-timeout). Now, once a step has run for an eighth of a heartbeat, this thread (asleep as
+    SCHED_BATCH, so its wake-ups never preempt the compute) serves the link every eighth of a
+    heartbeat (0.25 s by default) until the step ends, so each busy rank delays the heartbeat by at
+    most that:
     - a STATS heartbeat goes on at once, with this rank's row from `on_stats` (workers), so rank 0
       keeps hearing from every rank, and learns from the row for how long this one has been busy;
     - rank 0 (`ping`) sends a PING every heartbeat, so the workers do not take its silence for death
@@ -168,14 +174,18 @@ class Keepalive:
       went through every rank, so the ring is alive;
     - a PING passes on (workers);
     - anything else (FORWARD, SHUTDOWN, a STATS coming home to rank 0) is held for the loop, in order.
-    A step shorter than that (every decode step) never meets this thread. A dead or stopped rank, or
-    its board, stops the heartbeat as before; a rank whose step never ends is caught by rank 0's
-    --compute-timeout."""
+    A step shorter than that (every decode step) is never served by this thread. A dead or stopped
+    rank, or its board, stops the heartbeat as before. A worker whose step never ends reports its busy
+    time in its row, and rank 0 gives up after --compute-timeout; rank 0's own step is watched here:
+    once it has run for `stuck_after` seconds, `on_stuck` is called (once) instead of more PINGs.
+    An error here (MPI: a neighbour gone) is handed to the loop, whose next poll() raises it."""
 
-    def __init__(self, link: Link, heartbeat: float, on_stats=None, ping: bool = False):
+    def __init__(self, link: Link, heartbeat: float, on_stats=None, ping: bool = False,
+                 stuck_after: float | None = None, on_stuck=None):
         self.link, self.on_stats = link, on_stats
-        self.tick = heartbeat / 4
+        self.tick = heartbeat / 8
         self.ping_every = heartbeat if ping else None
+        self.stuck_after, self.on_stuck = stuck_after, on_stuck
         self.since: float | None = None    # when the step being computed began (monotonic)
         self.home_at = 0.0                 # when rank 0's last PING came home
         threading.Thread(target=self._run, name="keepalive", daemon=True).start()
@@ -195,11 +205,21 @@ class Keepalive:
 
     def _run(self) -> None:
         _lower()
+        try:
+            self._serve()
+        except Exception as err:  # noqa: BLE001 - an MPI error (a neighbour gone): the loop reports it
+            self.link.failed = err
+
+    def _serve(self) -> None:
         last_ping = 0.0
         while True:
             time.sleep(self.tick)
-            if self.busy_for() < self.tick:
+            busy = self.busy_for()
+            if busy < self.tick:
                 continue
+            if self.on_stuck is not None and self.stuck_after is not None and busy > self.stuck_after:
+                self.on_stuck(busy)
+                return
             with self.link.lock:
                 while (msg := self.link._poll()) is not None:
                     if msg.kind == STATS and self.on_stats is not None:
