@@ -81,7 +81,7 @@ def roll_call(comm, rank: int, size: int, record: dict) -> tuple[bool, list[dict
         records = [record]
     else:
         buf = np.zeros(RECORD, np.uint8)
-        raw = json.dumps(record).encode()[:RECORD]
+        raw = _fit(record)
         buf[:len(raw)] = np.frombuffer(raw, np.uint8)
         allbuf = np.zeros((size, RECORD), np.uint8) if rank == 0 else None
         _wait(comm.Igather(buf, allbuf, root=0))
@@ -105,6 +105,25 @@ def roll_call(comm, rank: int, size: int, record: dict) -> tuple[bool, list[dict
     if comm is not None:
         _wait(comm.Ibcast(go, root=0))
     return bool(go[0]), records
+
+
+def _fit(record: dict) -> bytes:
+    """The record as JSON in at most RECORD bytes: a long error message is cut (cutting the JSON itself
+    made rank 0's parse fail, and the others wait in the roll call for good)."""
+    raw = json.dumps(record).encode()
+    error = record.get("error") or ""
+    if len(raw) > RECORD and error:
+        lo, hi = 0, len(error)             # the longest start of the message that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(json.dumps(dict(record, error=error[:mid] + " [...]")).encode()) <= RECORD:
+                lo = mid
+            else:
+                hi = mid - 1
+        raw = json.dumps(dict(record, error=error[:lo] + " [...]")).encode()
+    if len(raw) > RECORD:
+        raw = json.dumps({k: record.get(k) for k in ("rank", "host", "ok")} | {"error": "record too long"}).encode()
+    return raw
 
 
 def _wait(request) -> None:

@@ -431,3 +431,18 @@ def test_ranks_waiting_for_a_slow_board_to_load_use_no_cpu(long_parts, tmp_path)
         assert all(s < 0.05 for s in share.values()), share
     finally:
         job.stop()
+
+
+def test_a_long_load_error_still_fits_the_roll_call_record():
+    """A rank's load error longer than its 4096-byte roll-call record (a long path, a traceback-like
+    message from a library) was cut mid-JSON: rank 0's parse failed and every other rank waited in the
+    roll call until --start-timeout. Now the message is cut, and the record stays JSON."""
+    from shardline.node import RECORD, _fit
+    record = {"rank": 2, "host": "pi-2", "ok": False, "wire_dtype": "float32",
+              "error": "/home/pi/model_parts/stage_2.safetensors: " + "é" * 3000 + " (corrupted); re-run --tags shards"}
+    raw = _fit(record)
+    back = json.loads(raw)
+    assert len(raw) <= RECORD and back["rank"] == 2 and back["ok"] is False
+    assert back["error"].startswith("/home/pi/model_parts/stage_2.safetensors: ") and back["error"].endswith("[...]")
+    short = {"rank": 1, "host": "pi-1", "ok": True, "slots": 16, "max_context": 2048}
+    assert json.loads(_fit(short)) == short
