@@ -170,8 +170,8 @@ class Keepalive:
     - a STATS heartbeat goes on at once, with this rank's row from `on_stats` (workers), so rank 0
       keeps hearing from every rank, and learns from the row for how long this one has been busy;
     - rank 0 (`ping`) sends a PING every heartbeat, so the workers do not take its silence for death
-      (their Silence timeout); a PING that comes home here is dropped, noting when (`home_at`): it
-      went through every rank, so the ring is alive;
+      (their Silence timeout); a PING that comes home here is dropped, noting when (`home_at`, as
+      for a STATS coming home): it went through every rank, so the ring is alive;
     - a PING passes on (workers);
     - anything else (FORWARD, SHUTDOWN, a STATS coming home to rank 0) is held for the loop, in order.
     A step shorter than that (every decode step) is never served by this thread. A dead or stopped
@@ -230,6 +230,8 @@ class Keepalive:
                         else:
                             self.home_at = time.monotonic()
                     else:
+                        if msg.kind == STATS:      # rank 0's heartbeat, home: the ring was alive now
+                            self.home_at = time.monotonic()
                         self.link.held.append(msg)
                 if self.ping_every is not None and time.monotonic() - last_ping > self.ping_every:
                     self.link._send(Message(PING))
