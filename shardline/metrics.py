@@ -33,7 +33,7 @@ class Metrics:
         self.rank_rss = Gauge("shardline_rank_rss_bytes", "Resident memory of each rank", labels, registry=r)
         self.rank_peak = Gauge("shardline_rank_peak_rss_bytes", "Peak resident memory of each rank", labels, registry=r)
         self.rank_busy = Gauge("shardline_rank_busy_seconds", "How long each rank has been computing its current "
-                               "micro-batch, when last heard from (0: between steps, or a step under 0.5 s)",
+                               "micro-batch, when last heard from (0 between steps and in short ones)",
                                labels, registry=r)
 
     def set_rank_stats(self, rows, hosts: list[str]) -> None:
