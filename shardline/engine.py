@@ -1,8 +1,8 @@
 """Rank 0's engine: continuous batching over a ring of pipeline stages.
 
 All MPI calls happen here, on the loop's thread, except those of wire.Keepalive while the loop
-computes a long step (one thread at a time: Link.lock). The HTTP thread hands requests in through a bounded queue
-(submit) and gets text back through each request's callbacks. Every active sequence owns a KV-cache
+computes a long step (one thread at a time: Link.lock). The HTTP thread hands requests in through a
+bounded queue (submit) and gets text back through each request's callbacks. Every active sequence owns a KV-cache
 slot (the same row on every stage); the next tokens of the ready sequences go out together as one
 packed micro-batch, and up to one micro-batch per stage is in the ring at once so every stage works.
 A slot needs no message to be freed: it is a free-list entry here, and a new sequence in it starts
@@ -119,8 +119,8 @@ class Engine:
         self.active: list[Request] = []
         self.flights: dict[int, Flight] = {}
         self.step = 0
-        # step_timeout: the heartbeat's limit (a dead or hung rank); compute_timeout: a micro-batch's (a
-        # rank alive but stuck in one step). See _timed_out.
+        # step_timeout: the ring's limit (a dead or hung rank); compute_timeout: one step's on one rank (a
+        # rank alive but stuck). See _timed_out.
         self.max_batch_tokens, self.step_timeout, self.compute_timeout = max_batch_tokens, step_timeout, compute_timeout
         self.metrics = metrics or Metrics()
         self.log_steps, self.stats_interval = log_steps, stats_interval
@@ -141,7 +141,6 @@ class Engine:
         self.rank_stats: np.ndarray = np.zeros((0, len(STAT_FIELDS)))
         self._stats_sent_at = 0.0
         self._stats_pending = False
-        self._alive_at = time.monotonic()                  # when the heartbeat last came home
         # while this rank computes a long step, its PINGs keep the workers from taking it for dead; a step
         # of its own that never ends is given up by the Keepalive (the loop is the thing stuck)
         self.keepalive = (wire.Keepalive(link, stats_interval, ping=True, stuck_after=compute_timeout,
@@ -300,7 +299,6 @@ class Engine:
             self.rank_stats = msg.payload
             self.metrics.set_rank_stats(msg.payload, self.hosts)
             self._stats_pending = False
-            self._alive_at = time.monotonic()
         return True                                # (a PING that came home after this rank's long step: dropped)
 
     def _busy(self):
@@ -478,8 +476,9 @@ class Engine:
         now = time.monotonic()
         if self.flights:
             oldest = min(f.t_sent for f in self.flights.values())
-            # heard from every rank since: the heartbeat, or this rank's PINGs while it computed
-            heard = max(oldest, self._alive_at, self.keepalive.home_at)
+            # heard from every rank since: anything that came home went round the whole ring (a micro-batch,
+            # the heartbeat, this rank's PINGs while it computed), and the link notes when it arrived
+            heard = max(oldest, self.link.last_traffic)
             if now - heard > self.step_timeout:
                 return self._fail(f"no answer from the pipeline for {now - heard:.1f}s")
             stuck = [r for r in self.rank_stats if r[7] > self.compute_timeout]

@@ -424,14 +424,13 @@ class Supervisor:
                     self._down(Down("the model's job has failed (rank 0 exited) and restarts shortly; retry shortly",
                                     "job_restarting", time.monotonic() + 5))
                 killed = rank0.gone_at is not None and rank0.status is None   # it wrote no exit status
-                if killed:
-                    # (a signal, the OOM killer): the workers would wait out their silence timeout
-                    log("rank 0 died without an exit status (killed?): ending the job")
-                elif gone is not None and gone > self.args.exit_grace:
-                    said = "" if rank0.status is None else f" with status {rank0.status}"
-                    log(f"rank 0 exited{said} {gone:.0f}s ago and mpirun is still running (it waits for a board "
-                        "that no longer answers, or hangs in the MPI exit): ending the job")
                 if killed or (gone is not None and gone > self.args.exit_grace):
+                    if killed:   # (a signal, the OOM killer): the workers would wait out their silence timeout
+                        log("rank 0 died without an exit status (killed?): ending the job")
+                    else:
+                        said = "" if rank0.status is None else f" with status {rank0.status}"
+                        log(f"rank 0 exited{said} {gone:.0f}s ago and mpirun is still running (it waits for a "
+                            "board that no longer answers, or hangs in the MPI exit): ending the job")
                     signal_session(job, signal.SIGTERM)
                     escalated, since, ended_it = 1, time.monotonic(), True
             if escalated == 1 and time.monotonic() - since > 3:

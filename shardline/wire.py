@@ -170,8 +170,8 @@ class Keepalive:
     - a STATS heartbeat goes on at once, with this rank's row from `on_stats` (workers), so rank 0
       keeps hearing from every rank, and learns from the row for how long this one has been busy;
     - rank 0 (`ping`) sends a PING every heartbeat, so the workers do not take its silence for death
-      (their Silence timeout); a PING that comes home here is dropped, noting when (`home_at`, as
-      for a STATS coming home): it went through every rank, so the ring is alive;
+      (their Silence timeout); a PING that comes home here is dropped: its arrival (the link's
+      `last_traffic`, as for anything coming home) says every rank passed it on, so the ring is alive;
     - a PING passes on (workers);
     - anything else (FORWARD, SHUTDOWN, a STATS coming home to rank 0) is held for the loop, in order.
     A step shorter than that (every decode step) is never served by this thread. A dead or stopped
@@ -187,7 +187,6 @@ class Keepalive:
         self.ping_every = heartbeat if ping else None
         self.stuck_after, self.on_stuck = stuck_after, on_stuck
         self.since: float | None = None    # when the step being computed began (monotonic)
-        self.home_at = 0.0                 # when rank 0's last PING came home
         threading.Thread(target=self._run, name="keepalive", daemon=True).start()
 
     @contextlib.contextmanager
@@ -217,7 +216,7 @@ class Keepalive:
             busy = self.busy_for()
             if busy < self.tick:
                 continue
-            if self.on_stuck is not None and self.stuck_after is not None and busy > self.stuck_after:
+            if self.on_stuck is not None and busy > self.stuck_after:
                 self.on_stuck(busy)
                 return
             with self.link.lock:
@@ -227,11 +226,7 @@ class Keepalive:
                     elif msg.kind == PING:
                         if self.ping_every is None:
                             self.link._send(msg)
-                        else:
-                            self.home_at = time.monotonic()
                     else:
-                        if msg.kind == STATS:      # rank 0's heartbeat, home: the ring was alive now
-                            self.home_at = time.monotonic()
                         self.link.held.append(msg)
                 if self.ping_every is not None and time.monotonic() - last_ping > self.ping_every:
                     self.link._send(Message(PING))

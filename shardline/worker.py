@@ -22,12 +22,10 @@ def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, sil
     before this one, or its board, is dead or hung. While this rank computes a long step, a
     wire.Keepalive passes the heartbeat on."""
     done = {"compute": 0.0, "steps": 0}
-    keepalive = None
 
     def with_row(msg: wire.Message) -> wire.Message:
         rss, peak = rss_bytes()
-        busy = keepalive.busy_for() if keepalive else 0.0
-        row = [rank, done["compute"], link.bytes_sent, link.bytes_recv, done["steps"], rss, peak, busy]
+        row = [rank, done["compute"], link.bytes_sent, link.bytes_recv, done["steps"], rss, peak, keepalive.busy_for()]
         msg.payload = np.vstack([msg.payload, np.array([row], np.float64)])
         return msg
 
