@@ -55,6 +55,25 @@ def create_app(state: Callable[[], Down]):
     return app
 
 
+def _wait_until_bindable(host: str, port: int, timeout: float) -> bool:
+    """Whether host:port can be bound (as uvicorn binds it: SO_REUSEADDR) within timeout seconds."""
+    import errno
+    import socket
+    end = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            return True
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE or time.monotonic() > end:
+                return False
+        finally:
+            sock.close()
+        time.sleep(0.05)
+
+
 class Responder:
     """Serves create_app on host:port in a thread while shown; hide() frees the port for rank 0."""
 
@@ -64,10 +83,14 @@ class Responder:
         self._server = None
         self._thread: threading.Thread | None = None
 
-    def show(self, down: Down) -> None:
+    def show(self, down: Down, wait_for_port: float = 3.0) -> None:
+        """Answer `down` on the port. A rank 0 just killed may hold it for a moment (its first thread
+        is a zombie, which is what the supervisor watches, while the others still close its files:
+        measured up to 2 s on a loaded machine), so wait up to wait_for_port seconds for it."""
         self.down = down
         if self._thread is not None and self._thread.is_alive():
             return
+        _wait_until_bindable(self.host, self.port, wait_for_port)
         import uvicorn
         self._server = uvicorn.Server(uvicorn.Config(create_app(lambda: self.down), host=self.host, port=self.port,
                                                      log_level="error", timeout_graceful_shutdown=1))

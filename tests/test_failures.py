@@ -373,6 +373,17 @@ def test_ranks_started_with_different_cache_or_wire_options_are_a_refused_start(
            "--max-context 1024; start every rank with the same --wire-dtype and --max-context" in out, out
 
 
+def timeline(seen) -> str:
+    """[(seconds, status, code)] polls as runs: '0.0-0.1s refused ConnectionError, 0.2-3.3s 503 job_restarting'."""
+    runs = []
+    for t, status, code in seen:
+        if runs and runs[-1][2:] == (status, code):
+            runs[-1][1] = t
+        else:
+            runs.append([t, t, status, code])
+    return ", ".join(f"{a:.1f}-{b:.1f}s {status} {code}" for a, b, status, code in runs)
+
+
 def test_a_killed_rank_0_leaves_a_503_on_its_port_not_a_refused_connection(long_parts, tmp_path):
     """Rank 0 killed: its port closed at once, while the workers took their silence timeout (step
     timeout + two heartbeats) to end and mpirun with them: ~8 s of refused connections. The supervisor
@@ -392,11 +403,13 @@ def test_a_killed_rank_0_leaves_a_503_on_its_port_not_a_refused_connection(long_
             except OSError as err:
                 seen.append((time.monotonic() - t_kill, "refused", type(err).__name__))
             time.sleep(0.1)
-        assert seen[-1][1] == 200, (seen, job.log_path.read_text())
-        assert any(s == 503 and code == "job_restarting" for _, s, code in seen), seen
+        story = f"/health after the kill: {timeline(seen)}\njob log:\n{job.log_path.read_text()[-6000:]}"
+        assert seen[-1][1] == 200, story
+        assert any(s == 503 and code == "job_restarting" for _, s, code in seen), story
         # refused: only right after the kill, and for a moment while the new rank 0 takes the port back
         late = [t for t, s, _ in seen if s == "refused" and 1 < t < seen[-1][0] - 1]
-        assert not late, (late, seen, job.log_path.read_text())
+        if late:
+            pytest.fail(f"connections refused {late[0]:.1f}-{late[-1]:.1f}s after the kill; {story}")
         # and the job is ended at once (the workers would wait out their silence timeout), not after
         # --exit-grace: rank 0 left no exit status, so there is nothing to wait for
         assert "rank 0 died without an exit status (killed?): ending the job" in job.log_path.read_text()
