@@ -71,3 +71,31 @@ def make_family_model(name: str, out: Path, seed: int = 0, steps: int = 120, **o
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def reference_run(d: Path, max_new: int, model=None):
+    """What transformers computes for the tiny model in d (or `model`, e.g. with its weights replaced by
+    quantized ones): (60 ids of TEXT, their teacher-forced logits, 4 prompts, each prompt's greedy
+    continuation up to max_new tokens or EOS). The prompts: short ones, one of 40 tokens (prefilled in
+    chunks at max_batch_tokens 16) and a single token."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tests.helpers import hf_model
+    ids = AutoTokenizer.from_pretrained(d)(TEXT)["input_ids"]
+    model = hf_model(d) if model is None else model
+    prompts = [ids[:5], ids[40:47], ids[90:130], ids[150:151]]
+    greedy = []
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:60]])).logits[0]
+        for p in prompts:
+            out = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
+                                 attention_mask=torch.ones(1, len(p), dtype=torch.long), pad_token_id=0)
+            g = out[0, len(p):].tolist()
+            eos = model.config.eos_token_id
+            g = g[:g.index(eos)] if eos in g else g
+            # token equality only means something where the reference's choices are clear
+            full = model(torch.tensor([p + g])).logits[0, len(p) - 1:-1].topk(2).values
+            assert (full[:, 0] - full[:, 1]).min() > 1e-3, f"{d}: reference logits too flat"
+            greedy.append(g)
+    return ids[:60], logits, prompts, greedy

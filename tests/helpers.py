@@ -86,14 +86,19 @@ def launch_cmd(ranks: int, script: str, *args: str) -> list[str]:
             PY, "-m", "mpi4py", script, *args]
 
 
-def run_mpi_check(parts: Path, ranks: int, work: Path, **cases) -> dict:
+def run_mpi_check(parts: Path, ranks: int, work: Path, python: str | None = None, timeout: float = 240,
+                  **cases) -> dict:
     """Run tests/mpi_check.py on `ranks` ranks over the split in parts with these cases (score, greedy,
-    max_new_tokens, max_batch_tokens, sequential); returns what rank 0 computed."""
+    max_new_tokens, max_batch_tokens, sequential); returns what rank 0 computed. python: another
+    interpreter for one rank (tests/test_aarch64.py's emulated board)."""
     case_file, out = work / f"cases-{ranks}.json", work / f"out-{ranks}.json"
     case_file.write_text(json.dumps(cases))
-    proc = subprocess.run(launch_cmd(ranks, str(ROOT / "tests" / "mpi_check.py"), "--model-dir", str(parts),
-                                     "--cases", str(case_file), "--out", str(out)),
-                          cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=240)
+    cmd = launch_cmd(ranks, str(ROOT / "tests" / "mpi_check.py"), "--model-dir", str(parts),
+                     "--cases", str(case_file), "--out", str(out))
+    if python:
+        assert ranks == 1, "another interpreter runs one rank"
+        cmd[0] = python
+    proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())
 

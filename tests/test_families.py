@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from tests.families import FAMILIES, TEXT, make_family_model, tiny_config
-from tests.helpers import PY, ROOT, hf_model, mpi_env, run_mpi_check, split
+from tests.families import FAMILIES, make_family_model, reference_run, tiny_config
+from tests.helpers import PY, ROOT, mpi_env, run_mpi_check, split
 
 MAX_NEW = 20
 # Uneven stages over 1-4 ranks (inclusive layer ranges; `none`: rank 0 holds only the embeddings and head)
@@ -20,24 +20,8 @@ def fitted(request, tmp_path_factory):
     """(family, model dir, reference logits, reference greedy continuations) of a tiny fitted model."""
     name = request.param
     d = make_family_model(name, tmp_path_factory.mktemp(name) / "model")
-    from transformers import AutoTokenizer
-    ids = AutoTokenizer.from_pretrained(d)(TEXT)["input_ids"]
-    model = hf_model(d)
-    prompts = [ids[:5], ids[40:47], ids[90:130], ids[150:151]]   # the 40-token one is prefilled in chunks
-    greedy = []
-    with torch.no_grad():
-        logits = model(torch.tensor([ids[:60]])).logits[0]
-        for p in prompts:
-            out = model.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False,
-                                 attention_mask=torch.ones(1, len(p), dtype=torch.long), pad_token_id=0)
-            g = out[0, len(p):].tolist()
-            eos = model.config.eos_token_id
-            g = g[:g.index(eos)] if eos in g else g
-            # token equality only means something where the reference's choices are clear
-            full = model(torch.tensor([p + g])).logits[0, len(p) - 1:-1].topk(2).values
-            assert (full[:, 0] - full[:, 1]).min() > 1e-3, f"{name}: reference logits too flat"
-            greedy.append(g)
-    return name, d, ids[:60], logits, prompts, greedy
+    score, logits, prompts, greedy = reference_run(d, MAX_NEW)
+    return name, d, score, logits, prompts, greedy
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
