@@ -88,3 +88,37 @@ def test_kernel_tests_pass_on_aarch64():
                           cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+def _same_split(a, b) -> list[str]:
+    """Names of the tensors that differ between two splits of the same model (stage by stage)."""
+    import json
+
+    from safetensors import safe_open
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    assert len(ma["stages"]) == len(mb["stages"])
+    differ = []
+    for k in range(len(ma["stages"])):
+        with safe_open(a / f"stage_{k}.safetensors", "pt") as fa, safe_open(b / f"stage_{k}.safetensors", "pt") as fb:
+            assert set(fa.keys()) == set(fb.keys()), k
+            differ += [n for n in fa.keys() if not torch.equal(fa.get_tensor(n), fb.get_tensor(n))]
+    return differ
+
+
+@pytest.mark.parametrize("source", ["hf-int4", "gguf-kquants-int8"])
+def test_a_head_board_splits_exactly_as_the_host_does(source, tmp_path):
+    """The head board serializes the model: on a Pi the splitter's reading, GGUF dequantization and
+    quantization run there. Its shards hold the same tensors, bit for bit, as the host's."""
+    if source == "hf-int4":
+        model, extra = make_family_model("qwen2", tmp_path / "model"), ["--quantize", "int4"]
+    else:
+        from tests.test_gguf import CASES, make
+        cls, config, qtype, _exact = CASES["llama-kquants"]
+        _m, model = make(tmp_path, cls, config, qtype)
+        extra = ["--quantize", "int8"]
+    args = ["-m", "splitter", "--model", str(model), "--stages", "2", *extra]
+    host = split(model, 2, tmp_path / "host", *extra)
+    proc = subprocess.run([EMULATED, *args, "--out", str(tmp_path / "board")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=TIMEOUT, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _same_split(host, tmp_path / "board") == []
