@@ -100,8 +100,9 @@ def _same_split(a, b) -> list[str]:
     differ = []
     for k in range(len(ma["stages"])):
         with safe_open(a / f"stage_{k}.safetensors", "pt") as fa, safe_open(b / f"stage_{k}.safetensors", "pt") as fb:
-            assert set(fa.keys()) == set(fb.keys()), k
-            differ += [n for n in fa.keys() if not torch.equal(fa.get_tensor(n), fb.get_tensor(n))]
+            names = fa.keys()       # a safe_open handle, not a dict
+            assert set(names) == set(fb.keys()), k
+            differ += [n for n in names if not torch.equal(fa.get_tensor(n), fb.get_tensor(n))]
     return differ
 
 
