@@ -143,11 +143,15 @@ def alive(p: psutil.Process) -> bool:
 class Server:
     """The real server (`mpirun ... main.py`) in its own process group; polls /health until it is up."""
 
-    def __init__(self, model_dir: Path, ranks: int, *args: str, port: int | None = None, log: Path | None = None):
+    def __init__(self, model_dir: Path, ranks: int, *args: str, port: int | None = None, log: Path | None = None,
+                 python: str | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         cmd = launch_cmd(ranks, str(ROOT / "main.py"), "--model-dir", str(model_dir), "--port", str(self.port), *args)
+        if python:       # another interpreter (tests/test_aarch64.py's emulated board), for one rank
+            assert ranks == 1, "another interpreter runs one rank"
+            cmd[0] = python
         self.log = open(log, "w") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

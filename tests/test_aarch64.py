@@ -13,6 +13,7 @@ Opt-in, since the emulated board is ~1.5 GB of aarch64 packages:
 One rank only: Open MPI's launcher finds no network interface under qemu-user. The split itself
 (1 rank = 2-4 ranks, exactly) is CPU-independent and checked on the host by tests/test_families.py.
 """
+import json
 import os
 import subprocess
 
@@ -123,3 +124,28 @@ def test_a_head_board_splits_exactly_as_the_host_does(source, tmp_path):
                           text=True, timeout=TIMEOUT, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _same_split(host, tmp_path / "board") == []
+
+
+def test_the_server_answers_curl_on_the_board(tmp_path):
+    """The whole serving stack on the board (FastAPI, uvicorn, the tokenizer's Rust library, the
+    engine): /generate gives transformers' greedy tokens, /health names the board's kernels, and a
+    streamed completion arrives in pieces."""
+    from tests.helpers import Server, hf_greedy, http
+    d = make_family_model("llama", tmp_path / "model")
+    parts = split(d, 1, tmp_path / "parts")
+    prompt = "Once upon a time there was"
+    server = Server(parts, 1, log=tmp_path / "server.log", python=EMULATED)
+    try:
+        health = server.wait_healthy(TIMEOUT)
+        assert health["stages"][0]["fp32_matmul"] == "aten", health      # oneDNN is the x86 choice
+        status, body = http("POST", server.url + "/generate", {"prompt": prompt, "max_new_tokens": 16,
+                                                                "temperature": 0}, timeout=TIMEOUT)
+        assert status == 200, body
+        assert body["text"] == hf_greedy(d, prompt, 16), body
+        request = json.dumps({"prompt": "the sea", "max_tokens": 8, "stream": True})
+        out = subprocess.run(["curl", "-sN", server.url + "/v1/completions", "-H", "content-type: application/json",
+                              "-d", request], capture_output=True, text=True, timeout=TIMEOUT, check=False)
+        chunks = [line for line in out.stdout.splitlines() if line.startswith("data: {")]
+        assert out.returncode == 0 and len(chunks) >= 2 and out.stdout.rstrip().endswith("data: [DONE]"), out.stdout
+    finally:
+        server.stop()
