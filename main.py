@@ -25,9 +25,9 @@ def heartbeat(step_timeout: float) -> float:
 
 
 def silence(step_timeout: float) -> float:
-    """Seconds a worker hears nothing from the rank before it until it takes the job for broken: rank 0
-    sends nothing while it starts its API (imports, the port hand-off), so at least 4 s over the step
-    timeout, however short that is."""
+    """Seconds a worker hears nothing from the rank before it until it takes the job for broken: at least
+    4 s over the step timeout, however short that is, for the moments after the roll call before rank 0's
+    engine exists (its PINGs cover the rest of its start-up: the HTTP server's imports, the port)."""
     return step_timeout + 2 * STATS_INTERVAL
 
 
@@ -165,9 +165,6 @@ def _serve_worker(args, node) -> int:
 
 def _serve_head(args, node) -> int:
     stage, manifest, tok_dir, link, records = node.stage, node.manifest, node.tok_dir, node.link, node.records
-    import uvicorn
-
-    from shardline.api import create_app
     from shardline.engine import Engine
     size = manifest.num_stages
     hosts = [r["host"] for r in records]
@@ -180,6 +177,11 @@ def _serve_head(args, node) -> int:
                     log_steps=args.verbose, stats_interval=heartbeat(args.step_timeout),
                     microbatches=args.microbatches or len(set(hosts)), stop_ids=stop_ids(tok_dir),
                     wire_dtype=args.wire_dtype, vocab_size=getattr(manifest.config, "vocab_size", None))
+    # From here until engine.run() the engine's Keepalive PINGs the workers: the HTTP stack's imports
+    # and the port hand-off take seconds on a busy head board, longer than a short --step-timeout's silence.
+    import uvicorn
+
+    from shardline.api import create_app
     data = manifest.data
     name = args.model_name or os.path.basename(str(data["source"]).rstrip("/")) or "model"
     info = {"model": name, "random_weights": data.get("random_weights", False), "ranks": size,
@@ -196,8 +198,6 @@ def _serve_head(args, node) -> int:
                                            # request never lands on a connection the server is closing
                                            timeout_keep_alive=30))
     # Under the supervisor, which answers 503 on the port while the job starts, ask it for the port.
-    # The wait for the supervisor to let go of the port ends before the workers, hearing nothing from
-    # rank 0 meanwhile, give the job up (step timeout + two heartbeats).
     sock = api_socket(args.host, args.port, handoff=f"{args.pid_file}.bind" if args.pid_file else None,
                       wait=max(1.0, silence(args.step_timeout) - 4.0))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)

@@ -145,6 +145,10 @@ class Engine:
         # of its own that never ends is given up by the Keepalive (the loop is the thing stuck)
         self.keepalive = (wire.Keepalive(link, stats_interval, ping=True, stuck_after=compute_timeout,
                                          on_stuck=self._stuck) if link is not None else None)
+        if self.keepalive is not None:
+            # until run(): rank 0 starts its HTTP server (imports, the port hand-off), seconds on a busy
+            # head board; its PINGs meanwhile keep the workers from taking that for a silence
+            self.keepalive.begin(stuck_watch=False)
         self.threads = omp.Threads()
         self.backend = tokenizer.backend_tokenizer         # the `tokenizers` object DecodeStream steps
         self.untexted: list[Request] = []                  # new tokens not yet detokenized (see _texts)
@@ -193,6 +197,8 @@ class Engine:
     def run(self) -> int:
         """Serve until stop() (returns 0) or a dead/hung rank or MPI error (returns 1, every waiting
         request failed with the reason)."""
+        if self.keepalive is not None:
+            self.keepalive.end()                   # started: this loop serves the link from here on
         try:
             while True:
                 if self.stopping.is_set():

@@ -187,16 +187,27 @@ class Keepalive:
         self.ping_every = heartbeat if ping else None
         self.stuck_after, self.on_stuck = stuck_after, on_stuck
         self.since: float | None = None    # when the step being computed began (monotonic)
+        self.stuck_watch = True
         threading.Thread(target=self._run, name="keepalive", daemon=True).start()
 
     @contextlib.contextmanager
     def busy(self):
         """Around one step's compute."""
-        self.since = time.monotonic()
+        self.begin()
         try:
             yield
         finally:
-            self.since = None
+            self.end()
+
+    def begin(self, stuck_watch: bool = True) -> None:
+        """The rank is busy from now on. stuck_watch=False: rank 0's start-up after the roll call (its
+        HTTP server: imports, the port), which its PINGs cover as they cover a step, without taking a
+        slow start for a stuck step."""
+        self.stuck_watch = stuck_watch
+        self.since = time.monotonic()
+
+    def end(self) -> None:
+        self.since = None
 
     def busy_for(self) -> float:
         since = self.since
@@ -216,7 +227,7 @@ class Keepalive:
             busy = self.busy_for()
             if busy < self.tick:
                 continue
-            if self.on_stuck is not None and busy > self.stuck_after:
+            if self.on_stuck is not None and self.stuck_watch and busy > self.stuck_after:
                 self.on_stuck(busy)
                 return
             with self.link.lock:

@@ -7,7 +7,10 @@ decode step) takes 3 s longer. The delay is a sleep, which releases the GIL as t
 the rank's other threads run meanwhile as they would beside a long matmul.
 
 SHARDLINE_TEST_SLOW_LOAD="RANK:SECONDS": that rank takes SECONDS longer to load its shard, as a board
-reading it from a slow SD card does, while the others wait in the roll call."""
+reading it from a slow SD card does, while the others wait in the roll call.
+
+SHARDLINE_TEST_SLOW_START="SECONDS": rank 0 takes SECONDS longer to start its HTTP server after the roll
+call, as a busy head board importing FastAPI does."""
 from __future__ import annotations
 
 import os
@@ -48,11 +51,24 @@ def slow_down() -> None:
         module.Stage.forward = slow
 
 
+def slow_start() -> None:
+    seconds = float(os.environ["SHARDLINE_TEST_SLOW_START"])
+    from shardline import api
+    create_app = api.create_app
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return create_app(*args, **kwargs)
+    api.create_app = slow
+
+
 if __name__ == "__main__":
     import runpy
     if "SHARDLINE_TEST_SLOW" in os.environ:
         slow_down()
     if "SHARDLINE_TEST_SLOW_LOAD" in os.environ:
         slow_load()
+    if "SHARDLINE_TEST_SLOW_START" in os.environ:
+        slow_start()
     sys.argv[0] = str(Path(__file__).resolve().parents[1] / "main.py")
     runpy.run_path(sys.argv[0], run_name="__main__")

@@ -264,14 +264,16 @@ class Slowed:
     """main.py on 3 ranks (plain mpirun, no supervisor) with some ranks' prompt steps (slow) or loading
     (slow_load) slowed down, as on a board much slower than this host (tests/slow_main.py)."""
 
-    def __init__(self, parts: Path, log: Path, slow: str, *args: str, slow_load: str | None = None,
-                 wait: bool = True):
+    def __init__(self, parts: Path, log: Path, slow: str | None, *args: str, slow_load: str | None = None,
+                 slow_start: float | None = None, wait: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path, self.log = log, open(log, "w")
         cmd = launch_cmd(3, str(ROOT / "tests" / "slow_main.py"), "--model-dir", str(parts), "--port",
                          str(self.port), *args)
-        env = dict(mpi_env(), SHARDLINE_TEST_SLOW=slow, **({"SHARDLINE_TEST_SLOW_LOAD": slow_load} if slow_load else {}))
+        env = dict(mpi_env(), **({"SHARDLINE_TEST_SLOW": slow} if slow else {}),
+                   **({"SHARDLINE_TEST_SLOW_LOAD": slow_load} if slow_load else {}),
+                   **({"SHARDLINE_TEST_SLOW_START": str(slow_start)} if slow_start else {}))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         if wait:
@@ -285,7 +287,7 @@ class Slowed:
                     break
             except OSError:
                 pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log_path.read_text()
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -328,6 +330,19 @@ def test_a_slow_board_is_not_a_dead_one(long_parts, tmp_path):
             assert out[key][0] == 200 and out[key][1]["tokens"] == 6, (out, job.log_path.read_text())
         assert took > 7.5, took               # the three slowed steps did happen
         assert busy & {"1", "2"}, busy        # a worker's row came home while it computed
+        assert job.proc.poll() is None, job.log_path.read_text()
+    finally:
+        job.stop()
+
+
+def test_a_slow_start_of_rank_0_is_not_a_silence(long_parts, tmp_path):
+    """Rank 0 starts its HTTP server after the roll call (imports, the port): seconds on a busy head
+    board, and the workers heard nothing meanwhile, so with --step-timeout 1 (a 5 s silence) a start of
+    8 s ended the job before it served anything. Its PINGs now cover the start-up."""
+    job = Slowed(long_parts, tmp_path / "job.log", None, "--step-timeout", "1", slow_start=8)
+    try:
+        status, body = http("POST", job.url + "/generate", {"prompt": "hello", "max_new_tokens": 4}, timeout=60)
+        assert status == 200 and body["tokens"] == 4, (body, job.log_path.read_text())
         assert job.proc.poll() is None, job.log_path.read_text()
     finally:
         job.stop()
