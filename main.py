@@ -197,7 +197,8 @@ def _serve_head(args, node) -> int:
                                            # longer than clients' pooled-connection reuse (httpx: 5 s), so a
                                            # request never lands on a connection the server is closing
                                            timeout_keep_alive=30))
-    # Under the supervisor, which answers 503 on the port while the job starts, ask it for the port.
+    # Under the supervisor, which answers 503 on the port while the job starts, ask it for the port
+    # (the wait is bounded: a port another program holds is a refused start).
     sock = api_socket(args.host, args.port, handoff=f"{args.pid_file}.bind" if args.pid_file else None,
                       wait=max(1.0, silence(args.step_timeout) - 4.0))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)

@@ -1,7 +1,7 @@
 """Rank 0's engine: continuous batching over a ring of pipeline stages.
 
 All MPI calls happen here, on the loop's thread, except those of wire.Keepalive while the loop
-computes a long step (one thread at a time: Link.lock). The HTTP thread hands requests in through a
+computes a long step or before the loop runs (one thread at a time: Link.lock). The HTTP thread hands requests in through a
 bounded queue (submit) and gets text back through each request's callbacks. Every active sequence owns a KV-cache
 slot (the same row on every stage); the next tokens of the ready sequences go out together as one
 packed micro-batch, and up to one micro-batch per stage is in the ring at once so every stage works.
@@ -31,6 +31,8 @@ from shardline.detok import TextStream, added_text
 from shardline.metrics import STAT_FIELDS, Metrics, rss_bytes
 from shardline.sampling import SamplingParams, sample
 from shardline.stage import Seq, Stage
+
+STARTUP_LIMIT = 120.0   # seconds rank 0 may take to start its HTTP server after the roll call (at least)
 
 
 def top_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
@@ -145,10 +147,12 @@ class Engine:
         # of its own that never ends is given up by the Keepalive (the loop is the thing stuck)
         self.keepalive = (wire.Keepalive(link, stats_interval, ping=True, stuck_after=compute_timeout,
                                          on_stuck=self._stuck) if link is not None else None)
+        self.running = False
         if self.keepalive is not None:
             # until run(): rank 0 starts its HTTP server (imports, the port hand-off), seconds on a busy
-            # head board; its PINGs meanwhile keep the workers from taking that for a silence
-            self.keepalive.begin(stuck_watch=False)
+            # head board; its PINGs meanwhile keep the workers from taking that for a silence, and a
+            # start-up that never ends is given up like a step (with a limit of its own)
+            self.keepalive.begin(stuck_after=max(compute_timeout, STARTUP_LIMIT))
         self.threads = omp.Threads()
         self.backend = tokenizer.backend_tokenizer         # the `tokenizers` object DecodeStream steps
         self.untexted: list[Request] = []                  # new tokens not yet detokenized (see _texts)
@@ -197,6 +201,7 @@ class Engine:
     def run(self) -> int:
         """Serve until stop() (returns 0) or a dead/hung rank or MPI error (returns 1, every waiting
         request failed with the reason)."""
+        self.running = True
         if self.keepalive is not None:
             self.keepalive.end()                   # started: this loop serves the link from here on
         try:
@@ -498,14 +503,20 @@ class Engine:
         return False
 
     def _stuck(self, busy: float) -> None:
-        """Rank 0's own step (its layers, the head, sampling) has run for --compute-timeout: called from
-        its Keepalive, since this loop is what hangs. The waiting clients get the error (the loop
+        """Rank 0's own step (its layers, the head, sampling) has run for --compute-timeout, or its start-up
+        before run() for max(--compute-timeout, STARTUP_LIMIT): called from its Keepalive, since this loop
+        is what hangs. The waiting clients get the error (the loop
         touches no request while it is stuck), then the process ends without an exit status, which
         the supervisor takes as a death: it ends the job at once and starts it again."""
         import os
         import sys
-        self.failed = (f"rank 0 ({self.hosts[0]}) has been computing one step for {busy:.0f}s (--compute-timeout "
-                       f"{self.compute_timeout:g}): its step does not end; the job stops so a supervisor can restart it")
+        if self.running:
+            self.failed = (f"rank 0 ({self.hosts[0]}) has been computing one step for {busy:.0f}s (--compute-timeout "
+                           f"{self.compute_timeout:g}): its step does not end; the job stops so a supervisor can "
+                           "restart it")
+        else:
+            self.failed = (f"rank 0 ({self.hosts[0]}) has been starting its HTTP server for {busy:.0f}s: its start "
+                           "does not end; the job stops so a supervisor can restart it")
         print(f"shardline: {self.failed}", file=sys.stderr, flush=True)
         try:
             self._fail_all(self.failed)

@@ -26,7 +26,7 @@ def init_dist():
     if not omp.launched():
         return None, 0, 1
     import mpi4py
-    # one thread at a time: the loop thread, or a wire.Keepalive while the loop computes (Link.lock)
+    # one thread at a time: the loop thread, or a wire.Keepalive while the loop computes or starts (Link.lock)
     mpi4py.rc.thread_level = "serialized"
     from mpi4py import MPI
     comm = MPI.COMM_WORLD

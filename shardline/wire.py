@@ -186,8 +186,7 @@ class Keepalive:
         self.tick = heartbeat / 8
         self.ping_every = heartbeat if ping else None
         self.stuck_after, self.on_stuck = stuck_after, on_stuck
-        self.since: float | None = None    # when the step being computed began (monotonic)
-        self.stuck_watch = True
+        self._busy: tuple[float, float | None] | None = None   # (since, stuck after) while busy
         threading.Thread(target=self._run, name="keepalive", daemon=True).start()
 
     @contextlib.contextmanager
@@ -199,19 +198,19 @@ class Keepalive:
         finally:
             self.end()
 
-    def begin(self, stuck_watch: bool = True) -> None:
-        """The rank is busy from now on. stuck_watch=False: rank 0's start-up after the roll call (its
-        HTTP server: imports, the port), which its PINGs cover as they cover a step, without taking a
-        slow start for a stuck step."""
-        self.stuck_watch = stuck_watch
-        self.since = time.monotonic()
+    def begin(self, stuck_after: float | None = None) -> None:
+        """The rank is busy from now on, and stuck after stuck_after seconds (default: the constructor's).
+        Rank 0's start-up after the roll call (its HTTP server: imports, the port) is covered this way
+        too, with a limit of its own. One tuple, assigned at once: the thread never sees a start time
+        with another busy spell's limit."""
+        self._busy = (time.monotonic(), self.stuck_after if stuck_after is None else stuck_after)
 
     def end(self) -> None:
-        self.since = None
+        self._busy = None
 
     def busy_for(self) -> float:
-        since = self.since
-        return 0.0 if since is None else time.monotonic() - since
+        busy = self._busy
+        return 0.0 if busy is None else time.monotonic() - busy[0]
 
     def _run(self) -> None:
         _lower()
@@ -224,10 +223,13 @@ class Keepalive:
         last_ping = 0.0
         while True:
             time.sleep(self.tick)
-            busy = self.busy_for()
+            spell = self._busy
+            if spell is None:
+                continue
+            busy, stuck_after = time.monotonic() - spell[0], spell[1]
             if busy < self.tick:
                 continue
-            if self.on_stuck is not None and self.stuck_watch and busy > self.stuck_after:
+            if self.on_stuck is not None and stuck_after is not None and busy > stuck_after:
                 self.on_stuck(busy)
                 return
             with self.link.lock:
