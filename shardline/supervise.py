@@ -343,9 +343,9 @@ class Supervisor:
             if self.responder:
                 self.responder.hide()
 
-    def _down(self, down) -> None:
+    def _down(self, down, wait_for_port: float = 0.0) -> None:
         if self.responder:
-            self.responder.show(down)
+            self.responder.show(down, wait_for_port)
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -415,14 +415,6 @@ class Supervisor:
                 escalated, since = 1, time.monotonic()
             elif escalated == 0:
                 gone = rank0.exiting_for()
-                if (rank0.gone_at is not None and self.responder and not answered and rank0.status != EX_CONFIG
-                        and self.args.restart):
-                    # rank 0 has exited, and its port with it: the rest of the job may take a while to end
-                    # (workers waiting out their silence timeout, --exit-grace), so answer 503 at once
-                    # rather than refuse connections meanwhile (once: the restart's own 503 comes next)
-                    answered = True
-                    self._down(Down("the model's job has failed (rank 0 exited) and restarts shortly; retry shortly",
-                                    "job_restarting", time.monotonic() + 5))
                 killed = rank0.gone_at is not None and rank0.status is None   # it wrote no exit status
                 if killed or (gone is not None and gone > self.args.exit_grace):
                     if killed:   # (a signal, the OOM killer): the workers would wait out their silence timeout
@@ -433,6 +425,15 @@ class Supervisor:
                             "board that no longer answers, or hangs in the MPI exit): ending the job")
                     signal_session(job, signal.SIGTERM)
                     escalated, since, ended_it = 1, time.monotonic(), True
+            if (rank0.gone_at is not None and self.responder and not answered and rank0.status != EX_CONFIG
+                    and self.args.restart and self.stopping is None):
+                # rank 0 has exited, and its port with it: the rest of the job may take a while to end
+                # (workers waiting out their silence timeout, --exit-grace), so answer 503 at once
+                # rather than refuse connections meanwhile (once: the restart's own 503 comes next).
+                # After the job was told to end: waiting for a killed rank 0's port delays nothing else.
+                answered = True
+                self._down(Down("the model's job has failed (rank 0 exited) and restarts shortly; retry shortly",
+                                "job_restarting", time.monotonic() + 5), wait_for_port=3.0)
             if escalated == 1 and time.monotonic() - since > 3:
                 signal_session(job, signal.SIGKILL)
                 escalated = 2

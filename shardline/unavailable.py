@@ -83,10 +83,10 @@ class Responder:
         self._server = None
         self._thread: threading.Thread | None = None
 
-    def show(self, down: Down, wait_for_port: float = 3.0) -> None:
+    def show(self, down: Down, wait_for_port: float = 0.0) -> None:
         """Answer `down` on the port. A rank 0 just killed may hold it for a moment (its first thread
         is a zombie, which is what the supervisor watches, while the others still close its files:
-        measured up to 2 s on a loaded machine), so wait up to wait_for_port seconds for it."""
+        measured up to 2 s on a loaded machine): the supervisor then waits up to wait_for_port seconds."""
         self.down = down
         if self._thread is not None and self._thread.is_alive():
             return
