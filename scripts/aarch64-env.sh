@@ -5,13 +5,15 @@
 # It checks what differs between CPUs (which kernel code runs, and its results); it says nothing
 # about speed (qemu is 10-50x slower than the board). Used by tests/test_aarch64.py:
 #
-#   sudo scripts/aarch64-env.sh                 # once: ~1.5 GB in /opt/shardline-aarch64, 2-3 min
-#   SHARDLINE_AARCH64_PYTHON=/opt/shardline-aarch64/python ./test.sh tests/test_aarch64.py
+#   ./test.sh --co -q >/dev/null                # the checkout's .venv first (its versions are copied)
+#   sudo scripts/aarch64-env.sh                 # once: ~1.5 GB in /opt/shardline-aarch64, ~1 min
+#   SHARDLINE_AARCH64_PYTHON=/opt/shardline-aarch64/python ./test.sh tests/test_aarch64.py   # ~5 min
 #
-# Needs root (apt: qemu-user-static, the aarch64 cross linker, arm64 Debian packages) and PyPI. No
-# binfmt registration: qemu runs the interpreter directly, so nothing changes system-wide beyond the
-# packages, and the checks run one process (no mpirun: Open MPI's launcher finds no network
-# interface under qemu-user, so the multi-rank split is checked on the host CPU only).
+# Needs root, a Debian bookworm x86-64 host (its arm64 packages: python3.11, libssl3, ...) and PyPI.
+# System-wide it installs qemu-user-static and the aarch64 cross linker, and adds arm64 to dpkg's
+# foreign architectures (for `apt-get download`; nothing arm64 is installed). No binfmt registration:
+# qemu runs the interpreter directly, so the checks run in one process each (no mpirun: Open MPI's
+# launcher finds no network interface under qemu-user; the multi-rank split is checked on the host).
 #
 # Two workarounds, both for emulation only:
 # - PyPI's aarch64 torch wheel is a CUDA build (a Pi gets PyTorch's CPU wheel from setup.sh, which
@@ -22,10 +24,17 @@
 #   path from the prefix when it exists there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DIR=${1:-/opt/shardline-aarch64}
+DIR=$(realpath -m "${1:-/opt/shardline-aarch64}")
 TORCH=$(grep -E '^torch==' requirements.txt | cut -d= -f3)
 [ "$(id -u)" = 0 ] || { echo "run as root (apt-get, dpkg --add-architecture)" >&2; exit 1; }
 [ "$(uname -m)" = x86_64 ] || { echo "this emulates aarch64 on an x86-64 host" >&2; exit 1; }
+. /etc/os-release
+[ "${VERSION_CODENAME:-}" = bookworm ] || {
+  echo "this takes Debian bookworm's arm64 packages (python3.11 and its libraries); this host is" \
+       "${PRETTY_NAME:-unknown}" >&2; exit 1; }
+[ -x .venv/bin/python ] || {
+  echo "no .venv here: run ./test.sh (or scripts/setup.sh requirements-dev.txt) first, as the user who" \
+       "runs the tests; the emulated board gets the same package versions" >&2; exit 1; }
 mkdir -p "$DIR"
 export DEBIAN_FRONTEND=noninteractive
 
@@ -38,17 +47,18 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # 1. Debian's aarch64 Python 3.11 and the C libraries it and the wheels load, unpacked (not installed)
-if [ ! -x "$DIR/root/usr/bin/python3.11" ]; then
+DEBS="python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libexpat1 zlib1g libffi8 libssl3
+  libbz2-1.0 liblzma5 libsqlite3-0 libncursesw6 libtinfo6 libreadline8 libuuid1 libgcc-s1 libstdc++6 libgomp1
+  libcrypt1 libdb5.3 libnsl2 libtirpc3 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2
+  libkeyutils1 libzstd1"
+if [ "$(cat "$DIR/root/.debs" 2>/dev/null)" != "$(echo $DEBS)" ]; then
   echo "[aarch64] Debian arm64 packages: python3.11 and its libraries"
   dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
   apt-get update -qq
-  mkdir -p "$DIR/debs" "$DIR/root"
-  (cd "$DIR/debs" && apt-get download -q $(printf '%s:arm64 ' python3.11-minimal libpython3.11-minimal \
-      libpython3.11-stdlib libc6 libexpat1 zlib1g libffi8 libssl3 libbz2-1.0 liblzma5 libsqlite3-0 \
-      libncursesw6 libtinfo6 libreadline8 libuuid1 libgcc-s1 libstdc++6 libgomp1 libcrypt1 libdb5.3 \
-      libnsl2 libtirpc3 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2 \
-      libkeyutils1 libzstd1))
+  rm -rf "$DIR/debs" "$DIR/root" && mkdir -p "$DIR/debs" "$DIR/root"
+  (cd "$DIR/debs" && apt-get download -q $(printf '%s:arm64 ' $DEBS))
   for d in "$DIR"/debs/*.deb; do dpkg -x "$d" "$DIR/root"; done
+  echo $DEBS > "$DIR/root/.debs"
 fi
 mkdir -p "$DIR/root/proc"
 python3 - "$DIR/root/proc/cpuinfo" <<'PYEOF'
@@ -66,7 +76,6 @@ done
 # 2. The same package versions as this checkout's .venv (scripts/setup.sh), aarch64 builds, each
 #    without its dependencies (they are all in the list): pip would otherwise resolve accelerate's
 #    torch to PyPI's CUDA one with 2 GB of NVIDIA libraries.
-scripts/setup.sh requirements-dev.txt
 stamp="$DIR/site/.installed"
 sum=$(.venv/bin/python -m pip freeze | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
@@ -86,6 +95,7 @@ fi
 
 # 3. Stubs for the CUDA libraries the aarch64 torch wheel links against
 echo "[aarch64] stubs for torch's CUDA libraries"
+rm -rf "$DIR/stubs"
 python3 scripts/aarch64_stubs.py "$DIR"
 
 cat > "$DIR/python" <<EOF

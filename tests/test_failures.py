@@ -392,7 +392,7 @@ def timeline(seen) -> str:
     """[(seconds, status, code)] polls as runs: '0.0-0.1s refused ConnectionError, 0.2-3.3s 503 job_restarting'."""
     runs = []
     for t, status, code in seen:
-        if runs and runs[-1][2:] == (status, code):
+        if runs and tuple(runs[-1][2:]) == (status, code):
             runs[-1][1] = t
         else:
             runs.append([t, t, status, code])
