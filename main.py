@@ -276,23 +276,14 @@ def api_socket(host: str, port: int, handoff: str | None = None, wait: float = 1
     """The API's bound socket for uvicorn, or None when the port stays taken. handoff: a file whose
     existence asks the supervisor to let go of the port (it answers 503 there while the job starts);
     the bind is retried meanwhile, so clients see at most a moment with the port closed."""
-    import errno
+    from shardline import bound_socket
     if handoff:
         with open(handoff, "w") as f:
             f.write(f"{os.getpid()}\n")
-    deadline = time.monotonic() + (wait if handoff else 0)
-    while True:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            return sock
-        except OSError as err:
-            sock.close()
-            if err.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                say(f"shardline: cannot listen on {host}:{port}: {err}", file=sys.stderr)
-                return None
-        time.sleep(0.05)
+    sock, err = bound_socket(host, port, wait if handoff else 0.0)
+    if sock is None:
+        say(f"shardline: cannot listen on {host}:{port}: {err}", file=sys.stderr)
+    return sock
 
 
 def load_tokenizer(tok_dir):

@@ -6,3 +6,25 @@ EX_CONFIG = 78  # exit status of a refused start (bad shard, wrong rank count): 
 # The supervisor sends rank 0 this signal when mpirun ended the job under it (Open MPI lost contact with a
 # board's daemon: a board lost power or its cable) without stopping rank 0: its clients hear why.
 LOST_BOARD_SIGNAL = signal.SIGUSR1
+
+
+def bound_socket(host: str, port: int, wait: float = 0.0):
+    """(a TCP socket bound to host:port for uvicorn to listen on, None) or (None, the OSError) once the
+    port is still taken after `wait` seconds (bind retried meanwhile: a process on its way out, or a
+    supervisor letting go, may hold it for a moment) or cannot be bound at all. SO_REUSEADDR, as uvicorn
+    binds, so connections closing on the port do not count."""
+    import errno
+    import socket
+    import time
+    deadline = time.monotonic() + wait
+    while True:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return sock, None
+        except OSError as err:
+            sock.close()
+            if err.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                return None, err
+        time.sleep(0.05)

@@ -505,9 +505,9 @@ class Engine:
     def _stuck(self, busy: float) -> None:
         """Rank 0's own step (its layers, the head, sampling) has run for --compute-timeout, or its start-up
         before run() for max(--compute-timeout, STARTUP_LIMIT): called from its Keepalive, since this loop
-        is what hangs. The waiting clients get the error (the loop
-        touches no request while it is stuck), then the process ends without an exit status, which
-        the supervisor takes as a death: it ends the job at once and starts it again."""
+        is what hangs. The waiting clients get the error (the loop touches no request while it is stuck),
+        then the process ends without an exit status, which the supervisor takes as a death: it ends the
+        job at once and starts it again."""
         import os
         import sys
         if self.running:

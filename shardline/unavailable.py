@@ -55,25 +55,6 @@ def create_app(state: Callable[[], Down]):
     return app
 
 
-def _wait_until_bindable(host: str, port: int, timeout: float) -> bool:
-    """Whether host:port can be bound (as uvicorn binds it: SO_REUSEADDR) within timeout seconds."""
-    import errno
-    import socket
-    end = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            return True
-        except OSError as err:
-            if err.errno != errno.EADDRINUSE or time.monotonic() > end:
-                return False
-        finally:
-            sock.close()
-        time.sleep(0.05)
-
-
 class Responder:
     """Serves create_app on host:port in a thread while shown; hide() frees the port for rank 0."""
 
@@ -90,18 +71,21 @@ class Responder:
         self.down = down
         if self._thread is not None and self._thread.is_alive():
             return
-        _wait_until_bindable(self.host, self.port, wait_for_port)
+        from shardline import bound_socket
+        sock, err = bound_socket(self.host, self.port, wait_for_port)
+        if sock is None:   # the port is still taken (a rank 0 on its way out): next time
+            self.log(f"cannot answer on {self.host}:{self.port} yet ({err}); trying again at the next check")
+            return
         import uvicorn
         self._server = uvicorn.Server(uvicorn.Config(create_app(lambda: self.down), host=self.host, port=self.port,
                                                      log_level="error", timeout_graceful_shutdown=1))
-        self._thread = threading.Thread(target=self._server.run, name="unavailable", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="unavailable",
+                                        daemon=True)
         self._thread.start()
         for _ in range(100):
             if self._server.started or not self._thread.is_alive():
                 break
             time.sleep(0.02)
-        if not self._server.started:   # the port is still taken (a rank 0 on its way out): next time
-            self.log(f"cannot answer on {self.host}:{self.port} yet (the port is taken); trying again at the next check")
 
     @property
     def shown(self) -> bool:

@@ -78,10 +78,13 @@ def mpi_env() -> dict:
     return env
 
 
-def launch_cmd(ranks: int, script: str, *args: str) -> list[str]:
-    """The command that runs script on `ranks` local ranks (plain python for one)."""
+def launch_cmd(ranks: int, script: str, *args: str, python: str | None = None) -> list[str]:
+    """The command that runs script on `ranks` local ranks (plain python for one). python: another
+    interpreter, for one rank (tests/test_aarch64.py's emulated board)."""
+    if python:
+        assert ranks == 1, "another interpreter runs one rank"
     if ranks == 1:
-        return [PY, script, *args]
+        return [python or PY, script, *args]
     return [MPIRUN, "-np", str(ranks), "--oversubscribe", "--bind-to", "none", "--enable-recovery",
             PY, "-m", "mpi4py", script, *args]
 
@@ -89,15 +92,11 @@ def launch_cmd(ranks: int, script: str, *args: str) -> list[str]:
 def run_mpi_check(parts: Path, ranks: int, work: Path, python: str | None = None, timeout: float = 240,
                   **cases) -> dict:
     """Run tests/mpi_check.py on `ranks` ranks over the split in parts with these cases (score, greedy,
-    max_new_tokens, max_batch_tokens, sequential); returns what rank 0 computed. python: another
-    interpreter for one rank (tests/test_aarch64.py's emulated board)."""
+    max_new_tokens, max_batch_tokens, sequential); returns what rank 0 computed (python: see launch_cmd)."""
     case_file, out = work / f"cases-{ranks}.json", work / f"out-{ranks}.json"
     case_file.write_text(json.dumps(cases))
     cmd = launch_cmd(ranks, str(ROOT / "tests" / "mpi_check.py"), "--model-dir", str(parts),
-                     "--cases", str(case_file), "--out", str(out))
-    if python:
-        assert ranks == 1, "another interpreter runs one rank"
-        cmd[0] = python
+                     "--cases", str(case_file), "--out", str(out), python=python)
     proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())
@@ -148,10 +147,8 @@ class Server:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
-        cmd = launch_cmd(ranks, str(ROOT / "main.py"), "--model-dir", str(model_dir), "--port", str(self.port), *args)
-        if python:       # another interpreter (tests/test_aarch64.py's emulated board), for one rank
-            assert ranks == 1, "another interpreter runs one rank"
-            cmd[0] = python
+        cmd = launch_cmd(ranks, str(ROOT / "main.py"), "--model-dir", str(model_dir), "--port", str(self.port), *args,
+                         python=python)
         self.log = open(log, "w") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
