@@ -10,7 +10,10 @@ SHARDLINE_TEST_SLOW_LOAD="RANK:SECONDS": that rank takes SECONDS longer to load 
 reading it from a slow SD card does, while the others wait in the roll call.
 
 SHARDLINE_TEST_SLOW_START="SECONDS": rank 0 takes SECONDS longer to start its HTTP server after the roll
-call, as a busy head board importing FastAPI does."""
+call, as a busy head board importing FastAPI does.
+
+SHARDLINE_TEST_ROLL_CALL_MARKS="DIR": each rank creates DIR/rank<N> as it enters the roll call, so a test
+can tell the ranks that have loaded and wait from those still starting."""
 from __future__ import annotations
 
 import os
@@ -34,6 +37,17 @@ def slow_load() -> None:
         time.sleep(float(seconds))
         return load(*args, **kwargs)
     node.load_family_stage = slow
+
+
+def mark_roll_call() -> None:
+    marks = Path(os.environ["SHARDLINE_TEST_ROLL_CALL_MARKS"])
+    from shardline import node
+    roll_call = node.roll_call
+
+    def marked(comm, rank, size, record):
+        (marks / f"rank{rank}").touch()
+        return roll_call(comm, rank, size, record)
+    node.roll_call = marked
 
 
 def slow_down() -> None:
@@ -70,5 +84,7 @@ if __name__ == "__main__":
         slow_load()
     if "SHARDLINE_TEST_SLOW_START" in os.environ:
         slow_start()
+    if "SHARDLINE_TEST_ROLL_CALL_MARKS" in os.environ:
+        mark_roll_call()
     sys.argv[0] = str(Path(__file__).resolve().parents[1] / "main.py")
     runpy.run_path(sys.argv[0], run_name="__main__")

@@ -265,7 +265,7 @@ class Slowed:
     (slow_load) slowed down, as on a board much slower than this host (tests/slow_main.py)."""
 
     def __init__(self, parts: Path, log: Path, slow: str | None, *args: str, slow_load: str | None = None,
-                 slow_start: float | None = None, wait: bool = True):
+                 slow_start: float | None = None, marks: Path | None = None, wait: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path, self.log = log, open(log, "w")
@@ -273,7 +273,8 @@ class Slowed:
                          str(self.port), *args)
         env = dict(mpi_env(), **({"SHARDLINE_TEST_SLOW": slow} if slow else {}),
                    **({"SHARDLINE_TEST_SLOW_LOAD": slow_load} if slow_load else {}),
-                   **({"SHARDLINE_TEST_SLOW_START": str(slow_start)} if slow_start else {}))
+                   **({"SHARDLINE_TEST_SLOW_START": str(slow_start)} if slow_start else {}),
+                   **({"SHARDLINE_TEST_ROLL_CALL_MARKS": str(marks)} if marks else {}))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         if wait:
@@ -436,27 +437,28 @@ def test_ranks_waiting_for_a_slow_board_to_load_use_no_cpu(long_parts, tmp_path)
     """Rank 2 takes 60 s longer to load: ranks 0 and 1 wait for it in the roll call. They used to spin a
     core each there (Open MPI's blocking gather polls, and the threads of the loading's parallel regions
     spun on), taking it from the board's other work, or from a slow rank on the same host."""
-    job = Slowed(long_parts, tmp_path / "job.log", "0:0:999999", slow_load="2:60", wait=False)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    job = Slowed(long_parts, tmp_path / "job.log", "0:0:999999", slow_load="2:180", marks=marks, wait=False)
     try:
-        deadline = time.monotonic() + 30
-        ranks = {}
-        while len(ranks) < 3 and time.monotonic() < deadline:
-            ranks = rank_processes(job.proc.pid)
+        # wait until ranks 0 and 1 have loaded and entered the roll call (a quiet second was taken for that
+        # once, and MPI's start-up or a cold disk can give one before rank 0 has even imported torch)
+        deadline = time.monotonic() + 120
+        while not all((marks / f"rank{r}").exists() for r in (0, 1)):
+            assert job.proc.poll() is None and time.monotonic() < deadline, job.log_path.read_text()
             time.sleep(0.2)
-        # once ranks 0 and 1 have loaded (a few seconds) they wait: measure after a second in which neither
-        # used CPU, or after 25 s at the latest
-        settle = time.monotonic() + 25
-        while time.monotonic() < settle:
-            before = {r: sum(ranks[r].cpu_times()[:2]) for r in (0, 1)}
-            time.sleep(1.0)
-            if all(sum(ranks[r].cpu_times()[:2]) - before[r] < 0.05 for r in (0, 1)):
-                break
+        ranks = rank_processes(job.proc.pid)
+        time.sleep(0.5)           # past the last Python of the roll call's entry
         before = {r: sum(ranks[r].cpu_times()[:2]) for r in (0, 1)}
+        threads = {r: {t.id: t.user_time + t.system_time for t in ranks[r].threads()} for r in (0, 1)}
         time.sleep(3.0)
         share = {r: (sum(ranks[r].cpu_times()[:2]) - before[r]) / 3.0 for r in (0, 1)}
+        busy = {r: {t.id: round(t.user_time + t.system_time - threads[r].get(t.id, 0), 2) for t in ranks[r].threads()}
+                for r in (0, 1)}
         waiting = job.proc.poll() is None and "API at" not in job.log_path.read_text()
         assert waiting, job.log_path.read_text()      # measured while rank 2 was still loading
-        assert all(s < 0.05 for s in share.values()), share
+        assert not (marks / "rank2").exists()
+        assert all(s < 0.05 for s in share.values()), (share, busy)   # busy: CPU seconds per thread
     finally:
         job.stop()
 
