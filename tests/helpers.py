@@ -121,7 +121,11 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 60, h
 def rank_processes(root_pid: int) -> dict[int, psutil.Process]:
     """rank -> process, for the MPI ranks running main.py below root_pid (mpirun or the supervisor)."""
     out = {}
-    for p in psutil.Process(root_pid).children(recursive=True):
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return out
+    for p in children:
         try:
             env, cmd = p.environ(), p.cmdline()
         except psutil.Error:
@@ -171,6 +175,7 @@ class Server:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        ranks = list(rank_processes(self.proc.pid).values()) if self.proc.poll() is None else []
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, sig)
@@ -179,6 +184,11 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
             except ProcessLookupError:
+                pass
+        for p in ranks:  # each rank has a process group of its own: a SIGKILLed mpirun leaves them behind
+            try:
+                p.kill()
+            except psutil.Error:
                 pass
         if self.log is not subprocess.DEVNULL:
             self.log.close()

@@ -292,9 +292,15 @@ class Slowed:
             time.sleep(0.2)
 
     def stop(self) -> None:
+        ranks = list(rank_processes(self.proc.pid).values()) if self.proc.poll() is None else []
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+        for p in ranks:  # each rank has a process group of its own: one still loading outlived mpirun
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
         self.log.close()
 
 
