@@ -20,6 +20,10 @@ Four things mpirun alone does badly:
   name + ".bind" and retries the bind until the supervisor lets go). Before every start the
   supervisor checks that every board of the hostfile answers SSH (the agent mpirun uses), and checks
   again with a backoff until they do: a board that comes back brings the API back by itself.
+- Ranks that share a host talk over Open MPI's shared memory: each maps a 16 MiB file in /dev/shm
+  (sm_segment.*), which Open MPI removes at a clean exit only. A killed job left them, in RAM, for good
+  (48 MiB per restart with three ranks on one host). The supervisor notes the segments its job's
+  processes map, and removes those left once the job has ended. (Boards use TCP: no segments.)
 The job runs in its own session, so Ctrl-C in a terminal reaches the supervisor only.
 """
 from __future__ import annotations
@@ -192,6 +196,39 @@ def signal_session(job: subprocess.Popen, sig: int) -> None:
             pass
 
 
+SEGMENT_PREFIXES = ("sm_segment.", "vader_segment.")   # Open MPI 5's btl/sm backing files; 4's btl/vader
+
+
+def shm_segments(pids) -> set[str]:
+    """The Open MPI shared-memory backing files (btl_sm_backing_directory, /dev/shm by default) that
+    these processes map now."""
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    path = line.rstrip("\n").split(None, 5)[5:]     # [] for anonymous memory
+                    if path and os.path.basename(path[0]).startswith(SEGMENT_PREFIXES) and \
+                            not path[0].endswith(" (deleted)"):
+                        found.add(path[0])
+        except OSError:   # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+def remove_segments(paths) -> int:
+    """Remove the ended job's leftover segments; the bytes freed."""
+    freed = 0
+    for path in paths:
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+            freed += size
+        except OSError:   # removed by Open MPI at a clean exit
+            pass
+    return freed
+
+
 def clear_session(sid: int, grace: float = 3.0) -> list[str]:
     """End what the job left running after mpirun exited (an ssh to a board that vanished, a rank); their names."""
     import psutil
@@ -279,6 +316,7 @@ class Supervisor:
             tempfile.mkdtemp(prefix="shardline-"), "rank0.pid")
         self.stopping: float | None = None
         self.proc: subprocess.Popen | None = None
+        self.segments: set[str] = set()      # the running job's shared-memory files (shm_segments)
         from shardline.unavailable import Responder
         self.responder = Responder(job.api_host, job.api_port, log) if args.answer_while_down else None
 
@@ -376,6 +414,11 @@ class Supervisor:
         left = clear_session(self.proc.pid)
         if left:
             log(f"ended what the job left running: {', '.join(sorted(set(left)))}")
+        freed = remove_segments(self.segments)
+        if freed:
+            log(f"removed the {freed / 2**20:.0f} MiB of shared-memory files the job left in "
+                f"{', '.join(sorted({os.path.dirname(p) for p in self.segments}))}")
+        self.segments = set()
         return code, time.monotonic() - started
 
     def _signal_rank0(self) -> None:
@@ -391,13 +434,18 @@ class Supervisor:
         status is the one rank 0 wrote, if any, not the signal that ended mpirun."""
         from shardline.unavailable import Down
         escalated, since, ended_it, answered = 0, None, False, False
-        started = time.monotonic()
+        started = looked = time.monotonic()
+        looking = True      # for segments: until once after rank 0 started (every rank past MPI's start)
         while True:
             try:
                 code = job.wait(timeout=0.1)
                 return rank0.status if ended_it and rank0.status is not None else code
             except subprocess.TimeoutExpired:
                 pass
+            if looking and time.monotonic() - looked > 1.0:      # each rank maps its segment as MPI starts
+                looking = not rank0.started()
+                self.segments |= shm_segments(p.pid for p in session_processes(job.pid))
+                looked = time.monotonic()
             if self.responder and self.responder.shown and rank0.gone_at is None and (
                     os.path.exists(self.pid_file + ".bind") or os.path.exists(self.pid_file)):
                 self.responder.hide()    # rank 0 is ready to listen: the port is its

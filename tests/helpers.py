@@ -175,7 +175,9 @@ class Server:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        from shardline.supervise import remove_segments, shm_segments
         ranks = list(rank_processes(self.proc.pid).values()) if self.proc.poll() is None else []
+        segments = shm_segments(p.pid for p in ranks)
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, sig)
@@ -190,6 +192,8 @@ class Server:
                 p.kill()
             except psutil.Error:
                 pass
+        psutil.wait_procs(ranks, timeout=5)
+        remove_segments(segments)      # Open MPI's, which a killed job leaves in /dev/shm (a clean end removes them)
         if self.log is not subprocess.DEVNULL:
             self.log.close()
         return self.proc.returncode

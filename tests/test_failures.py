@@ -12,6 +12,7 @@ import psutil
 import pytest
 from transformers import GPT2Config
 
+from shardline.supervise import remove_segments, shm_segments
 from splitter.random_model import build_tokenizer, random_model
 from tests.helpers import PY, ROOT, alive, free_port, http, launch_cmd, mpi_env, rank_processes, split
 
@@ -127,6 +128,8 @@ def test_a_dead_or_hung_worker_fails_clients_fast_and_the_job_comes_back(long_pa
     try:
         job.wait_healthy(120)
         first_ranks = job.ranks()
+        segments = shm_segments(p.pid for p in first_ranks.values())   # Open MPI's, on one host
+        assert len(segments) == 3, segments
         results, first = stream_clients(job.url, 4, 1000)
         assert first.wait(30), "no token arrived"
         t_break = time.monotonic()
@@ -144,6 +147,7 @@ def test_a_dead_or_hung_worker_fails_clients_fast_and_the_job_comes_back(long_pa
         assert "job failed (it ended with status" in log and "restarting" in log, log
         status, body = http("POST", job.url + "/generate", {"prompt": "again", "max_new_tokens": 4})
         assert status == 200 and body["tokens"] == 4
+        assert not [s for s in segments if os.path.exists(s)], log    # 16 MiB each, in RAM
     finally:
         if sig == signal.SIGSTOP:
             for p in job.everything():
@@ -161,6 +165,7 @@ def test_sigterm_answers_in_flight_clients_and_leaves_nothing_behind(long_parts,
         job.wait_healthy(120)
         procs = job.everything()
         ranks = job.ranks()
+        segments = shm_segments(p.pid for p in ranks.values())
         results, first = stream_clients(job.url, 3, 1000)
         assert first.wait(30)
         deadline = time.monotonic() + 30     # every client in flight (one still connecting would find the port closed)
@@ -188,6 +193,10 @@ def test_sigterm_answers_in_flight_clients_and_leaves_nothing_behind(long_parts,
                 time.sleep(0.1)
         assert time.monotonic() - t0 < 10
         assert not [p for p in gone if alive(p)]
+        deadline = time.monotonic() + 10        # after a kill the supervisor removes them once the job ended
+        while time.monotonic() < deadline and [s for s in segments if os.path.exists(s)]:
+            time.sleep(0.1)
+        assert segments and not [s for s in segments if os.path.exists(s)], job.log_path.read_text()
     finally:
         job.stop()
 
@@ -293,6 +302,7 @@ class Slowed:
 
     def stop(self) -> None:
         ranks = list(rank_processes(self.proc.pid).values()) if self.proc.poll() is None else []
+        segments = shm_segments(p.pid for p in ranks)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
@@ -301,6 +311,8 @@ class Slowed:
                 p.kill()
             except psutil.Error:
                 pass
+        psutil.wait_procs(ranks, timeout=5)
+        remove_segments(segments)      # Open MPI's, which a killed job leaves in /dev/shm
         self.log.close()
 
 
@@ -414,6 +426,7 @@ def test_a_killed_rank_0_leaves_a_503_on_its_port_not_a_refused_connection(long_
     try:
         job.wait_healthy(120)
         first = job.ranks()[0]
+        segments = shm_segments(p.pid for p in job.ranks().values())
         first.send_signal(signal.SIGKILL)
         t_kill, seen = time.monotonic(), []
         while time.monotonic() - t_kill < 60:
@@ -435,6 +448,8 @@ def test_a_killed_rank_0_leaves_a_503_on_its_port_not_a_refused_connection(long_
         # and the job is ended at once (the workers would wait out their silence timeout), not after
         # --exit-grace: rank 0 left no exit status, so there is nothing to wait for
         assert "rank 0 died without an exit status (killed?): ending the job" in job.log_path.read_text()
+        # the killed rank's Open MPI segment (16 MiB of RAM in /dev/shm) is not left behind
+        assert len(segments) == 3 and not [s for s in segments if os.path.exists(s)], (segments, story)
     finally:
         job.stop()
 

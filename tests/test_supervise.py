@@ -307,6 +307,57 @@ def test_a_job_that_never_comes_up_is_ended_after_the_start_timeout(tmp_path):
     assert took < 2 + 3 + 3 + 5, f"{took:.1f}s"
 
 
+# An mpirun whose rank maps a shared-memory segment as Open MPI's btl/sm does, then never comes up and
+# ignores SIGTERM: the supervisor ends the job with SIGKILL, so Open MPI removes nothing.
+SEGMENT_LEFT = """
+import os, subprocess, sys, time
+rank0 = subprocess.Popen([sys.executable, "-c", '''
+import mmap, os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+os.ftruncate(fd, 2 << 20)
+segment = mmap.mmap(fd, 2 << 20)
+segment[:5] = b"ready"
+time.sleep(600)
+''', SEGMENT])
+print("stand-in mpirun", os.getpid(), "rank0", rank0.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_job_s_shared_memory_segments_are_removed(tmp_path):
+    """A job ended with SIGKILL left each rank's 16 MiB Open MPI segment in /dev/shm (RAM) for good."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    theirs = shm / "sm_segment.vm.0.1234.0"             # another job's, which this job never mapped
+    theirs.write_bytes(b"x")
+    ours = shm / "sm_segment.vm.0.5678.0"
+    _, text, _ = _supervise_stuck(tmp_path, SEGMENT_LEFT.replace("SEGMENT", repr(str(ours))),
+                                     "--start-timeout", "3")
+    assert "has not come up in 3s" in text, text
+    assert not ours.exists(), text
+    assert theirs.exists()
+    assert f"removed the 2 MiB of shared-memory files the job left in {shm}" in text, text
+
+
+def test_the_segments_are_read_from_the_processes_maps(tmp_path):
+    import mmap
+
+    from shardline.supervise import shm_segments
+
+    path = tmp_path / "sm_segment.vm.0.42.1"
+    path.write_bytes(b"\0" * 4096)
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"\0" * 4096)
+    with open(path, "r+b") as f, open(other, "r+b") as g:
+        maps = mmap.mmap(f.fileno(), 4096), mmap.mmap(g.fileno(), 4096)
+        assert str(path) in shm_segments([os.getpid(), 999999999])
+        assert str(other) not in shm_segments([os.getpid()])
+        for m in maps:
+            m.close()
+    assert str(path) not in shm_segments([os.getpid()])
+
+
 STOPPED_WHILE_STARTING = """
 import os, signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))    # mpirun signalled before rank 0 is up exits 1
