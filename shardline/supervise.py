@@ -21,8 +21,9 @@ Four things mpirun alone does badly:
   supervisor checks that every board of the hostfile answers SSH (the agent mpirun uses), and checks
   again with a backoff until they do: a board that comes back brings the API back by itself.
 - Ranks that share a host talk over Open MPI's shared memory: each maps a 16 MiB file in /dev/shm
-  (sm_segment.*), which Open MPI removes at a clean exit only. A killed job left them, in RAM, for good
-  (48 MiB per restart with three ranks on one host). The supervisor notes the segments its job's
+  (sm_segment.*), which mpirun removes when it ends the job, even after a signal, but not when it is
+  SIGKILLed. A job that had to be SIGKILLed left them, in RAM, for good (48 MiB per such restart with
+  three ranks on one host). The supervisor notes the segments its job's
   processes map, and removes those left once the job has ended. (Boards use TCP: no segments.)
 The job runs in its own session, so Ctrl-C in a terminal reaches the supervisor only.
 """
@@ -205,7 +206,8 @@ def shm_segments(pids) -> set[str]:
     found = set()
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/maps") as maps:
+            # a mapped file's name need not be UTF-8: kept as os.fsencode() would read it back
+            with open(f"/proc/{pid}/maps", errors="surrogateescape") as maps:
                 for line in maps:
                     path = line.rstrip("\n").split(None, 5)[5:]     # [] for anonymous memory
                     if path and os.path.basename(path[0]).startswith(SEGMENT_PREFIXES) and \
@@ -216,17 +218,17 @@ def shm_segments(pids) -> set[str]:
     return found
 
 
-def remove_segments(paths) -> int:
-    """Remove the ended job's leftover segments; the bytes freed."""
-    freed = 0
+def remove_segments(paths) -> list[tuple[str, int]]:
+    """Remove the ended job's leftover segments; those removed, with their sizes."""
+    removed = []
     for path in paths:
         try:
             size = os.stat(path).st_size
             os.unlink(path)
-            freed += size
-        except OSError:   # removed by Open MPI at a clean exit
+            removed.append((path, size))
+        except OSError:   # mpirun removed it when it ended the job itself
             pass
-    return freed
+    return removed
 
 
 def clear_session(sid: int, grace: float = 3.0) -> list[str]:
@@ -414,10 +416,10 @@ class Supervisor:
         left = clear_session(self.proc.pid)
         if left:
             log(f"ended what the job left running: {', '.join(sorted(set(left)))}")
-        freed = remove_segments(self.segments)
-        if freed:
-            log(f"removed the {freed / 2**20:.0f} MiB of shared-memory files the job left in "
-                f"{', '.join(sorted({os.path.dirname(p) for p in self.segments}))}")
+        removed = remove_segments(self.segments)
+        if removed:
+            log(f"removed the {sum(size for _, size in removed) / 2**20:.0f} MiB of shared-memory files the job "
+                f"left in {', '.join(sorted({os.path.dirname(path) for path, _ in removed}))}")
         self.segments = set()
         return code, time.monotonic() - started
 

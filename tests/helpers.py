@@ -175,8 +175,8 @@ class Server:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        from shardline.supervise import remove_segments, shm_segments
-        ranks = list(rank_processes(self.proc.pid).values()) if self.proc.poll() is None else []
+        from shardline.supervise import remove_segments, session_processes, shm_segments
+        ranks = session_processes(self.proc.pid)    # the ranks too, even once mpirun is gone
         segments = shm_segments(p.pid for p in ranks)
         if self.proc.poll() is None:
             try:

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from transformers import GPT2Config
 
-from shardline.supervise import remove_segments, shm_segments
+from shardline.supervise import remove_segments, session_processes, shm_segments
 from splitter.random_model import build_tokenizer, random_model
 from tests.helpers import PY, ROOT, alive, free_port, http, launch_cmd, mpi_env, rank_processes, split
 
@@ -67,6 +67,7 @@ class Supervised:
 
     def stop(self) -> int:
         procs = self.everything()
+        segments = shm_segments(p.pid for p in procs)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -78,6 +79,8 @@ class Supervised:
                 p.kill()
             except psutil.Error:
                 pass
+        psutil.wait_procs(procs, timeout=5)
+        remove_segments(segments)      # left only where the supervisor itself had to be SIGKILLed
         self.log.close()
         return self.proc.returncode
 
@@ -301,18 +304,18 @@ class Slowed:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        ranks = list(rank_processes(self.proc.pid).values()) if self.proc.poll() is None else []
-        segments = shm_segments(p.pid for p in ranks)
+        left = session_processes(self.proc.pid)    # the ranks too, even once mpirun is gone
+        segments = shm_segments(p.pid for p in left)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
-        for p in ranks:  # each rank has a process group of its own: one still loading outlived mpirun
+        for p in left:  # each rank has a process group of its own: one still loading outlived mpirun
             try:
                 p.kill()
             except psutil.Error:
                 pass
-        psutil.wait_procs(ranks, timeout=5)
-        remove_segments(segments)      # Open MPI's, which a killed job leaves in /dev/shm
+        psutil.wait_procs(left, timeout=5)
+        remove_segments(segments)      # Open MPI's, which a SIGKILLed job leaves in /dev/shm
         self.log.close()
 
 
@@ -455,7 +458,7 @@ def test_a_killed_rank_0_leaves_a_503_on_its_port_not_a_refused_connection(long_
 
 
 def test_ranks_waiting_for_a_slow_board_to_load_use_no_cpu(long_parts, tmp_path):
-    """Rank 2 takes 60 s longer to load: ranks 0 and 1 wait for it in the roll call. They used to spin a
+    """Rank 2 takes 180 s longer to load: ranks 0 and 1 wait for it in the roll call. They used to spin a
     core each there (Open MPI's blocking gather polls, and the threads of the loading's parallel regions
     spun on), taking it from the board's other work, or from a slow rank on the same host."""
     marks = tmp_path / "marks"

@@ -343,19 +343,25 @@ def test_a_killed_job_s_shared_memory_segments_are_removed(tmp_path):
 def test_the_segments_are_read_from_the_processes_maps(tmp_path):
     import mmap
 
-    from shardline.supervise import shm_segments
+    from shardline.supervise import remove_segments, shm_segments
 
     path = tmp_path / "sm_segment.vm.0.42.1"
     path.write_bytes(b"\0" * 4096)
     other = tmp_path / "weights.bin"
     other.write_bytes(b"\0" * 4096)
-    with open(path, "r+b") as f, open(other, "r+b") as g:
-        maps = mmap.mmap(f.fileno(), 4096), mmap.mmap(g.fileno(), 4096)
-        assert str(path) in shm_segments([os.getpid(), 999999999])
-        assert str(other) not in shm_segments([os.getpid()])
+    odd = tmp_path / os.fsdecode(b"d\xff")      # a name that is not UTF-8 (a library's, a model's path)
+    odd.mkdir()
+    (odd / "sm_segment.vm.0.43.1").write_bytes(b"\0" * 4096)
+    with open(path, "r+b") as f, open(other, "r+b") as g, open(odd / "sm_segment.vm.0.43.1", "r+b") as h:
+        maps = [mmap.mmap(x.fileno(), 4096) for x in (f, g, h)]
+        found = shm_segments([os.getpid(), 999999999])
+        assert str(path) in found and str(other) not in found
+        assert str(odd / "sm_segment.vm.0.43.1") in found
         for m in maps:
             m.close()
-    assert str(path) not in shm_segments([os.getpid()])
+    assert not {str(path), str(odd / "sm_segment.vm.0.43.1")} & shm_segments([os.getpid()])
+    removed = remove_segments([str(odd / "sm_segment.vm.0.43.1"), str(tmp_path / "gone")])
+    assert removed == [(str(odd / "sm_segment.vm.0.43.1"), 4096)] and not list(odd.iterdir())
 
 
 STOPPED_WHILE_STARTING = """
