@@ -23,8 +23,8 @@ Four things mpirun alone does badly:
 - Ranks that share a host talk over Open MPI's shared memory: each maps a 16 MiB file in /dev/shm
   (sm_segment.*), which mpirun removes when it ends the job, even after a signal, but not when it is
   SIGKILLed. A job that had to be SIGKILLed left them, in RAM, for good (48 MiB per such restart with
-  three ranks on one host). The supervisor notes the segments its job's
-  processes map, and removes those left once the job has ended. (Boards use TCP: no segments.)
+  three ranks on one host). The supervisor notes the segments its job's processes map, and removes
+  those left once the job has ended. (Boards use TCP: no segments.)
 The job runs in its own session, so Ctrl-C in a terminal reaches the supervisor only.
 """
 from __future__ import annotations

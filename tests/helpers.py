@@ -143,6 +143,31 @@ def alive(p: psutil.Process) -> bool:
         return False
 
 
+def end_job(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 15) -> None:
+    """End an mpirun started in a session of its own (sig to its process group, SIGKILL after timeout)
+    and everything else of that session: each rank has a process group of its own, so a SIGKILLed
+    mpirun left them behind, and their Open MPI segments in /dev/shm (a clean end removes those)."""
+    from shardline.supervise import remove_segments, session_processes, shm_segments
+    left = session_processes(proc.pid)    # the ranks too, even once mpirun is gone
+    segments = shm_segments(p.pid for p in left)
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        except ProcessLookupError:
+            pass
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=5)
+    remove_segments(segments)
+
+
 class Server:
     """The real server (`mpirun ... main.py`) in its own process group; polls /health until it is up."""
 
@@ -175,25 +200,7 @@ class Server:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        from shardline.supervise import remove_segments, session_processes, shm_segments
-        ranks = session_processes(self.proc.pid)    # the ranks too, even once mpirun is gone
-        segments = shm_segments(p.pid for p in ranks)
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
-        for p in ranks:  # each rank has a process group of its own: a SIGKILLed mpirun leaves them behind
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(ranks, timeout=5)
-        remove_segments(segments)      # Open MPI's, which a killed job leaves in /dev/shm (a clean end removes them)
+        end_job(self.proc, sig, timeout)
         if self.log is not subprocess.DEVNULL:
             self.log.close()
         return self.proc.returncode

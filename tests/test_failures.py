@@ -12,9 +12,9 @@ import psutil
 import pytest
 from transformers import GPT2Config
 
-from shardline.supervise import remove_segments, session_processes, shm_segments
+from shardline.supervise import remove_segments, shm_segments
 from splitter.random_model import build_tokenizer, random_model
-from tests.helpers import PY, ROOT, alive, free_port, http, launch_cmd, mpi_env, rank_processes, split
+from tests.helpers import PY, ROOT, alive, end_job, free_port, http, launch_cmd, mpi_env, rank_processes, split
 
 
 @pytest.fixture(scope="module")
@@ -304,18 +304,7 @@ class Slowed:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        left = session_processes(self.proc.pid)    # the ranks too, even once mpirun is gone
-        segments = shm_segments(p.pid for p in left)
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        for p in left:  # each rank has a process group of its own: one still loading outlived mpirun
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=5)
-        remove_segments(segments)      # Open MPI's, which a SIGKILLed job leaves in /dev/shm
+        end_job(self.proc)     # a rank still loading (slow_load) outlived a SIGKILLed mpirun
         self.log.close()
 
 
