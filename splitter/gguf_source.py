@@ -26,6 +26,13 @@ import torch
 # Architectures as a GGUF file names them (general.architecture), and the families they become.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")  # "mistral" files say "llama"
 SLAB_BYTES = 8 << 20  # raw bytes dequantized at once
+# Tensors a file may hold that no Hugging Face weight takes: llama3's rope_freqs is read into the config
+# (_restore_rope_scaling). Any other unmapped tensor is refused (_name_map).
+CONSUMED = ("rope_freqs.weight",)
+# Tokens that end generation by their spelling, as llama.cpp's llama-vocab.cpp finds them (its
+# special_eog_ids), for the architectures read here.
+EOG_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>",
+              "<end_of_turn>", "<EOT>", "_<EOT>")
 # Q5_0/Q5_1 are llama.cpp's fallbacks inside Q4_K_M/Q5_K_M files for rows that are no multiple of 256
 # (Qwen2.5-0.5B's 896), Q2_K/Q3_K the bulk of its Q2_K/Q3_K_* files: gguf-py dequantizes all of them.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -52,6 +59,8 @@ class GGUFSource:
                              "the file is damaged or truncated -- download or convert it again") from err
         self._check_complete()
         self.architecture = self._field("general.architecture")
+        if self.architecture is None and self._split_hint():  # parts after the first carry no metadata
+            raise ValueError(f"{self.path}: the file has no metadata{self._split_hint()}")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"{self.path}: GGUF architecture {self.architecture!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Mistral files say 'llama')")
@@ -255,8 +264,14 @@ class GGUFSource:
         hf_to_gguf, shapes = {}, {}
         for t in self._reader.tensors:
             hf = gguf_to_hf.get(t.name)
-            if hf is None:  # transformers' loader skips it too (e.g. llama3's rope_freqs)
-                continue
+            if hf is None:
+                if t.name in CONSUMED:
+                    continue
+                # transformers' loader skips such a tensor silently, but llama.cpp applies it (e.g. a llama
+                # file's attn_q.bias, which transformers' GGUF config never turns on): a different model
+                raise ValueError(f"{self.path}: tensor {t.name} has no place in the {self.config.model_type} model "
+                                 "transformers builds from this file's metadata, so the split would not be the "
+                                 "model llama.cpp runs; such files are not supported")
             file_shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             if self.architecture == "gpt2" and file_shape != expected[hf] and file_shape[::-1] == expected[hf]:
                 file_shape = file_shape[::-1]  # GPT-2's Conv1D projections are stored transposed
@@ -266,31 +281,51 @@ class GGUFSource:
             hf_to_gguf[hf], shapes[hf] = t.name, file_shape
         missing = [n for n in expected if n not in hf_to_gguf and not self._tied(n)]
         if missing:
-            import re
-            split = re.search(r"-\d{5}-of-(\d{5})\.gguf$", self.path.name)
-            hint = (f"; it is one part of {int(split.group(1))}: merge them first (llama.cpp's llama-gguf-split "
-                    f"--merge {self.path.name} merged.gguf)") if split else ""
             raise ValueError(f"{self.path}: the file lacks {len(missing)} tensor(s) the {self.config.model_type} "
-                             f"model needs, e.g. {', '.join(missing[:3])}{hint}")
+                             f"model needs, e.g. {', '.join(missing[:3])}{self._split_hint()}")
         return hf_to_gguf, shapes
+
+    def _split_hint(self) -> str:
+        """How to merge, when the file is one part of a split GGUF (model-00001-of-00003.gguf...), else ""."""
+        import re
+        split = re.search(r"-(\d{5})-of-(\d{5})\.gguf$", self.path.name)
+        if not split:
+            return ""
+        first = self.path.name[:split.start()] + f"-00001-of-{split.group(2)}.gguf"
+        return (f"; it is one part of {int(split.group(2))}: merge them first (llama.cpp's llama-gguf-split "
+                f"--merge {first} merged.gguf)")
 
     def _tied(self, name: str) -> bool:
         return name == "lm_head.weight" and bool(getattr(self.config, "tie_word_embeddings", False))
 
     def _load_tokenizer(self):
+        """transformers' tokenizer from the file's tokenizer.ggml.* metadata. It is built in a folder that
+        holds the file alone: given the file's own folder, transformers also reads a tokenizer.json lying
+        beside it (another model's, when a .gguf was downloaded into that model's folder) and adds that
+        file's added tokens to the GGUF's vocabulary, giving ids the model does not have."""
+        import tempfile
+
         from transformers import AutoTokenizer
         try:
-            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            with tempfile.TemporaryDirectory(prefix="shardline-gguf-") as alone:
+                os.symlink(self.path.resolve(), os.path.join(alone, self.path.name))
+                return AutoTokenizer.from_pretrained(alone, gguf_file=self.path.name)
         except Exception as err:
             raise ValueError(f"{self.path}: transformers cannot build the tokenizer from this GGUF "
                              f"({type(err).__name__}: {err}); the file must carry its tokenizer (tokenizer.ggml.* "
                              "metadata, as llama.cpp's convert_hf_to_gguf.py writes it)") from err
 
     def _generation_config(self):
-        """eos/bos from the file; the end-of-turn and end-of-message tokens also stop generation."""
+        """eos/bos from the file. Generation stops where llama.cpp's does (llama-vocab.cpp, its end-of-
+        generation set): at the file's eos, eot and eom ids, and at every token spelled as one of the
+        end-of-turn tokens in EOG_TOKENS. convert_hf_to_gguf.py seldom writes eot/eom ids, so a Llama 3.1
+        Instruct file names only <|eot_id|>; its <|eom_id|> and <|end_of_text|> (which the model's own
+        generation_config lists) and a Qwen2.5 file's <|endoftext|> are found by their spelling."""
         from transformers import GenerationConfig
         gen = GenerationConfig.from_model_config(self.config)
         eos = [self._field(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
+        vocab = self.tokenizer.get_vocab()
+        eos += [vocab.get(text) for text in EOG_TOKENS]
         eos = list(dict.fromkeys(int(i) for i in eos if isinstance(i, int)))
         if eos:
             gen.eos_token_id = eos[0] if len(eos) == 1 else eos

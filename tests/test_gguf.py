@@ -77,10 +77,10 @@ CASES = {
 }
 
 
-def make(tmp_path, cls, config, qtype, seed=0, **kw):
+def make(tmp_path, cls, config, qtype, seed=0, eot="<|im_end|>", **kw):
     torch.manual_seed(seed)
     model = cls(config).eval()
-    path = write_gguf(tmp_path / "model.gguf", model, tiny_tokenizer(), qtype, eot_token="<|im_end|>", **kw)
+    path = write_gguf(tmp_path / "model.gguf", model, tiny_tokenizer(), qtype, eot_token=eot, **kw)
     return model, path
 
 
@@ -202,11 +202,30 @@ def test_files_beside_the_gguf_are_not_read(tmp_path):
     GPT2Config(n_layer=1).save_pretrained(tmp_path)
     other = build_tokenizer(300)
     other.chat_template = "{{ 'not the file' }}"
+    other.add_tokens(["<other_model_token>"])   # an id past the GGUF's vocabulary, were it read
     other.save_pretrained(tmp_path)   # tokenizer.json and tokenizer_config.json of another model
     with GGUFSource(path) as src:
         assert src.config.to_dict() == want_config
         assert src.tokenizer.encode("hello world") == want_ids
         assert src.tokenizer.chat_template == CHAT_TEMPLATE
+        assert len(src.tokenizer) == VOCAB
+        assert max(src.tokenizer.encode("a <other_model_token> b")) < VOCAB
+
+
+def test_end_of_turn_tokens_stop_by_their_spelling(tmp_path):
+    """As llama.cpp does: convert_hf_to_gguf.py seldom writes an eot id, yet <|im_end|> ends a turn."""
+    _, path = make(tmp_path, Qwen2ForCausalLM, Qwen2Config(**LLAMA, tie_word_embeddings=True), uniform(Q.Q8_0),
+                   eot=None)
+    with GGUFSource(path) as src:
+        assert src.generation_config.eos_token_id == [EOS, VOCAB - 1]   # <|endoftext|>, <|im_end|>; not <|im_start|>
+
+
+def test_a_tensor_transformers_would_drop_is_refused(tmp_path):
+    """transformers' GGUF config never turns on a llama's attention bias and its loader skips the biases;
+    llama.cpp applies them. Splitting without them would serve another model."""
+    _, path = make(tmp_path, LlamaForCausalLM, LlamaConfig(**LLAMA, attention_bias=True), float_only)
+    with pytest.raises(ValueError, match=r"tensor blk\.0\.attn_q\.bias has no place in the llama model"):
+        GGUFSource(path)
 
 
 # ---- RoPE scaling, which transformers' GGUF config drops and the source puts back ----
@@ -324,6 +343,21 @@ def test_one_part_of_a_split_gguf_is_refused_with_how_to_merge(tmp_path):
     with pytest.raises(ValueError, match=r"one part of 2: merge them first \(llama.cpp's llama-gguf-split --merge "
                                          r"model-00001-of-00002\.gguf merged\.gguf\)"):
         GGUFSource(part)
+
+
+def test_a_later_part_of_a_split_gguf_is_refused_with_how_to_merge(tmp_path):
+    """gguf's writer (as llama-gguf-split) puts the metadata in the first part only."""
+    import gguf
+    writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "llama", split_max_tensors=1)
+    for name in ("token_embd.weight", "output.weight"):
+        writer.add_tensor(name, np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"no metadata; it is one part of 2: merge them first \(llama.cpp's "
+                                         r"llama-gguf-split --merge model-00001-of-00002\.gguf merged\.gguf\)"):
+        GGUFSource(tmp_path / "model-00002-of-00002.gguf")
 
 # ---- memory: one tensor at a time ----
 
