@@ -80,6 +80,9 @@ def load_manifest(model_dir: Path) -> Manifest:
         if quant.get("scheme") not in SCHEMES:
             raise ShardError(f"{path}: quantization scheme {quant.get('scheme')!r} is unknown to this shardline "
                              f"(known: {', '.join(SCHEMES)}); update shardline on every board, or re-split")
+        if quant.get("head", quant["scheme"]) not in (*SCHEMES, "float32"):   # the embedding/head's scheme
+            raise ShardError(f"{path}: quantization head scheme {quant.get('head')!r} is unknown to this shardline "
+                             f"(known: {', '.join(SCHEMES)}, float32); update shardline on every board, or re-split")
     return Manifest(path, data)
 
 

@@ -243,7 +243,7 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
     if not quantize and (group_size is not None or head_quantize):
         raise ValueError("--group-size and --head-quantize go with --quantize int8|int4")
     if quantize:
-        from shardline.quant import SCHEMES
+        from shardline.quant import IN_MULTIPLE, SCHEMES
         if quantize not in SCHEMES:
             raise ValueError(f"--quantize {quantize!r}: unknown scheme; supported: {', '.join(SCHEMES)}")
         head = head_quantize or ("int8" if quantize == "int4" else quantize)
@@ -261,11 +261,14 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
         left = float_left(m, quant)
         n, size = len(left), sum(spec_bytes(m, s, None) for s in left)
         widths = {_shape(m, s)[1] for s in left}
-        rule = f"a multiple of {quant['group_size']}" if quant["group_size"] else "a multiple of 32"
+        group = quant["group_size"] if quant["scheme"] == "int4" else None   # int8 scales whole rows
+        rule = f"a multiple of {max(group or IN_MULTIPLE, IN_MULTIPLE)}"
         if n and n == sum(s.matmul for s in m.specs):
+            smaller = group and group > IN_MULTIPLE and any(w % IN_MULTIPLE == 0 for w in widths)
             raise ValueError(f"--quantize {quant['scheme']}: no matrix can be quantized, since no input width "
                              f"({', '.join(map(str, sorted(widths)))}) is {rule}"
-                             + ("; use --group-size 32 or 64" if quant["group_size"] else ""))
+                             + (f"; use --group-size {IN_MULTIPLE}" if smaller else
+                                f" (the int8/int4 kernels need multiples of {IN_MULTIPLE}): split it in float32"))
         if n:
             print(f"[splitter] note: {n} matrices ({size / 2**20:.1f} MiB) stay float32: their input width "
                   f"({', '.join(map(str, sorted(widths)))}) is not {rule}", flush=True)

@@ -280,3 +280,28 @@ def test_loading_an_int4_weight_frees_its_stored_codes_at_once():
     assert not t and stored() is None
     x = torch.randn(2, 512)
     torch.testing.assert_close(ql(x), QLinear.from_parts(quantize(weight(256, 512), "int4", 32), "int4")(x))
+
+
+@pytest.mark.parametrize("stored, edge, manifest, error", [
+    # (scheme the shard holds, embedding/head?, manifest's quantization, expected error or None)
+    ("int8", False, {"scheme": "int8"}, None),
+    ("int4", False, {"scheme": "int4", "head": "int8"}, None),
+    ("int8", True, {"scheme": "int4", "head": "int8"}, None),          # an int4 split's head stays int8
+    ("int8", False, {"scheme": "int4", "head": "int8"}, "is int8 but the manifest says int4 for the blocks"),
+    ("int4", True, {"scheme": "int4", "head": "int8"}, "is int4 but the manifest says int8 for the embedding/head"),
+    ("int8", True, {"scheme": "int8", "head": "float32"}, "is int8 but the manifest says float32"),
+    ("int4-no-zeros", False, {"scheme": "int4", "head": "int8"}, r"w\.zeros is missing"),
+])
+def test_a_weight_is_read_in_the_scheme_the_manifest_gives_its_role(stored, edge, manifest, error):
+    """The blocks take the manifest's scheme, the embedding/head its head scheme; a part missing is named,
+    not taken for the other scheme's weight."""
+    from shardline.models.linear import linear
+    parts = quantize(weight(64, 256), stored.split("-")[0], 32 if stored.startswith("int4") else None)
+    if stored.endswith("no-zeros"):
+        del parts["zeros"]
+    t = {f"w.{k}": v for k, v in parts.items()}
+    if error is None:
+        assert isinstance(linear(t, "w", quant=manifest, edge=edge), QLinear)
+    else:
+        with pytest.raises(ValueError, match=error):
+            linear(t, "w", quant=manifest, edge=edge)

@@ -78,19 +78,28 @@ def _claim_int4(t, meta):
     meta["quantization"] = "int4"
 
 
-def _unknown_scheme(parts):
-    m = json.loads((parts / "manifest.json").read_text())
-    m["quantization"]["scheme"] = "int3"
-    (parts / "manifest.json").write_text(json.dumps(m))
+def _drop_zeros(t, meta):   # int4: without its zero points, a weight must not pass for an int8 one
+    del t[next(n for n in t if n.endswith(".zeros"))]
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: _corrupt(p, _drop_scale), ".scales"),
-    (lambda p: _corrupt(p, _claim_int4), "quantization 'int4' but the manifest says 'int8'"),
-    (_unknown_scheme, "scheme 'int3' is unknown"),
+def _manifest(key, value):
+    def edit(parts):
+        m = json.loads((parts / "manifest.json").read_text())
+        m["quantization"][key] = value
+        (parts / "manifest.json").write_text(json.dumps(m))
+    return edit
+
+
+@pytest.mark.parametrize("scheme, damage, message", [
+    ("int8", lambda p: _corrupt(p, _drop_scale), ".scales"),
+    ("int8", lambda p: _corrupt(p, _claim_int4), "quantization 'int4' but the manifest says 'int8'"),
+    ("int8", _manifest("scheme", "int3"), "scheme 'int3' is unknown"),
+    ("int4", lambda p: _corrupt(p, _drop_zeros), ".zeros is missing (int4 stores qweight, scales, zeros)"),
+    ("int4", _manifest("head", "int2"), "head scheme 'int2' is unknown"),
+    ("int4", _manifest("head", "int4"), "is int8 but the manifest says int4 for the embedding/head"),
 ])
-def test_bad_quantized_shards_are_refused_at_start(damage, message, fitted, tmp_path):
-    parts = split(fitted, 1, tmp_path / "parts", "--quantize", "int8")
+def test_bad_quantized_shards_are_refused_at_start(scheme, damage, message, fitted, tmp_path):
+    parts = split(fitted, 1, tmp_path / "parts", "--quantize", scheme)
     damage(parts)
     proc = subprocess.run(launch_cmd(1, str(ROOT / "main.py"), "--model-dir", str(parts), "--port", "0"),
                           cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120)

@@ -97,7 +97,7 @@ class Stage:
         self.blocks = [Block(tensors, f"transformer.h.{i}.", quant) for i in range(*layers)]
         if first:
             self.ends = Ends(tensors, WTE, HEAD, tied, quant, head_t)
-            self.wpe = tensors[WPE] if WPE in tensors else linear(tensors, WPE, quant=quant)   # [n_positions, d]
+            self.wpe = tensors[WPE] if WPE in tensors else linear(tensors, WPE, quant=quant, edge=True)   # [n_positions, d]
             self.ln_f = (tensors[LN_F[0]], tensors[LN_F[1]])
         self.cache = KVCache(len(self.blocks), slots, self.n_head, self.max_context, self.head_dim, self.device)
 

@@ -79,10 +79,12 @@ class Dense:
 
 
 def linear(t: dict[str, torch.Tensor], name: str, bias: str | None = None, conv1d: bool = False,
-           quant: dict | None = None):
+           quant: dict | None = None, edge: bool = False):
     """The callable for weight `name` of a shard's tensors t (with bias `bias` if the model has one).
     A quantized shard stores a matmul weight as name.<suffix> parts in [out, in] layout (GPT-2's Conv1D
-    weights are transposed by the splitter first); norms, biases and small tensors stay float."""
+    weights are transposed by the splitter first); norms, biases and small tensors stay float.
+    edge: the embedding, LM head (or GPT-2's position table), stored in the manifest's "head" scheme
+    (an int4 split keeps them int8 unless split otherwise), where the blocks' weights take "scheme"."""
     b = t.get(bias) if bias else None
     if name in t:
         return Dense(t[name], b, conv1d)
@@ -90,10 +92,15 @@ def linear(t: dict[str, torch.Tensor], name: str, bias: str | None = None, conv1
         from shardline.quant import QLinear, check_parts, suffixes
         if f"{name}.qweight" not in t:
             raise KeyError(name)
-        # int4 stores zeros; an int4 shard keeps its embedding/head int8 unless split otherwise
-        scheme = "int4" if f"{name}.zeros" in t else "int8"
-        if scheme != quant["scheme"] and quant.get("head") != scheme:
-            raise ValueError(f"tensor {name} is {scheme} but the manifest says {quant['scheme']}")
+        want = (quant.get("head") or quant["scheme"]) if edge else quant["scheme"]
+        # what the shard holds, by its codes' type (int8 codes are int8, int4 ones two to a uint8), so a
+        # missing part is named by check_parts below rather than taken for the other scheme
+        stored = {torch.int8: "int8", torch.uint8: "int4"}.get(t[f"{name}.qweight"].dtype, want)
+        if stored != want:
+            role = "the embedding/head" if edge else "the blocks"
+            raise ValueError(f"tensor {name} is {stored} but the manifest says {want} for {role}: re-split the "
+                             "model (the shard does not match its manifest)")
+        scheme = want
         parts = {s: t[f"{name}.{s}"] for s in suffixes(scheme) if f"{name}.{s}" in t}
         check_parts(name, parts, scheme)                  # a missing scale: ValueError naming the tensor
         q = QLinear.from_parts(parts, scheme, bias=b, name=name)
@@ -119,8 +126,8 @@ class Ends:
             if name in t:
                 self.t = t[name].t().contiguous()                                # [d, vocab]
             else:
-                self.q = linear(t, name, quant=quant)
-        self.table = None if tied else (t[embed] if embed in t else linear(t, embed, quant=quant))
+                self.q = linear(t, name, quant=quant, edge=True)
+        self.table = None if tied else (t[embed] if embed in t else linear(t, embed, quant=quant, edge=True))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.table is None:
