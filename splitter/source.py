@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+# What a hub download fetches besides the weights: config, tokenizer, generation config, chat template
+META_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+INDEX = "model.safetensors.index.json"
 
 
 def open_source(model: str, random_weights: bool = False, seed: int = 0):
@@ -45,35 +47,39 @@ class SafetensorsSource:
         from transformers import AutoConfig
         path = Path(model)
         if not path.is_dir():
-            from huggingface_hub import snapshot_download
-            print(f"[splitter] downloading {model} (safetensors, config, tokenizer) ...", flush=True)
-            path = Path(snapshot_download(model, allow_patterns=WEIGHT_PATTERNS))
+            path = _download(model)
         self.dir = path
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{index}: not a safetensors index ({type(err).__name__}: {err}); "
-                                 "download the model again") from None
-            self._file = {name: path / f for name, f in weight_map.items()}
-        elif (path / "model.safetensors").is_file():
-            self._file = {name: path / "model.safetensors" for name in _keys(path / "model.safetensors")}
-        else:
-            bins = sorted(p.name for p in path.glob("*.bin"))
-            what = f"only pickled weights ({', '.join(bins[:3])})" if bins else "no model.safetensors"
-            raise ValueError(f"{model}: {what}. shardline reads safetensors only (pickle can run code). Convert "
-                             "once on a trusted machine: AutoModelForCausalLM.from_pretrained(DIR)."
-                             "save_pretrained(OUT, safe_serialization=True), or pick a repository or revision "
-                             "that has model.safetensors")
-        for f in set(self._file.values()):
-            if not f.is_file():
-                raise ValueError(f"{f}: missing (named by model.safetensors.index.json); download the model again")
-            _keys(f)                    # a damaged header: refused here, naming the file, before any work
         if not (path / "config.json").is_file():
             raise ValueError(f"{path}: no config.json; a model directory needs the config.json that save_pretrained "
                              "writes beside its weights")
+        _check_model_type(path / "config.json", model)
+        index = path / INDEX
+        if index.is_file():
+            weight_map = _weight_map(index)
+            files = {f: set(_keys(path / f)) if (path / f).is_file() else None for f in set(weight_map.values())}
+            for f, keys in files.items():
+                if keys is None:
+                    raise ValueError(f"{path / f}: missing (named by {INDEX}); download the model again")
+            stale = [(n, f) for n, f in weight_map.items() if n not in files[f]]
+            if stale:
+                raise ValueError(f"{index}: names {len(stale)} tensor(s) in files that do not hold them, e.g. "
+                                 f"{stale[0][0]} in {stale[0][1]}; the index and the weights are of different "
+                                 "downloads: download the model again")
+            stored = {name: (path / f, name) for name, f in weight_map.items()}
+        elif (path / "model.safetensors").is_file():
+            stored = {name: (path / "model.safetensors", name) for name in _keys(path / "model.safetensors")}
+        else:
+            bins = sorted(p.name for p in path.glob("*.bin"))
+            what = f"only pickled weights ({', '.join(bins[:3])})" if bins else "no model.safetensors"
+            raise ValueError(f"{model}: {what}. {BIN_FIX}")
         self.config = AutoConfig.from_pretrained(path)
+        # A checkpoint saved from the bare base model (the hub's gpt2: h.0.*, wte.weight) lacks the
+        # "transformer." / "model." prefix of the LM's names; transformers adds it on loading
+        # (base_model_prefix), and so does this.
+        prefix = _base_prefix(self.config)
+        if prefix and stored and not any(n.startswith(prefix + ".") or n == "lm_head.weight" for n in stored):
+            stored = {f"{prefix}.{n}": where for n, where in stored.items()}
+        self._file = stored                    # name -> (file, the name stored in it)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._tokenizer = None
 
@@ -95,11 +101,13 @@ class SafetensorsSource:
 
     @property
     def generation_config(self):
+        """generation_config.json, or without one what transformers derives from config.json (its
+        eos_token_id, which may list a chat model's end-of-turn tokens too)."""
         from transformers import GenerationConfig
         try:
             return GenerationConfig.from_pretrained(self.dir)
         except OSError:
-            return None
+            return GenerationConfig.from_model_config(self.config)
 
     def names(self) -> list[str]:
         return list(self._file)
@@ -107,17 +115,87 @@ class SafetensorsSource:
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self._shapes:
             from safetensors import safe_open
-            with safe_open(str(self._file[name]), framework="pt") as f:
-                self._shapes[name] = tuple(f.get_slice(name).get_shape())
+            path, key = self._file[name]
+            with safe_open(str(path), framework="pt") as f:
+                self._shapes[name] = tuple(f.get_slice(key).get_shape())
         return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
-        with safe_open(str(self._file[name]), framework="pt") as f:
-            return f.get_tensor(name).to(torch.float32)
+        path, key = self._file[name]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key).to(torch.float32)
 
     def close(self) -> None:
         pass
+
+
+BIN_FIX = ("shardline reads safetensors only (pickle can run code). Convert once on a trusted machine: "
+           "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True), or pick a "
+           "repository or revision that has model.safetensors")
+
+
+def _download(model: str) -> Path:
+    """A hub repository's snapshot: its config first (an unsupported model is refused before gigabytes
+    come down), then the weights it is read from (the files the index names, or model.safetensors; not
+    a repository's other copies, such as Mistral's consolidated.safetensors), and its tokenizer files.
+    Offline (HF_HUB_OFFLINE=1), a model downloaded before is taken from the local cache."""
+    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from splitter.hub import offline
+    if offline():
+        try:
+            return Path(snapshot_download(model, local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise ValueError(f"{model}: not in this machine's model cache and the hub is unreachable; pass a local "
+                             "save_pretrained directory or .gguf file, or --random-weights for a meaningless test "
+                             "model") from None
+    _check_model_type(Path(hf_hub_download(model, "config.json")), model)
+    files = set(list_repo_files(model))
+    if INDEX in files:
+        weights = sorted(set(_weight_map(Path(hf_hub_download(model, INDEX))).values()))
+    elif "model.safetensors" in files:
+        weights = ["model.safetensors"]
+    else:
+        bins = sorted(f for f in files if f.endswith(".bin"))
+        what = f"only pickled weights ({', '.join(bins[:3])})" if bins else "no model.safetensors"
+        raise ValueError(f"{model}: {what}. {BIN_FIX}")
+    print(f"[splitter] downloading {model} ({len(weights)} safetensors file(s), config, tokenizer) ...", flush=True)
+    return Path(snapshot_download(model, allow_patterns=META_PATTERNS + weights))
+
+
+def _check_model_type(config_json: Path, model: str) -> None:
+    """Refuse an architecture shardline does not serve by its config.json alone, naming what is supported
+    (transformers' own config loading would fail first on a type it does not know, with other advice)."""
+    from shardline.models import family
+    try:
+        model_type = json.loads(config_json.read_text()).get("model_type")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{config_json}: not a readable config.json ({err}); download the model again") from None
+    try:
+        family(model_type)
+    except ValueError as err:                   # "architecture 'x' is not supported; supported: ..."
+        raise ValueError(f"{model}: {err}") from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise TypeError("weight_map is not a {tensor: file} object")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{index}: not a safetensors index ({type(err).__name__}: {err}); "
+                         "download the model again") from None
+    return weight_map
+
+
+def _base_prefix(config) -> str | None:
+    """transformers' base_model_prefix for this config's causal-LM class ("transformer", "model")."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    return getattr(getattr(transformers, name, None), "base_model_prefix", None) if name else None
 
 
 def _keys(path: Path) -> list[str]:

@@ -174,3 +174,136 @@ def test_a_plan_file_says_what_it_was_made_for(tiny_model_dir, tmp_path):
     got = json.loads(plan.read_text())
     assert (got["model"], got["quantize"], got["random_weights"]) == (str(tiny_model_dir), "int8", False)
     assert len(got["stages"]) == 2
+
+
+def stage_tensors(out) -> list[dict]:
+    from safetensors.torch import load_file
+    m = json.loads((out / "manifest.json").read_text())
+    return [load_file(out / s["file"]) for s in m["stages"]]
+
+
+def test_a_checkpoint_saved_from_the_base_model_splits_as_the_lm_does(model, tiny_model_dir, tmp_path):
+    """The hub's gpt2 stores h.0.*, wte.weight: no "transformer." prefix (saved from GPT2Model). transformers
+    adds the prefix on loading; so does the splitter, and the shards are the same."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(model / "model.safetensors")
+    bare = {n.removeprefix("transformer."): t for n, t in tensors.items() if n != "lm_head.weight"}
+    assert any(n.startswith("transformer.") for n in tensors) and not any(n.startswith("transformer.") for n in bare)
+    save_file(bare, model / "model.safetensors", metadata={"format": "pt"})
+    got, want = split(model, 2, tmp_path / "bare"), split(tiny_model_dir, 2, tmp_path / "lm")
+    for g, w in zip(stage_tensors(got), stage_tensors(want), strict=True):
+        assert g.keys() == w.keys() and all(g[n].equal(w[n]) for n in g)
+
+
+def test_an_index_naming_a_tensor_its_file_lacks_is_refused(tiny_model_dir, tmp_path):
+    """An index from one download next to the weights of another: refused naming a tensor, no traceback."""
+    from transformers import AutoModelForCausalLM
+    d = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(d, max_shard_size="300KB")
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            shutil.copy(f, d / f.name)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1, "the checkpoint did not shard: nothing to test"
+    name = next(n for n, f in index["weight_map"].items() if f == files[0])
+    index["weight_map"][name] = files[1]
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(run_split(d, tmp_path / "out", "--plan-only"), "model.safetensors.index.json", name, files[1],
+            "download the model again")
+
+
+def test_an_unknown_architecture_is_refused_listing_the_supported_ones(model, tmp_path):
+    """Even one transformers does not know (its own error would say: upgrade transformers)."""
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "model_type": "foo_lm"}))
+    refused(run_split(model, tmp_path / "out"), "'foo_lm' is not supported; supported: gpt2", "llama", "qwen3")
+
+
+def test_without_a_generation_config_the_configs_eos_ids_stop(model, tmp_path):
+    """No generation_config.json: config.json's eos_token_id (a chat model may list several) still stops."""
+    (model / "generation_config.json").unlink(missing_ok=True)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [5, 7]}))
+    out = split(model, 1, tmp_path / "out")
+    assert json.loads((out / "tokenizer" / "generation_config.json").read_text())["eos_token_id"] == [5, 7]
+
+
+def hub_cache(tmp_path, tiny_model_dir, repo="someone/tiny-gpt2") -> dict:
+    """A Hugging Face cache holding `repo` as huggingface_hub lays one out (refs/main -> a snapshot)."""
+    cache = tmp_path / "hf_cache"
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model_dir, entry / "snapshots" / commit)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+    return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+
+def test_offline_a_hub_model_downloaded_before_is_read_from_the_cache(tiny_model_dir, tmp_path):
+    import os
+    env = {**os.environ, **hub_cache(tmp_path, tiny_model_dir)}
+    ok = subprocess.run([PY, "-m", "splitter", "--model", "someone/tiny-gpt2", "--stages", "2", "--out",
+                         str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert load_manifest(tmp_path / "out").num_stages == 2
+    other = subprocess.run([PY, "-m", "splitter", "--model", "someone/other", "--stages", "2", "--out",
+                            str(tmp_path / "out2")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    refused(other, "someone/other: not in this machine's model cache", "--random-weights")
+
+
+class FakeHub:
+    """huggingface_hub's download calls, on a local folder standing for the repository."""
+
+    def __init__(self, repo_dir):
+        self.repo, self.snapshots = repo_dir, []
+
+    def hf_hub_download(self, model, filename, **kw):
+        return str(self.repo / filename)
+
+    def list_repo_files(self, model, **kw):
+        return [p.name for p in self.repo.iterdir()]
+
+    def snapshot_download(self, model, allow_patterns=None, **kw):
+        self.snapshots.append(allow_patterns)
+        return str(self.repo)
+
+
+@pytest.fixture
+def fake_hub(model, monkeypatch):
+    import huggingface_hub
+    hub = FakeHub(model)
+    for name in ("hf_hub_download", "list_repo_files", "snapshot_download"):
+        monkeypatch.setattr(huggingface_hub, name, getattr(hub, name))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return hub
+
+
+def test_a_hub_download_fetches_only_the_weights_the_index_names(fake_hub, model):
+    """Mistral's repositories carry consolidated.safetensors beside the model-0000x files: 14 GB more."""
+    from splitter.source import SafetensorsSource
+    (model / "consolidated.safetensors").write_bytes(b"")
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: "model.safetensors" for n in SafetensorsSource(str(model)).names()}}))
+    src = SafetensorsSource("someone/tiny-gpt2")
+    assert len(fake_hub.snapshots) == 1 and "model.safetensors" in fake_hub.snapshots[0]
+    assert not any("consolidated" in p or p == "*.safetensors" for p in fake_hub.snapshots[0])
+    assert src.config.model_type == "gpt2" and src.names()
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("model_type", ["'foo_lm' is not supported"]),
+    ("bin_only", ["only pickled weights (pytorch_model.bin)", "safetensors only"]),
+])
+def test_a_hub_model_that_cannot_be_served_is_refused_before_its_weights_download(fake_hub, model, damage, words):
+    from splitter.source import SafetensorsSource
+    if damage == "model_type":
+        cfg = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**cfg, "model_type": "foo_lm"}))
+    else:
+        (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    with pytest.raises(ValueError) as err:
+        SafetensorsSource("someone/tiny-gpt2")
+    assert all(w in str(err.value) for w in words), err.value
+    assert fake_hub.snapshots == []
