@@ -54,7 +54,9 @@ class Sampling(BaseModel):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # OpenAI's schema admits 0 <= top_p <= 1 (and transformers' and llama.cpp's samplers take 0): 0 keeps
+    # the likeliest token only, i.e. greedy whatever the temperature
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension: keep the k likeliest tokens (0 = off)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the text")
@@ -241,6 +243,8 @@ class StageInfo(BaseModel):
     rss_mb: float | None = None
     load_seconds: float | None = None
     device: str = "cpu"
+    fp32_matmul: Literal["onednn", "aten"] | None = None     # the float kernel (SHARDLINE_FP32_MATMUL)
+    idle_policy: Literal["batch", "normal"] | None = None    # how a waiting rank sleeps (SHARDLINE_IDLE_POLICY)
 
 
 class Quantization(BaseModel):
@@ -458,9 +462,18 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return asked if asked is not None else max(1, min(default, engine.max_context - len(prompt_ids)))
 
-    def token_texts(ids: list[int]) -> list[str]:
-        """Each token's own text (a byte-level piece of a character shows as U+FFFD)."""
-        return tokenizer.batch_decode([[i] for i in ids])
+    def texts_after(context: list[int], ids: list[int]) -> list[str]:
+        """The text each of ids would add after context (seeded as the stream is, so a SentencePiece
+        word keeps its leading space; a byte of an unfinished character shows as U+FFFD)."""
+        backend = tokenizer.backend_tokenizer
+        decode = lambda c: backend.decode(c, skip_special_tokens=False)  # noqa: E731
+        ctx = detok.seed(decode, context)
+        head = decode(ctx) if ctx else ""
+        out = []
+        for i in ids:
+            full = decode(ctx + [i])
+            out.append(full[len(head):] if full.startswith(head) else decode([i]))
+        return out
 
     def echo_of(ids: list[int], text: str | None) -> tuple[str, list[str]]:
         """(the echoed prompt, what each of its tokens adds to it): the prompt as its tokens decode, with
@@ -479,10 +492,12 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         return "".join(got), got
 
     def logprob_entries(req: Request, echo: tuple[list[int], list[str]] | None, text: str) -> list[tuple]:
-        """(token's text in the returned text, its own text, log p or None, [(alternative's own text,
-        log p)] or None, offset in text) per token of the returned text: the echoed prompt's (echo: its
-        ids and pieces; the first has no log probability), then the generated ones up to where a stop
-        string cut the text."""
+        """(token's text in the returned text, log p or None, [(alternative's text, log p)] or None,
+        offset in text) per token of the returned text: the echoed prompt's (echo: its ids and pieces;
+        the first has no log probability), then the generated ones up to where a stop string cut the
+        text. An alternative is named by the text it would have added there, and the chosen token by its
+        text in the returned text, so that top_logprobs[i] holds tokens[i] under the same spelling (a
+        SentencePiece word alone would lose its leading space)."""
         entries, pieces = [], []   # (id, logprob or None, [(id, logprob)] or None)
         if echo is not None:
             echo_ids, pieces = echo[0], list(echo[1])
@@ -492,31 +507,34 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
         entries += [(i, lp, top) for i, (lp, top) in zip(req.generated, req.token_logprobs)]
         # what each generated token added, as the engine's stream (seeded with the prompt) had it
         pieces += detok.pieces(tokenizer.backend_tokenizer, req.generated[:len(req.token_logprobs)], req.prompt_ids)
-        names = token_texts([e[0] for e in entries])
-        alternatives = sorted({i for e in entries for i, _ in (e[2] or ())})
-        alt_name = dict(zip(alternatives, token_texts(alternatives)))
+        ids = list(req.prompt_ids) + list(req.generated)
+        start = 0 if echo is not None else len(req.prompt_ids)     # entries[k] is ids[start + k]
+        n = len(entries)
+        while req.cut and n > prompt_entries and sum(map(len, pieces[:n - 1])) >= len(text):
+            n -= 1                         # past where a stop string cut the text
+        # the text ends in an incomplete character, which the final decode shows as U+FFFD
+        tail = text[sum(map(len, pieces[:n])):] if n > prompt_entries and not req.cut else ""
         out, offset = [], 0
-        for k, ((_, lp, top), piece, name) in enumerate(zip(entries, pieces, names)):
-            if req.cut and k >= prompt_entries and offset >= len(text):
-                break                      # past where a stop string cut the text
-            out.append((piece, name, lp, None if top is None else [(alt_name[i], v) for i, v in top], offset))
+        for k, ((chosen, lp, top), piece) in enumerate(zip(entries[:n], pieces)):
+            piece += tail if k == n - 1 else ""
+            if top is not None:
+                names = texts_after(ids[:start + k], [i for i, _ in top])
+                top = [(piece if i == chosen else name, v) for (i, v), name in zip(top, names)]
+            out.append((piece, lp, top, offset))
             offset += len(piece)
-        if out and len(out) > prompt_entries and offset < len(text) and not req.cut:
-            # the text ends in an incomplete character, which the final decode shows as U+FFFD
-            out[-1] = (out[-1][0] + text[offset:], *out[-1][1:])
         return out
 
     def completion_logprobs(req: Request, echo: tuple[list[int], list[str]] | None, text: str) -> dict:
         """OpenAI's legacy completions logprobs: top_logprobs has the k likeliest tokens and the chosen one."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for piece, name, lp, top, offset in logprob_entries(req, echo, text):
+        for piece, lp, top, offset in logprob_entries(req, echo, text):
             out["tokens"].append(piece)
             out["token_logprobs"].append(lp)
             if top is None:
                 out["top_logprobs"].append(None)
             else:
                 d = dict(reversed(top))          # a text two ids share keeps the likelier one's value
-                d.setdefault(name, lp)
+                d.setdefault(piece, lp)
                 out["top_logprobs"].append(d)
             out["text_offset"].append(offset)
         return out
@@ -533,7 +551,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
             return {"token": name, "logprob": lp, "bytes": list(raw[i])}
         return {"content": [{**item(piece, lp, req.generated[k]),
                              "top_logprobs": [item(n, v, i) for (n, v), i in zip(top, tops[k])]}
-                            for k, (piece, _, lp, top, _) in enumerate(entries)]}
+                            for k, (piece, lp, top, _) in enumerate(entries)]}
 
     def usage(req: Request) -> dict:
         return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.generated),
@@ -684,7 +702,13 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
     def chat_prompt(messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
         if chat_template:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), ()
+            from jinja2 import TemplateError
+            try:
+                return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), ()
+            except TemplateError as err:
+                # templates refuse what their model was not trained on (raise_exception): Mistral's v0.1 a
+                # system message, Llama 2's two user turns in a row
+                raise APIError(400, f"messages: the model's chat template refuses them: {err}", param="messages") from None
         # The simple template for base models without one (documented in the README).
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant:"
         return text, (SIMPLE_CHAT_STOP,)

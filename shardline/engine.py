@@ -416,11 +416,12 @@ class Engine:
         for tok in r.generated[r.texted:]:
             r.text += r.detok.step(tok)
         r.texted = len(r.generated)
-        for s in r.stop:
-            at = r.text.find(s, max(0, seen - len(s) + 1))
-            if at != -1:
-                r.text, r.cut = r.text[:at], True
-                return True
+        # the earliest stop string in the text wins (OpenAI's and vLLM's cut), not the first one listed:
+        # one token (or the final decode) can add text holding two of them
+        found = [at for s in r.stop if (at := r.text.find(s, max(0, seen - len(s) + 1))) != -1]
+        if found:
+            r.text, r.cut = r.text[:min(found)], True
+            return True
         hold = max((len(s) - 1 for s in r.stop), default=0)       # a stop string may be starting
         self._send_text(r, len(r.text) - hold)
         return False

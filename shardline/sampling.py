@@ -10,7 +10,7 @@ import torch
 class SamplingParams:
     temperature: float = 1.0   # 0 = greedy
     top_k: int = 0             # 0 = off
-    top_p: float = 1.0         # 1 = off
+    top_p: float = 1.0         # 1 = off; 0 = the likeliest token only (greedy)
     seed: int | None = None    # same seed, same prompt, same params -> same text
 
     def generator(self) -> torch.Generator | None:
@@ -26,7 +26,7 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     """logits: [vocab] for one sequence; returns the chosen token id."""
-    if p.temperature == 0:
+    if p.temperature == 0 or p.top_p == 0:     # top_p 0 leaves one candidate: argmax's, ties included
         return int(logits.argmax())
     # In float64 with the max subtracted first: any temperature the API admits (down to 5e-324) gives
     # finite or -inf logits with the top one at 0, never inf or nan (multinomial would raise).

@@ -18,7 +18,10 @@ import torch
 
 from tests.helpers import TINY, serving, split
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+# ChatML, refusing two turns of one role in a row as Llama 2's and Mistral's templates do
+CHATML = ("{% for m in messages %}{% if loop.index0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+          "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+          "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|eot|>"]
 MESSAGES = [{"role": "system", "content": "you are a terse cat"}, {"role": "user", "content": "where did the dog go"}]
@@ -147,3 +150,13 @@ def test_stop_ids_come_from_generation_config(tmp_path, eos, want):
     assert main.stop_ids(tmp_path) == set()                  # no generation_config.json: none besides EOS
     GenerationConfig(eos_token_id=eos).save_pretrained(tmp_path)
     assert main.stop_ids(tmp_path) == want
+
+
+def test_messages_the_template_refuses_get_a_400_naming_its_reason(server):
+    r = web.post(server.url + "/v1/chat/completions",
+                 json={"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "Conversation roles must alternate" in error["message"] and error["param"] == "messages"
+    ok = web.post(server.url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
+    assert ok.status_code == 200, ok.text                  # and the server serves on

@@ -108,10 +108,10 @@ def test_a_sentencepiece_gguf_serves_words_with_their_spaces_and_echo_offsets(sp
     assert want == tok.decode(ids + gen, skip_special_tokens=True)[len(tok.decode(ids, skip_special_tokens=True)):]
     with serving(parts, 1, tmp_path) as server:
         status, body = http("POST", server.url + "/v1/completions",
-                            {"prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 0})
+                            {"prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 3})
         assert status == 200, body
         status, echo = http("POST", server.url + "/v1/completions",
-                            {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0})
+                            {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 3})
         assert status == 200, echo
     choice = body["choices"][0]
     assert choice["text"] == want and "".join(choice["logprobs"]["tokens"]) == want
@@ -119,6 +119,12 @@ def test_a_sentencepiece_gguf_serves_words_with_their_spaces_and_echo_offsets(sp
     assert echo["choices"][0]["text"] == prompt and "".join(lp["tokens"]) == prompt
     assert lp["tokens"][0] == "" and lp["token_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:k]) for k in range(len(ids))]
+    # top_logprobs spell each token as tokens does, with its space (OpenAI's clients look it up there),
+    # and the alternatives as they would have read in its place
+    for got in (choice["logprobs"], lp):
+        tops = [(t, v, top) for t, v, top in zip(got["tokens"], got["token_logprobs"], got["top_logprobs"]) if top]
+        assert tops and all(t in top and top[t] >= v for t, v, top in tops), tops   # a shared text: the likelier
+        assert any(a.startswith(" ") for t, _, top in tops for a in top if a != t), "no alternative word with its space"
 
 
 @pytest.mark.parametrize("kind", ["byte-level BPE", "sentencepiece"])

@@ -103,6 +103,26 @@ def test_a_stop_string_cuts_the_text_and_frees_the_slot_once(ring, span):
     assert again.generated == full.generated
 
 
+def test_the_earliest_of_several_stop_strings_cuts_the_text(ring):
+    """One token can add text holding two stop strings: the cut is at the earlier in the text, whichever
+    the request lists first (OpenAI's and vLLM's rule)."""
+    engine, tok = ring
+    prompt = tok("once upon a time")["input_ids"]
+    full, deltas = run(engine, prompt, 40)
+    text, start = full.text, 0
+    for d in deltas:             # a token adding two characters the text has not shown before
+        new = [j for j, c in enumerate(d) if c.strip() and c != "\ufffd" and text.index(c) == start + j]
+        if len(new) >= 2:
+            early, late = d[new[0]], d[new[1]]
+            break
+        start += len(d)
+    else:
+        raise AssertionError(f"no token adds two new characters in {text!r}: nothing to test")
+    req, got = run(engine, prompt, 40, stop=[late, early])
+    assert (req.text, req.finish_reason) == (text[:text.index(early)], "stop")
+    assert "".join(got) == req.text
+
+
 def test_requests_together_get_what_they_get_alone(ring):
     engine, tok = ring
     prompts = [tok(p)["input_ids"] for p in ("a b c", "the dog", "in the beginning there was", "x")]

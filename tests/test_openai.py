@@ -196,6 +196,15 @@ def test_seed_makes_sampling_repeatable(client, model_id):
     assert len({run(s) for s in (1, 2, 3, 4)}) > 1, "different seeds should give different samples"
 
 
+def test_top_p_zero_keeps_only_the_likeliest_token(client, model_id):
+    # OpenAI's schema admits top_p 0; it leaves one candidate, so any temperature decodes greedily
+    greedy = client.completions.create(model=model_id, prompt="the cat", max_tokens=24, temperature=0)
+    for seed in (1, 2):
+        r = client.completions.create(model=model_id, prompt="the cat", max_tokens=24, temperature=2.0, top_p=0,
+                                      seed=seed)
+        assert r.choices[0].text == greedy.choices[0].text
+
+
 def test_raw_sse_ends_with_done(server):
     # greedy: sampled, the tiny model drew its end-of-text token within the 8 tokens now and then
     for path, body, kind in [
@@ -281,7 +290,7 @@ BAD = [
     ("temperature-string", CMPL, {"prompt": "hi", "temperature": "hot"}, 400),
     ("temperature-negative", CMPL, {"prompt": "hi", "temperature": -0.5}, 400),
     ("temperature-too-high", CMPL, {"prompt": "hi", "temperature": 3}, 400),
-    ("top-p-zero", CMPL, {"prompt": "hi", "top_p": 0}, 400),
+    ("top-p-negative", CMPL, {"prompt": "hi", "top_p": -0.1}, 400),
     ("top-p-above-one", CMPL, {"prompt": "hi", "top_p": 1.5}, 400),
     ("top-k-negative", CMPL, {"prompt": "hi", "top_k": -1}, 400),
     ("seed-negative", CMPL, {"prompt": "hi", "seed": -1}, 400),

@@ -42,7 +42,8 @@ def test_seeded_sampling_is_repeatable(server):
     ({"max_new_tokens": 8}, 400),                                      # no prompt
     ({"prompt": "hi", "max_new_tokens": 0}, 400),
     ({"prompt": "hi", "temperature": -1}, 400),
-    ({"prompt": "hi", "top_p": 0}, 400),
+    ({"prompt": "hi", "top_p": -0.5}, 400),
+    ({"prompt": "hi", "top_p": 1.01}, 400),
 ])
 def test_bad_requests_get_a_4xx_with_a_message(server, body, status):
     got, reply = http("POST", server.url + "/generate", body)
