@@ -45,8 +45,8 @@ def say(text: str, file=None) -> None:
         pass
 
 
-def at_least(lo, kind=int):
-    """An argparse type: a number of `kind` no smaller than lo."""
+def at_least(lo, kind=int, hi=None, why=""):
+    """An argparse type: a number of `kind` no smaller than lo (and no larger than hi, because `why`)."""
     def check(text: str):
         try:
             v = kind(text)
@@ -54,6 +54,8 @@ def at_least(lo, kind=int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"{text} is below {lo}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"{text} is above {hi}{why}")
         return v
     return check
 
@@ -67,12 +69,14 @@ def port(text: str) -> int:
 
 
 def parse_args(argv=None):
+    from shardline import wire
     ap = argparse.ArgumentParser(description="Serve a model split over MPI ranks (see the README).")
     ap.add_argument("--model-dir", required=True, help="directory with manifest.json and stage_K.safetensors")
     ap.add_argument("--host", default=os.environ.get("SHARDLINE_HOST", "127.0.0.1"),
                     help="API bind address (default 127.0.0.1; 0.0.0.0 to serve the network)")
     ap.add_argument("--port", type=port, default=os.environ.get("SHARDLINE_PORT", "8000"))
-    ap.add_argument("--slots", type=at_least(1), default=16, help="concurrent sequences (KV-cache rows per stage)")
+    ap.add_argument("--slots", type=at_least(1, hi=wire.MAX_SEQS, why=": a message between ranks carries at most that "
+                                                                 "many sequences"), default=16, help="concurrent sequences (KV-cache rows per stage)")
     ap.add_argument("--max-context", type=at_least(1), default=None, help="tokens per sequence (default: the model's)")
     ap.add_argument("--queue-size", type=at_least(1), default=64, help="requests that may wait for a slot before 503")
     ap.add_argument("--max-batch-tokens", type=at_least(1), default=256,

@@ -32,6 +32,7 @@ from shardline.metrics import STAT_FIELDS, Metrics, rss_bytes
 from shardline.sampling import SamplingParams, sample
 from shardline.stage import Seq, Stage
 
+STEP_MAX = 2**31 - 1      # micro-batch ids travel as int32 (wire.encode_header); they wrap to 1 after this
 STARTUP_LIMIT = 120.0   # seconds rank 0 may take to start its HTTP server after the roll call (at least)
 
 
@@ -121,6 +122,7 @@ class Engine:
         self.active: list[Request] = []
         self.flights: dict[int, Flight] = {}
         self.step = 0
+        self.submit_lock = threading.Lock()
         # step_timeout: the ring's limit (a dead or hung rank); compute_timeout: one step's on one rank (a
         # rank alive but stuck). See _timed_out.
         self.max_batch_tokens, self.step_timeout, self.compute_timeout = max_batch_tokens, step_timeout, compute_timeout
@@ -159,6 +161,15 @@ class Engine:
 
     # ---- called from other threads ----
     def submit(self, req: Request) -> Request:
+        # checked and queued under the lock the loop drains the inbox under, after it set failed or
+        # stopping: a request that passed the checks is queued before that drain, never after it (where
+        # no one would ever finish it)
+        with self.submit_lock:
+            self._check_and_queue(req)
+        self.wake.set()
+        return req
+
+    def _check_and_queue(self, req: Request) -> None:
         if self.failed:
             raise EngineStopped(self.failed)
         if self.stopping.is_set():
@@ -178,8 +189,6 @@ class Engine:
             self.inbox.put_nowait(req)
         except queue.Full:
             raise QueueFull(f"{self.inbox.maxsize} requests are already waiting") from None
-        self.wake.set()
-        return req
 
     def cancel(self, req: Request) -> None:
         req.cancelled = True
@@ -284,7 +293,7 @@ class Engine:
                 self.threads.handoff()           # the next rank may need these cores
             compute = time.perf_counter() - t0
             flight = Flight(time.monotonic(), batch, seqs, flags, compute)
-            self.step += 1
+            self.step = self.step + 1 if self.step < STEP_MAX else 1   # the header's int32 (months on a busy ring)
             self.metrics.batch.observe(len(batch))
             if self.link is None:            # one rank: the whole model is here
                 self._complete(flight, wire.ring_output(x, seqs, flags), self.step)
@@ -460,11 +469,16 @@ class Engine:
             r.on_finish(r)
 
     def _drain_inbox(self, error: str) -> None:
-        while True:
-            try:
-                self._finish(self.inbox.get_nowait(), "error", error)
-            except queue.Empty:
-                return
+        """Fail every queued request; called once failed or stopping is set (see submit)."""
+        waiting = []
+        with self.submit_lock:
+            while True:
+                try:
+                    waiting.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+        for r in waiting:
+            self._finish(r, "error", error)
 
     def _fail_all(self, error: str) -> None:
         self._drain_inbox(error)

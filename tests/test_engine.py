@@ -250,3 +250,42 @@ def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir):
     assert not loop.is_alive()
     for req in (running, queued):
         assert req.done.is_set() and req.finish_reason == "error" and req.error == reason, vars(req)
+
+
+def test_the_micro_batch_id_wraps_before_the_headers_int32_overflows(ring):
+    """Ids grow by one per micro-batch: on a busy ring, 2**31 of them come in months; the engine used
+    to die there (numpy refuses the int32 header)."""
+    from shardline.engine import STEP_MAX
+    engine, tok = ring
+    prompt = tok("once upon a time")["input_ids"]
+    want, _ = run(engine, prompt, 8)
+    engine.step = STEP_MAX - 3                 # the loop is idle between requests
+    got, _ = run(engine, prompt, 8)
+    assert got.error is None and got.generated == want.generated
+    assert 1 <= engine.step < 16
+
+
+def test_a_request_submitted_as_the_engine_stops_is_failed_not_forgotten(tiny_model_dir):
+    """submit's checks pass, then stop() and the loop's last drain of the inbox, then the request lands
+    in it: nothing would ever finish it, and its client would wait until the server went away."""
+    model = hf_model(tiny_model_dir)
+    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
+    cfg = model.config
+    head = Stage(cfg, tensors, (0, 0), True, 2, cfg.n_positions)
+    rest = [Stage(cfg, tensors, (0, 6), False, 2, cfg.n_positions)]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = Engine(head, tok, LoopLink(rest), 2, ["here"] * 2, 2)
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    put = engine.inbox.put_nowait
+
+    def late_put(req):                           # the HTTP thread, slowed between its checks and the put
+        engine.stop(grace=0)
+        loop.join(1)                             # the loop drains and ends meanwhile, unless it must wait for us
+        put(req)
+    engine.inbox.put_nowait = late_put
+    req = engine.submit(Request(tok("a b")["input_ids"], 4, SamplingParams(temperature=0)))
+    assert req.done.wait(10), "a request queued as the engine stopped was never finished"
+    assert req.finish_reason == "error"
+    loop.join(10)
+    assert not loop.is_alive()

@@ -239,6 +239,7 @@ def refused_start(job: "Supervised") -> str:
 
 @pytest.mark.parametrize("option, message", [
     (("--slots", "0"), "argument --slots: 0 is below 1"),
+    (("--slots", "1025"), "argument --slots: 1025 is above 1024: a message between ranks carries at most"),
     (("--threads", "-2"), "argument --threads: -2 is below 1"),
     (("--max-batch-tokens", "0"), "argument --max-batch-tokens: 0 is below 1"),
     (("--queue-size", "0"), "argument --queue-size: 0 is below 1"),
