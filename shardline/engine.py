@@ -297,6 +297,7 @@ class Engine:
             self.metrics.batch.observe(len(batch))
             if self.link is None:            # one rank: the whole model is here
                 self._complete(flight, wire.ring_output(x, seqs, flags), self.step)
+                self._texts()                # a stop string ends its request before the next micro-batch
             else:
                 self.flights[self.step] = flight
                 flags |= self.wire_flags

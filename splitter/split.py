@@ -66,6 +66,7 @@ def open_model(model: str, random_weights: bool = False, seed: int = 0) -> Model
     if missing:
         raise ValueError(f"{model}: {len(missing)} tensor(s) the config calls for are missing, e.g. "
                          f"{', '.join(missing[:3])}; the download is incomplete or the files are of another model")
+    _check_shapes(model, m)
     try:
         _ = src.tokenizer                     # loaded (and checked) now, before any work
     except ValueError as err:
@@ -109,6 +110,20 @@ def held_bytes(m: Model, spec: Spec, quant: dict | None) -> int:
     out_f, in_f = _shape(m, spec)
     rows = -(-out_f // _N_PAD) * _N_PAD
     return rows * in_f // 2 + 8 * rows * (in_f // quant["group_size"])
+
+
+def _check_shapes(model: str, m: Model) -> None:
+    """Every tensor the stages take has the shape transformers builds for the config (on the meta
+    device: no memory). A config.json that disagrees with its weights (another model's, a hand edit of
+    num_key_value_heads) would otherwise split and serve garbage, or fail on a rank mid-load."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(m.config).state_dict().items()}
+    for spec in m.specs:
+        for n in spec.sources:
+            if n in expected and tuple(m.source.shape(n)) != expected[n]:
+                raise ValueError(f"{model}: tensor {n} has shape {tuple(m.source.shape(n))}, but the config makes it "
+                                 f"{expected[n]}; config.json and the weights are of different models")
 
 
 def _shape(m: Model, spec: Spec) -> tuple[int, int]:
@@ -172,19 +187,40 @@ def shard_bytes(m: Model, quant: dict | None) -> int:
 
 
 def board_plan(m: Model, boards_file: Path, quant: dict | None, slots: int, max_context: int | None,
-               layers: str | None):
-    """The plan over the boards of boards_file (splitter/boards.py); DoesNotFit when nothing fits."""
+               layers: str | None, previous: dict | None = None):
+    """The plan over the boards of boards_file (splitter/boards.py); DoesNotFit when nothing fits.
+    previous: the last plan's JSON (--previous-plan), kept if it stands (make_plan)."""
     from shardline.models import default_context
     from splitter.boards import load_boards, make_plan
     boards = load_boards(boards_file)
     ctx = max_context or default_context(m.fam.context(m.config))
+    if previous is not None and (previous.get("slots"), previous.get("max_context")) == (slots, ctx):
+        previous = {**{b["board"]: None for b in previous.get("left_out", [])},
+                    **{st["board"]: tuple(st["layers"]) for st in previous["stages"]}}
+    else:
+        previous = None                          # made for another cache size: its memory figures differ
     override = None
     if layers:
         override = parse_layers(layers, m.n_layers, allow_empty=True)
     options = {q: model_cost(m, {"scheme": q, "group_size": _group("int4"), "head": "int8"}) for q in ("int8", "int4")
                if q != (quant or {}).get("scheme")}
     return make_plan(boards, model_cost(m, quant), slots=slots, max_context=ctx, layers_override=override,
-                     quant_options=options)
+                     quant_options=options, previous=previous)
+
+
+def _previous_plan(path: Path | None, made_for: dict) -> dict | None:
+    """The plan JSON at path if it was made for this model and scheme (else None: a first plan, or one
+    for another model, is no plan to keep)."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+        if all(data.get(k) == v for k, v in made_for.items()) and all(
+                isinstance(st["board"], str) and len(st["layers"]) == 2 for st in data["stages"]):
+            return data
+    except (ValueError, KeyError, TypeError):
+        print(f"[splitter] note: {path} is not a plan this splitter wrote; planning afresh", flush=True)
+    return None
 
 
 def _group(scheme: str, group_size: int | None = None) -> int | None:
@@ -236,7 +272,8 @@ def build_tensor(m: Model, spec: Spec, quant: dict | None) -> dict[str, torch.Te
 def split(model: str, n_stages: int, out: Path, random_weights: bool = False, layers: str | None = None,
           seed: int = 0, quantize: str | None = None, group_size: int | None = None,
           plan_only: bool = False, boards: Path | None = None, slots: int = 16, max_context: int | None = None,
-          plan_json: Path | None = None, head_quantize: str | None = None) -> dict | None:
+          plan_json: Path | None = None, head_quantize: str | None = None,
+          previous_plan: Path | None = None) -> dict | None:
     t0 = time.time()
     m = open_model(model, random_weights, seed)
     quant = None
@@ -273,7 +310,8 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
             print(f"[splitter] note: {n} matrices ({size / 2**20:.1f} MiB) stay float32: their input width "
                   f"({', '.join(map(str, sorted(widths)))}) is not {rule}", flush=True)
     if boards:
-        bplan = board_plan(m, boards, quant, slots, max_context, layers)   # DoesNotFit: a ValueError
+        previous = None if layers else _previous_plan(previous_plan, made_for)
+        bplan = board_plan(m, boards, quant, slots, max_context, layers, previous)   # DoesNotFit: a ValueError
         print(bplan.table(), flush=True)
         if plan_json:
             Path(plan_json).write_text(json.dumps({**bplan.to_json(), **made_for}, indent=1) + "\n")

@@ -289,3 +289,32 @@ def test_a_request_submitted_as_the_engine_stops_is_failed_not_forgotten(tiny_mo
     assert req.finish_reason == "error"
     loop.join(10)
     assert not loop.is_alive()
+
+
+def test_one_rank_with_several_micro_batches_stops_at_the_token_that_completes_a_stop_string(tiny_model_dir):
+    """One rank computes its micro-batches one after another in the same pass; each one's text is
+    checked before the next, so a request ends at its stop string, not a few tokens later (which
+    usage.completion_tokens would count)."""
+    model = hf_model(tiny_model_dir)
+    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
+    cfg = model.config
+    whole = Stage(cfg, tensors, (0, 6), True, 4, cfg.n_positions)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = Engine(whole, tok, None, 1, ["here"], 4, microbatches=3)
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    try:
+        prompt = tok("once upon a time")["input_ids"]
+        full, _ = run(engine, prompt, 30)
+        stop = next(full.text[i:i + 3] for i in range(6, len(full.text) - 3)
+                    if full.text[i:i + 3].strip() and "\ufffd" not in full.text[i:i + 3]
+                    and full.text.index(full.text[i:i + 3]) == i)
+        req, _ = run(engine, prompt, 30, stop=[stop])
+        assert req.finish_reason == "stop" and req.text == full.text[:full.text.index(stop)]
+        upto = len(tok.decode(full.generated[:len(req.generated) - 1]))
+        assert stop not in tok.decode(full.generated[:len(req.generated) - 1]) and upto < len(full.text), \
+            "tokens were generated past the one that completed the stop string"
+        assert stop in tok.decode(full.generated[:len(req.generated)])
+    finally:
+        engine.stop(grace=0)
+        loop.join(10)

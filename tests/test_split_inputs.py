@@ -307,3 +307,13 @@ def test_a_hub_model_that_cannot_be_served_is_refused_before_its_weights_downloa
         SafetensorsSource("someone/tiny-gpt2")
     assert all(w in str(err.value) for w in words), err.value
     assert fake_hub.snapshots == []
+
+
+def test_a_config_that_disagrees_with_its_weights_is_refused_naming_a_tensor(model, tmp_path):
+    """A hand-edited or another model's config.json: the splitter used to write shards that failed on a
+    rank mid-load, or served garbage where the shapes happened to fit."""
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "n_inner": 2 * cfg["n_embd"]}))
+    refused(run_split(model, tmp_path / "out"), "mlp.c_fc.weight has shape", "config.json and the weights are of "
+            "different models")
+    assert not (tmp_path / "out").exists()
