@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-context", type=int, default=None,
                     help="with --boards: tokens per sequence (main.py --max-context; default: the model's, at most 4096)")
     ap.add_argument("--plan-json", type=Path, help="also write the plan as JSON to this file")
+    ap.add_argument("--previous-plan", type=Path,
+                    help="with --boards: the last plan's JSON (--plan-json); kept while it fits the boards and is "
+                         "within 10%% of the best plan's time per token, so small changes in measured speed do not "
+                         "move layers (a missing file, or a plan for another model, is ignored)")
     ap.add_argument("--plan-only", action="store_true", help="print each stage's layers and bytes; write nothing")
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     args = ap.parse_args(argv)
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         split(args.model, args.stages, args.out, random_weights=args.random_weights, layers=args.layers,
               seed=args.seed, quantize=args.quantize, group_size=args.group_size, plan_only=args.plan_only,
               boards=args.boards, slots=args.slots, max_context=args.max_context, plan_json=args.plan_json,
-              head_quantize=args.head_quantize)
+              head_quantize=args.head_quantize, previous_plan=args.previous_plan)
     except ValueError as err:
         print(f"splitter: {err}", file=sys.stderr)
         return 2

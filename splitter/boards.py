@@ -39,6 +39,11 @@ HOP_LATENCY_S = 0.25e-3          # one small MPI message over TCP on a wired LAN
 CUDA_HOST_MB = 600               # host memory a CUDA rank needs beyond the CPU runtime (libraries, context)
 CUDA_DEVICE_MB = 400             # GPU memory the CUDA context and the caching allocator keep
 BALANCE_TOLERANCE = 0.05         # a plan may be this much slower per token to have a faster slowest stage
+# The previous plan (make_plan's `previous`) is kept while it fits and is at most this much slower per
+# token than the best plan for the boards' new figures: the probe's speeds vary by a few percent from run
+# to run (a board warm, a board serving), which would otherwise move layers between boards, and every
+# move re-splits the model on the head and copies the shards to the boards again.
+KEEP_TOLERANCE = 0.10
 
 _BOARD_KEYS = {"name", "memory_mb", "memory_gb", "gflops", "gbps", "speed", "gpu", "arch", "cores"}
 # What the probe writes besides; kept in the file for people, ignored by the plan.
@@ -453,12 +458,16 @@ def _left_out_reason(m: _Model, res: list[_Res], r: int, hop: float, plan_s: flo
 
 
 def make_plan(boards, cost: ModelCost, slots: int, max_context: int, runtime_mb: float = 350, headroom: float = 0.1,
-              link_gbps: float = 1.0, layers_override=None, quant_options: dict[str, ModelCost] | None = None) -> Plan:
+              link_gbps: float = 1.0, layers_override=None, quant_options: dict[str, ModelCost] | None = None,
+              previous: dict[str, tuple[int, int] | None] | None = None) -> Plan:
     """Plan the stages over `boards` (ring order, the head first). See the module docstring.
 
     layers_override: [first, end) ranges, one per board in order (an empty range on a worker leaves
     it out; boards after the last range are left out); checked against memory like a plan.
     quant_options: {"int8": cost, "int4": cost} offered in DoesNotFit's message when nothing fits.
+    previous: the last plan's {board: [first, end), or None for a board it left out}; kept when it was
+    made for these boards, still fits them and is within KEEP_TOLERANCE of the best plan's time per
+    token (see KEEP_TOLERANCE).
     """
     boards = list(boards)
     if not boards:
@@ -517,10 +526,43 @@ def make_plan(boards, cost: ModelCost, slots: int, max_context: int, runtime_mb:
             trial = _solve(m, res, hop, cap=cap * (1 + 1e-12), force=force | {k})
             if trial[0][0] <= limit:
                 force, (score, ranges) = force | {k}, trial
+    kept = _previous_ranges(previous, m, res) if previous else None
+    if kept is not None:
+        then, now = _seconds_per_token(m, res, kept, hop), _seconds_per_token(m, res, ranges, hop)
+        if then <= now * (1 + KEEP_TOLERANCE):
+            if kept != ranges:
+                notes = notes + [f"kept the previous plan: {(then / now - 1) * 100:.1f} % slower per token than the "
+                                 f"best for these figures (re-plans past {KEEP_TOLERANCE:.0%})"]
+            ranges = kept
     used = [k for k, rng in enumerate(ranges) if rng is not None]
     left_out = [(res[k].name, _left_out_reason(m, res, k, hop, best[0], used, runtime_mb))
                 for k, rng in enumerate(ranges) if rng is None]
     return _build(m, res, ranges, hop, **args, notes=notes, left_out=left_out)
+
+
+def _previous_ranges(previous: dict[str, tuple[int, int] | None], m: _Model, res: list[_Res]):
+    """The previous plan as ranges per board of res (None where a board had no stage), or None when it
+    cannot stand: it was made for other boards (one added, gone or renamed: the user changed the
+    cluster, so it is planned afresh), leaves out the head, does not cover the layers in ring order, or
+    a stage no longer fits its board's memory."""
+    names = [r.name for r in res]
+    if set(previous) != set(names) or previous[names[0]] is None:
+        return None
+    ranges = [None if previous[n] is None else tuple(previous[n]) for n in names]
+    end = 0
+    for k, (r, rng) in enumerate(zip(res, ranges)):
+        if rng is None:
+            continue
+        a, b = rng
+        if a != end or b < a or (b == a and k > 0) or sum(m.memory(a, b, k == 0)) > r.budget:
+            return None
+        end = b
+    return ranges if end == m.n else None
+
+
+def _seconds_per_token(m: _Model, res: list[_Res], ranges, hop: float) -> float:
+    stages = [m.seconds(r, *rng, k == 0) for k, (r, rng) in enumerate(zip(res, ranges)) if rng is not None]
+    return sum(stages) + (len(stages) * hop if len(stages) > 1 else 0)
 
 
 def _check_override(layers, n: int, boards: list[Board]) -> list[tuple[int, int]]:

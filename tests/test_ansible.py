@@ -269,3 +269,22 @@ def test_plan_tag_probes_every_board_writes_the_boards_file_and_plans_or_refuses
     small.write_text("".join(f"- name: pi{i}\n  memory_mb: 360\n" for i in range(3)))
     result = _local_run(tmp_path, *common, "-e", f"shardline_boards_file={small}")
     assert result.returncode != 0 and "does not fit" in result.stdout, result.stdout
+
+
+def test_the_api_key_reaches_rank_0_from_a_private_file_not_a_command_line(tmp_path):
+    """-e shardline_api_key=K: on a command line (launch.sh, mpirun's argv) every user of every board
+    could read K in ps; it goes into a 0600 file on the head that launch.sh exports to rank 0."""
+    import stat
+    result = _local_run(tmp_path, "--tags", "hostfile", "-e", "shardline_api_key=s3cret-key")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "s3cret-key" not in result.stdout + result.stderr
+    board = tmp_path / "board"
+    key = board / "api_key"
+    assert key.read_text().strip() == "s3cret-key" and stat.S_IMODE(key.stat().st_mode) == 0o600
+    script = (board / "launch.sh").read_text()
+    assert "s3cret-key" not in script
+    prelude = script[:script.index("exec ")]           # what launch.sh does before it starts the supervisor
+    env = subprocess.run(["sh", "-c", prelude + 'echo "key=$SHARDLINE_API_KEY"'], capture_output=True, text=True)
+    assert env.stdout.strip() == "key=s3cret-key", env.stderr
+    again = _local_run(tmp_path, "--tags", "hostfile")  # no key any more: the file goes
+    assert again.returncode == 0 and not key.exists(), again.stdout

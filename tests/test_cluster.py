@@ -194,7 +194,7 @@ def test_setup_gives_every_board_the_program_and_only_its_own_shard(hosts, provi
     assert manifest["num_stages"] == HOSTS
     for host in hosts.hosts:
         listing = hosts.run(
-            host, f"cd {board} && ls main.py shardline/__init__.py splitter/__main__.py && ls model_parts"
+            host, f"cd {board} && ls main.py shardline/__init__.py splitter/__main__.py bench/kernels.py && ls model_parts"
         )
         assert listing.returncode == 0, listing.stderr
         shards = sorted(f for f in listing.stdout.split() if f.endswith(".safetensors"))

@@ -384,3 +384,74 @@ def test_a_quantized_plan_evens_out_the_bytes_each_stage_reads():
     assert by_params[0] != (0, 0) and max(reads(by_params)) == reads(by_params)[0]
     assert by_bytes[0] == (0, 0) and max(reads(by_bytes)) < max(reads(by_params)), (by_bytes, reads(by_bytes))
     assert plan(m, 4, None, None) == by_params          # float32: bytes and parameters agree
+
+
+def _jittered(rng, spread: float) -> list[Board]:
+    return [pi(f"pi{k}", gbps=4.0 * (1 + rng.uniform(-spread, spread)), gflops=20.0 * (1 + rng.uniform(-spread, spread)))
+            for k in range(3)]
+
+
+def _stages(plan) -> dict:
+    """{board: layers, or None for a board left out}: what make_plan's `previous` takes."""
+    return {**{b: None for b, _ in plan.left_out}, **{s.board: s.layers for s in plan.stages}}
+
+
+def test_a_previous_plan_is_kept_while_the_boards_figures_only_wobble():
+    """The probe measures a board a few percent differently each run; without the previous plan the
+    layers move between equal boards (and Ansible re-splits and re-copies the model every run)."""
+    import random
+    rng, cost = random.Random(1), gpt2_cost()
+    fresh = {make_plan(_jittered(rng, 0.03), cost, 4, 1024).layers_spec() for _ in range(40)}
+    assert len(fresh) > 1, "the figures' wobble moves no layer: nothing to test"
+    first = make_plan(_jittered(rng, 0.03), cost, 4, 1024)
+    for _ in range(40):
+        boards = _jittered(rng, 0.03)
+        plan = make_plan(boards, cost, 4, 1024, previous=_stages(first))
+        assert _stages(plan) == _stages(first)
+        check_fits(plan, boards, cost)
+
+
+@pytest.mark.parametrize("change", ["a board became much slower", "a board has less memory", "a board is gone",
+                                    "a board was added"])
+def test_a_previous_plan_that_no_longer_stands_is_replaced(change):
+    cost = llama_cost()
+    boards = [pi("pi0"), pi("pi1"), pi("pi2")]
+    first = make_plan(boards, cost, 4, 2048)
+    if change == "a board became much slower":
+        boards[1] = pi("pi1", gbps=1.0, gflops=5.0)
+    elif change == "a board has less memory":
+        boards[2] = pi("pi2", memory_mb=first.stages[2].use_mb / 0.9 - 300)
+    elif change == "a board is gone":
+        boards = boards[:2] + [pi("pi3")]
+    else:
+        boards = boards + [pi("pi3")]
+    now = make_plan(boards, cost, 4, 2048, previous=_stages(first))
+    check_fits(now, boards, cost)
+    assert _stages(now) == _stages(make_plan(boards, cost, 4, 2048)) != _stages(first)
+
+
+def test_the_splitter_keeps_its_last_plan_over_a_second_probe(tmp_path):
+    """What Ansible's plan tag runs on every setup: --plan-json and --previous-plan on the same file.
+    A second probe of the same boards, a few percent off, keeps the plan (so nothing is re-split); a plan
+    for another model is not kept."""
+    import random
+    import subprocess
+
+    from tests.helpers import PY, ROOT
+    rng, plan = random.Random(3), tmp_path / "plan.json"
+
+    def run(model="distilgpt2"):
+        boards = tmp_path / "boards.yml"
+        boards.write_text("".join(f"- {{name: pi{k}, memory_mb: 3800, speed: {{gbps: {4 * (1 + rng.uniform(-.03, .03)):.3f}, "
+                                  f"gflops: {20 * (1 + rng.uniform(-.03, .03)):.3f}}}}}\n" for k in range(3)))
+        proc = subprocess.run([PY, "-m", "splitter", "--model", model, "--random-weights", "--boards", str(boards),
+                               "--plan-only", "--plan-json", str(plan), "--previous-plan", str(plan)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(plan.read_text())["layers_spec"]
+
+    first = run()
+    assert all(run() == first for _ in range(5))
+    assert json.loads(plan.read_text())["model"] == "distilgpt2"
+    run("gpt2")                                  # 12 layers: the 6-layer plan is not taken for it
+    assert json.loads(plan.read_text())["layers_spec"].count("-") >= 3 and "11" in json.loads(plan.read_text())["layers_spec"]

@@ -2,14 +2,15 @@
 # Install what the cluster test (tests/test_cluster.py) needs on the machine that runs it:
 # sshd for the test hosts, `ip` (iproute2) for network namespaces, a bridge and veth pairs,
 # `unshare` (util-linux) for a host name and a private home per test host, and the Debian
-# python3 (Ansible runs its modules with it) and python3-venv that a provisioned board has.
+# python3 (Ansible runs its modules with it), python3-venv and python3-packaging that a provisioned
+# board has.
 #
 # Idempotent and safe to run as root in CI: it installs missing packages only and never starts
 # a system sshd (each test host runs its own, inside its namespace, started by the test).
 # Without root it does nothing and says so; the cluster test then skips with that reason.
 set -eu
 
-packages="openssh-server openssh-client iproute2 util-linux procps python3 python3-venv"
+packages="openssh-server openssh-client iproute2 util-linux procps python3 python3-venv python3-packaging"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup_host.sh: not root, not installing: $packages (the cluster test will skip)" >&2
