@@ -61,6 +61,16 @@ def ring(tiny_model_dir):
     loop.join(10)
 
 
+def two_stages(tiny_model_dir, slots: int, **kw) -> Engine:
+    """An engine over stage 0 and one stand-in stage of all six layers, not started (its tokenizer: .tok)."""
+    model = hf_model(tiny_model_dir)
+    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
+    cfg = model.config
+    head = Stage(cfg, tensors, (0, 0), True, slots, cfg.n_positions)
+    rest = [Stage(cfg, tensors, (0, 6), False, slots, cfg.n_positions)]
+    return Engine(head, AutoTokenizer.from_pretrained(tiny_model_dir), LoopLink(rest), 2, ["here"] * 2, slots, **kw)
+
+
 def run(engine, prompt_ids, n, stop=()):
     """Submit one greedy request and wait; returns it with the deltas its stream got, in order."""
     deltas = []
@@ -178,13 +188,8 @@ def test_a_long_prompt_takes_turns_with_the_streams(tiny_model_dir):
     """A prompt prefilled in chunks shares each micro-batch's token budget with the sequences decoding:
     they get a token every step meanwhile. (A request not yet sampled used to sort first every step and
     take the whole budget, so every stream waited for the whole prompt.)"""
-    model = hf_model(tiny_model_dir)
-    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
-    cfg, slots = model.config, 4
-    head = Stage(cfg, tensors, (0, 0), True, slots, cfg.n_positions)
-    rest = [Stage(cfg, tensors, (0, 6), False, slots, cfg.n_positions)]
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    engine = Engine(head, tok, LoopLink(rest), 2, ["here"] * 2, slots, max_batch_tokens=8, microbatches=1)
+    engine = two_stages(tiny_model_dir, 4, max_batch_tokens=8, microbatches=1)
+    tok = engine.tok
     accepted = {}
     accept = engine._accept
 
@@ -230,13 +235,8 @@ def test_a_prompt_id_beyond_the_models_vocabulary_is_refused(ring):
 def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir):
     """What the supervisor's LOST_BOARD_SIGNAL does on rank 0: the requests in flight and those still
     queued end with that reason (main.LOST_BOARD), not a generic shutdown."""
-    model = hf_model(tiny_model_dir)
-    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
-    cfg = model.config
-    head = Stage(cfg, tensors, (0, 0), True, 1, cfg.n_positions)
-    rest = [Stage(cfg, tensors, (0, 6), False, 1, cfg.n_positions)]
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    engine = Engine(head, tok, LoopLink(rest), 2, ["here"] * 2, 1)
+    engine = two_stages(tiny_model_dir, 1)
+    tok = engine.tok
     prompt = tok("the cat sat on")["input_ids"]
     first = threading.Event()
     running = engine.submit(Request(prompt, 100, SamplingParams(temperature=0), on_text=lambda r, d: first.set()))
@@ -268,13 +268,8 @@ def test_the_micro_batch_id_wraps_before_the_headers_int32_overflows(ring):
 def test_a_request_submitted_as_the_engine_stops_is_failed_not_forgotten(tiny_model_dir):
     """submit's checks pass, then stop() and the loop's last drain of the inbox, then the request lands
     in it: nothing would ever finish it, and its client would wait until the server went away."""
-    model = hf_model(tiny_model_dir)
-    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
-    cfg = model.config
-    head = Stage(cfg, tensors, (0, 0), True, 2, cfg.n_positions)
-    rest = [Stage(cfg, tensors, (0, 6), False, 2, cfg.n_positions)]
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    engine = Engine(head, tok, LoopLink(rest), 2, ["here"] * 2, 2)
+    engine = two_stages(tiny_model_dir, 2)
+    tok = engine.tok
     loop = threading.Thread(target=engine.run, daemon=True)
     loop.start()
     put = engine.inbox.put_nowait
