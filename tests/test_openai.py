@@ -249,7 +249,9 @@ def test_null_fields_mean_their_defaults(server):
             "stream": None, "n": None, "model": None}
     r = post(server.url + "/v1/completions", body)
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 4
+    # null temperature is the default 1.0: sampled, the tiny model draws its end-of-text token now and then
+    done = (r.json()["choices"][0]["finish_reason"], r.json()["usage"]["completion_tokens"])
+    assert done == ("length", 4) or (done[0] == "stop" and done[1] < 4), done
 
 
 @pytest.mark.parametrize("extra", [
