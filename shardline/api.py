@@ -560,8 +560,14 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def stream(req: Request, events: asyncio.Queue, chunk, include_usage: bool):
-        """Server-sent events in OpenAI's format; a client that disconnects frees its slot."""
+    async def stream(req: Request, events: asyncio.Queue, make_chunk, include_usage: bool):
+        """Server-sent events in OpenAI's format; a client that disconnects frees its slot. With
+        include_usage, every chunk carries "usage": null and one last chunk, with no choices, the counts."""
+        def chunk(delta, finish):
+            c = make_chunk(delta, finish)
+            if c is not None and include_usage:
+                c["usage"] = None
+            return c
         try:
             first = chunk(None, None)
             if first is not None:

@@ -222,7 +222,9 @@ def test_raw_sse_ends_with_done(server):
         assert all(c["object"] == kind for c in chunks)
         finished = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
         assert finished[-1] == "length" and finished.count("length") == 1
-    assert chunks[-1]["usage"]["completion_tokens"] == 8     # include_usage: a last chunk with no choices
+    # include_usage: a last chunk with no choices has the counts; every other chunk has "usage": null
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
 
 
 def test_n_above_one_is_rejected_with_an_openai_error(client, server, model_id):
