@@ -35,9 +35,39 @@ def make_tiny_model(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def splitter_cli(*argv: str) -> subprocess.CompletedProcess:
+    """`python -m splitter ARGV`, run in this process: a subprocess paid about 4 s of imports a call, and
+    the suite splits some 250 times. What a subprocess gives is kept: the exit code (argparse's
+    SystemExit included; an uncaught exception is 1 with its traceback in stderr), stdout and stderr,
+    and the environment, restored afterwards (the CLI sets HF_HUB_OFFLINE when the hub is unreachable).
+    A few tests still run the real `python -m splitter` (the offline cache, a truncated GGUF, --help)."""
+    import contextlib
+    import io
+    import traceback
+
+    from splitter.__main__ import main
+    argv = [str(a) for a in argv]
+    env, out, err = dict(os.environ), io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as stop:                          # argparse's refusals
+                code = stop.code if isinstance(stop.code, int) else 1
+            except Exception:                                   # noqa: BLE001 - as the interpreter reports it
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    return subprocess.CompletedProcess([PY, "-m", "splitter", *argv], code or 0, out.getvalue(), err.getvalue())
+
+
 def split(model: Path | str, stages: int, out: Path, *extra: str) -> Path:
-    subprocess.run([PY, "-m", "splitter", "--model", str(model), "--stages", str(stages), "--out", str(out), *extra],
-                   check=True, cwd=ROOT, capture_output=True, text=True)
+    """Split MODEL into STAGES shards in OUT (splitter_cli); a failure raises with the splitter's output."""
+    proc = splitter_cli("--model", model, "--stages", stages, "--out", out, *extra)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(proc.args)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
     return out
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.families import FAMILIES, make_family_model, reference_run, tiny_config
-from tests.helpers import PY, ROOT, mpi_env, run_mpi_check, split
+from tests.helpers import PY, ROOT, mpi_env, run_mpi_check, split, splitter_cli
 
 MAX_NEW = 20
 # Uneven stages over 1-4 ranks (inclusive layer ranges; `none`: rank 0 holds only the embeddings and head)
@@ -108,8 +108,7 @@ def test_unsupported_variants_are_refused_by_name(override, message, tmp_path):
     cfg = tiny_config("llama", **override)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
     build_tokenizer(cfg.vocab_size).save_pretrained(tmp_path / "m")
-    proc = subprocess.run([PY, "-m", "splitter", "--model", str(tmp_path / "m"), "--stages", "2", "--out",
-                           str(tmp_path / "parts")], cwd=ROOT, capture_output=True, text=True)
+    proc = splitter_cli("--model", str(tmp_path / "m"), "--stages", "2", "--out", str(tmp_path / "parts"))
     assert proc.returncode == 2 and message in proc.stderr and "supported" in proc.stderr, proc.stderr
     assert not (tmp_path / "parts").exists()
 
@@ -122,8 +121,7 @@ def test_unsupported_architecture_is_refused_with_the_list(tmp_path):
                                num_attention_heads=2, vocab_size=300)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
     build_tokenizer(300).save_pretrained(tmp_path / "m")
-    proc = subprocess.run([PY, "-m", "splitter", "--model", str(tmp_path / "m"), "--stages", "1", "--out",
-                           str(tmp_path / "parts")], cwd=ROOT, capture_output=True, text=True)
+    proc = splitter_cli("--model", str(tmp_path / "m"), "--stages", "1", "--out", str(tmp_path / "parts"))
     assert proc.returncode == 2, proc.stderr
     assert "'gpt_neox' is not supported" in proc.stderr
     for fam in ("gpt2", "llama", "mistral", "qwen2", "qwen3"):
@@ -134,8 +132,7 @@ def test_bin_only_repository_is_refused(tmp_path):
     (tmp_path / "m").mkdir()
     tiny_config("llama").save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"not loaded")
-    proc = subprocess.run([PY, "-m", "splitter", "--model", str(tmp_path / "m"), "--stages", "1", "--out",
-                           str(tmp_path / "parts")], cwd=ROOT, capture_output=True, text=True)
+    proc = splitter_cli("--model", str(tmp_path / "m"), "--stages", "1", "--out", str(tmp_path / "parts"))
     assert proc.returncode == 2 and "only pickled weights (pytorch_model.bin)" in proc.stderr, proc.stderr
 
 

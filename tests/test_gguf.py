@@ -22,7 +22,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2C
 from splitter.gguf_source import GGUFSource
 from splitter.random_model import build_tokenizer
 from tests.gguf_util import CHAT_TEMPLATE, Q, float_only, uniform, write_gguf
-from tests.helpers import ROOT
+from tests.helpers import ROOT, splitter_cli
 
 VOCAB = 400
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
@@ -535,8 +535,7 @@ def test_gguf_split_chats_with_the_files_template(gguf_split, tmp_path):
 def test_plan_only_on_a_gguf_prints_the_plan(gguf_split, tmp_path):
     path, _, ref = gguf_split
     out = tmp_path / "nothing"
-    proc = subprocess.run([sys.executable, "-m", "splitter", "--model", str(path), "--stages", "3", "--plan-only"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = splitter_cli("--model", str(path), "--stages", "3", "--plan-only")
     assert proc.returncode == 0, proc.stderr
     n = ref.config.num_hidden_layers
     assert f"{ref.config.model_type}, {n} layers" in proc.stdout

@@ -13,12 +13,11 @@ import subprocess
 import pytest
 
 from shardline.manifest import load_manifest
-from tests.helpers import PY, ROOT, split
+from tests.helpers import PY, ROOT, split, splitter_cli
 
 
 def run_split(model, out, *extra, stages: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "splitter", "--model", str(model), "--stages", str(stages), "--out", str(out),
-                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    return splitter_cli("--model", model, "--stages", stages, "--out", out, *extra)
 
 
 def refused(proc: subprocess.CompletedProcess, *words: str) -> str:
@@ -83,9 +82,8 @@ def test_a_bad_option_is_refused_and_the_older_split_survives(old_split, tiny_mo
 def test_matrices_the_group_cannot_take_stay_float_with_a_note(tmp_path):
     """SmolLM2-135M's width 576 is a multiple of 64 but its MLP's 1536 is too: at group 128 only the
     576-wide inputs stay float32 (576 = 4.5 x 128), and the splitter says how many and why."""
-    proc = subprocess.run([PY, "-m", "splitter", "--model", "HuggingFaceTB/SmolLM2-135M", "--random-weights",
-                           "--stages", "1", "--plan-only", "--quantize", "int4", "--group-size", "128"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    proc = splitter_cli("--model", "HuggingFaceTB/SmolLM2-135M", "--random-weights", "--stages", "1", "--plan-only",
+                        "--quantize", "int4", "--group-size", "128")
     assert proc.returncode == 0, proc.stderr
     note = next(line for line in proc.stdout.splitlines() if "stay float32" in line)
     assert "(576)" in note and "not a multiple of 128" in note
@@ -149,14 +147,12 @@ def test_a_gguf_file_without_the_suffix_is_read_as_gguf(tmp_path):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     path = write_gguf(tmp_path / "model.gguf", LlamaForCausalLM(cfg), "sentencepiece", uniform(Q.Q8_0))
     blob = path.rename(tmp_path / "sha256-5c2f0e")
-    proc = subprocess.run([PY, "-m", "splitter", "--model", str(blob), "--stages", "1", "--plan-only"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    proc = splitter_cli("--model", str(blob), "--stages", "1", "--plan-only")
     assert proc.returncode == 0 and "llama, 2 layers" in proc.stdout, proc.stderr
 
 
 def test_layers_alone_give_the_stage_count_and_the_table_is_in_mib(tiny_model_dir):
-    proc = subprocess.run([PY, "-m", "splitter", "--model", str(tiny_model_dir), "--layers", "0-1,2-3,4-5",
-                           "--plan-only"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    proc = splitter_cli("--model", str(tiny_model_dir), "--layers", "0-1,2-3,4-5", "--plan-only")
     assert proc.returncode == 0, proc.stderr
     assert "shard MiB" in proc.stdout and "MiB in 3 stages" in proc.stdout
 
