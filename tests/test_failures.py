@@ -237,17 +237,29 @@ def refused_start(job: "Supervised") -> str:
     return log
 
 
-@pytest.mark.parametrize("option, message", [
+BAD_OPTIONS = [
     (("--slots", "0"), "argument --slots: 0 is below 1"),
     (("--slots", "1025"), "argument --slots: 1025 is above 1024: a message between ranks carries at most"),
     (("--threads", "-2"), "argument --threads: -2 is below 1"),
     (("--max-batch-tokens", "0"), "argument --max-batch-tokens: 0 is below 1"),
     (("--queue-size", "0"), "argument --queue-size: 0 is below 1"),
     (("--step-timeout", "0"), "argument --step-timeout: 0 is below 0.5"),
-])
-def test_a_bad_option_is_a_refused_start_naming_it(long_parts, tmp_path, option, message):
+]
+
+
+@pytest.mark.parametrize("option, message", BAD_OPTIONS)
+def test_a_bad_option_is_refused_naming_it(option, message, capsys):
     """It used to be restarted forever (--threads -2, a bad --port), or to hang every request (--slots 0),
-    or to fail at the first request (--max-batch-tokens 0)."""
+    or to fail at the first request (--max-batch-tokens 0). The options are main.py's parser's; the next
+    test runs one of them through the supervised job (every refusal of the parser ends the same way)."""
+    import main
+    with pytest.raises(SystemExit) as stop:
+        main.parse_args(["--model-dir", "parts", *option])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_option_is_a_refused_start_not_restarted(long_parts, tmp_path):
+    option, message = BAD_OPTIONS[0]
     job = Supervised(long_parts, tmp_path / "job.log", *option)
     try:
         assert message in refused_start(job)
