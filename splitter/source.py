@@ -1,5 +1,6 @@
 """Where the splitter reads a model from, one tensor at a time: a hub name or local directory of
-safetensors files, a GGUF file (splitter/gguf_source.py), or random weights of a known shape.
+safetensors files, a GGUF file (splitter/gguf_source.py), or random weights of a known shape; for
+--plan-only, a hub model's config and safetensors headers alone (HubHeaders).
 
 Every source gives the same small interface: `config` (a transformers config), `tokenizer`,
 `generation_config` (or None), `names()` (Hugging Face state-dict names), `shape(name)` and
@@ -18,10 +19,16 @@ META_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 INDEX = "model.safetensors.index.json"
 
 
-def open_source(model: str, random_weights: bool = False, seed: int = 0):
+def open_source(model: str, random_weights: bool = False, seed: int = 0, headers_only: bool = False):
+    """headers_only (--plan-only): a hub model is read from its config and safetensors headers, with no
+    weights downloaded; get() is then refused."""
     if random_weights:
         return RandomSource(model, seed)
     path = Path(model)
+    if headers_only and not path.exists():
+        from splitter.hub import offline
+        if not offline():                # offline, the model cache may hold it: read as for a split
+            return HubHeaders(model)
     if str(model).lower().endswith(".gguf") or (path.is_file() and _magic(path) == b"GGUF"):
         if not path.is_file():
             raise ValueError(f"{model}: no such GGUF file")
@@ -73,13 +80,7 @@ class SafetensorsSource:
             what = f"only pickled weights ({', '.join(bins[:3])})" if bins else "no model.safetensors"
             raise ValueError(f"{model}: {what}. {BIN_FIX}")
         self.config = AutoConfig.from_pretrained(path)
-        # A checkpoint saved from the bare base model (the hub's gpt2: h.0.*, wte.weight) lacks the
-        # "transformer." / "model." prefix of the LM's names; transformers adds it on loading
-        # (base_model_prefix), and so does this.
-        prefix = _base_prefix(self.config)
-        if prefix and stored and not any(n.startswith(prefix + ".") or n == "lm_head.weight" for n in stored):
-            stored = {f"{prefix}.{n}": where for n, where in stored.items()}
-        self._file = stored                    # name -> (file, the name stored in it)
+        self._file = _with_prefix(self.config, stored)     # name -> (file, the name stored in it)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._tokenizer = None
 
@@ -163,6 +164,54 @@ def _download(model: str) -> Path:
         raise ValueError(f"{model}: {what}. {BIN_FIX}")
     print(f"[splitter] downloading {model} ({len(weights)} safetensors file(s), config, tokenizer) ...", flush=True)
     return Path(snapshot_download(model, allow_patterns=META_PATTERNS + weights))
+
+
+class HubHeaders:
+    """A hub model as --plan-only needs it: config.json and the safetensors headers (names, shapes),
+    which huggingface_hub reads with a few small range requests; no weights come down. A 7B model's
+    plan so costs kilobytes instead of 14 GB. The tokenizer is not read (a split checks it)."""
+
+    tokenizer = None
+    generation_config = None
+
+    def __init__(self, model: str):
+        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+        from huggingface_hub.errors import NotASafetensorsRepoError
+        from transformers import AutoConfig
+        config_json = Path(hf_hub_download(model, "config.json"))
+        _check_model_type(config_json, model)
+        self.config = AutoConfig.from_pretrained(config_json.parent)
+        try:
+            meta = get_safetensors_metadata(model)
+        except NotASafetensorsRepoError:
+            raise ValueError(f"{model}: no model.safetensors. {BIN_FIX}") from None
+        shapes = {name: tuple(t.shape) for f in meta.files_metadata.values() for name, t in f.tensors.items()}
+        self._name = _with_prefix(self.config, {n: n for n in shapes})
+        self._shapes = {name: shapes[stored] for name, stored in self._name.items()}
+        print(f"[splitter] {model}: read its config and safetensors headers ({len(shapes)} tensors); "
+              "no weights downloaded", flush=True)
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        raise RuntimeError(f"{name}: read from the headers only (--plan-only); split without --plan-only")
+
+    def close(self) -> None:
+        pass
+
+
+def _with_prefix(config, stored: dict) -> dict:
+    """A checkpoint saved from the bare base model (the hub's gpt2: h.0.*, wte.weight) lacks the
+    "transformer." / "model." prefix of the LM's names; transformers adds it on loading
+    (base_model_prefix), and so does this: {LM name: what stored holds for the checkpoint's name}."""
+    prefix = _base_prefix(config)
+    if prefix and stored and not any(n.startswith(prefix + ".") or n == "lm_head.weight" for n in stored):
+        return {f"{prefix}.{n}": where for n, where in stored.items()}
+    return stored
 
 
 def _check_model_type(config_json: Path, model: str) -> None:

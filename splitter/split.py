@@ -45,9 +45,9 @@ class Model:
         return {s.name for s in self.fam.specs(self.config, True, (0, 0), self.tied) if s.matmul}
 
 
-def open_model(model: str, random_weights: bool = False, seed: int = 0) -> Model:
+def open_model(model: str, random_weights: bool = False, seed: int = 0, plan_only: bool = False) -> Model:
     from splitter.source import open_source
-    src = open_source(model, random_weights, seed)
+    src = open_source(model, random_weights, seed, headers_only=plan_only)
     config = src.config
     fam = family(config.model_type)          # ValueError naming it and listing the supported ones
     fam.check(config)
@@ -275,7 +275,7 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
           plan_json: Path | None = None, head_quantize: str | None = None,
           previous_plan: Path | None = None) -> dict | None:
     t0 = time.time()
-    m = open_model(model, random_weights, seed)
+    m = open_model(model, random_weights, seed, plan_only)
     quant = None
     if not quantize and (group_size is not None or head_quantize):
         raise ValueError("--group-size and --head-quantize go with --quantize int8|int4")

@@ -264,12 +264,29 @@ class FakeHub:
         self.snapshots.append(allow_patterns)
         return str(self.repo)
 
+    def get_safetensors_metadata(self, model, **kw):
+        """The names and shapes in each safetensors file's header, as the hub's range requests read them."""
+        from huggingface_hub.errors import NotASafetensorsRepoError
+        from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+        files = {}
+        for p in sorted(self.repo.glob("*.safetensors")):
+            with open(p, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            header.pop("__metadata__", None)
+            files[p.name] = SafetensorsFileMetadata(metadata={}, tensors={
+                n: TensorInfo(dtype=t["dtype"], shape=t["shape"], data_offsets=tuple(t["data_offsets"]))
+                for n, t in header.items()})
+        if not files:
+            raise NotASafetensorsRepoError(f"{model} has no model.safetensors")
+        return SafetensorsRepoMetadata(metadata=None, sharded=len(files) > 1, files_metadata=files,
+                                       weight_map={n: f for f, m in files.items() for n in m.tensors})
+
 
 @pytest.fixture
 def fake_hub(model, monkeypatch):
     import huggingface_hub
     hub = FakeHub(model)
-    for name in ("hf_hub_download", "list_repo_files", "snapshot_download"):
+    for name in ("hf_hub_download", "list_repo_files", "snapshot_download", "get_safetensors_metadata"):
         monkeypatch.setattr(huggingface_hub, name, getattr(hub, name))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -286,6 +303,29 @@ def test_a_hub_download_fetches_only_the_weights_the_index_names(fake_hub, model
     assert len(fake_hub.snapshots) == 1 and "model.safetensors" in fake_hub.snapshots[0]
     assert not any("consolidated" in p or p == "*.safetensors" for p in fake_hub.snapshots[0])
     assert src.config.model_type == "gpt2" and src.names()
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["lm-names", "base-model-names"])
+def test_plan_only_plans_a_hub_model_from_its_headers_downloading_no_weights(fake_hub, model, bare, capsys):
+    """A 7B model's plan used to download 14 GB first; the headers give every name and shape. bare: a
+    checkpoint saved from the base model (the hub's gpt2: h.0.*, no "transformer." prefix)."""
+    from safetensors.torch import load_file, save_file
+
+    from splitter.split import split
+    if bare:
+        weights = load_file(model / "model.safetensors")
+        save_file({n.removeprefix("transformer."): t for n, t in weights.items()}, model / "model.safetensors")
+    split(str(model), 3, None, plan_only=True)
+    local = capsys.readouterr().out.splitlines()
+    split("someone/tiny-gpt2", 3, None, plan_only=True)
+    hub = capsys.readouterr().out.splitlines()
+    assert fake_hub.snapshots == [], "--plan-only downloaded the weights"
+    assert any("no weights downloaded" in line for line in hub)
+    table = [line for line in local if not line.startswith("[splitter]")]
+    assert len(table) >= 4 and table == [line for line in hub if not line.startswith("[splitter]")]
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="no model.safetensors.*safetensors only"):
+        split("someone/tiny-gpt2", 3, None, plan_only=True)
 
 
 @pytest.mark.parametrize("damage, words", [
