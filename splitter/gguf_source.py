@@ -114,16 +114,100 @@ class GGUFSource:
         dims = tuple(int(d) for d in reversed(t.shape.tolist()))  # elements, torch order
         out = np.empty(dims, dtype=np.float32)
         flat = out.reshape(-1, dims[-1])
-        raw_cols = t.data.shape[-1]  # the reader's view gives layout only: no page of it is read
-        row_bytes = raw_cols * t.data.dtype.itemsize
-        step = max(1, SLAB_BYTES // row_bytes)
-        self._file.seek(t.data_offset)
-        for start in range(0, flat.shape[0], step):
-            raw = np.empty((min(step, flat.shape[0] - start), raw_cols), dtype=t.data.dtype)
-            if self._file.readinto(memoryview(raw).cast("B")) != raw.nbytes:
-                raise ValueError(f"{self.path}: tensor {t.name} is cut short; the file is truncated")
+        for start, raw in self._slabs(t):
             flat[start:start + raw.shape[0]] = self._gguf.quants.dequantize(raw, t.tensor_type)
         return out
+
+    def _slabs(self, t):
+        """(first row, raw bytes of a slab of rows) over the tensor, read from the file in order."""
+        rows = int(np.prod([int(d) for d in t.shape.tolist()[1:]], dtype=np.int64))
+        raw_cols = t.data.shape[-1]  # the reader's view gives layout only: no page of it is read
+        step = max(1, SLAB_BYTES // (raw_cols * t.data.dtype.itemsize))
+        self._file.seek(t.data_offset)
+        for start in range(0, rows, step):
+            raw = np.empty((min(step, rows - start), raw_cols), dtype=t.data.dtype)
+            if self._file.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                raise ValueError(f"{self.path}: tensor {t.name} is cut short; the file is truncated")
+            yield start, raw
+
+    # ---- 4-bit tensors taken over as int4, without requantizing ----
+
+    def tensor_type(self, name: str) -> str:
+        """The file's type of the tensor that gives `name`: "F32", "Q4_K", ..."""
+        return self._tensors[self._hf_to_gguf[self._check_name(name)]].tensor_type.name
+
+    def int4_parts(self, name: str, group_size: int) -> dict[str, torch.Tensor] | None:
+        """A Q4_0, Q4_1 or Q4_K tensor in shardline's int4 format (shardline/quant.py) with the file's own
+        4-bit codes, per 32 weights: requantizing the dequantized values instead would add error (on
+        random 512x1024 weights, Q4_0 -> int4 added 23 % to the file's own quantization error, Q4_1 90 %).
+        Each of these formats is W = scale * q + min per 32 weights (q in 0..15), so the codes are kept,
+        the scale rounds to bf16 and the offset (the kernel's (8 - zero) * scale) is 8 * scale + min:
+        a uint8 zero point for Q4_0 (whose min is -8 * scale), a bf16 offset for Q4_1 and Q4_K.
+        None when the tensor is of another type, the group size is not 32, or transformers' processor
+        does more to the tensor than reorder its rows (GPT-2's transposed projections)."""
+        gguf_name = self._hf_to_gguf[self._check_name(name)]
+        t = self._tensors[gguf_name]
+        kind = self.tensor_type(name)
+        if group_size != 32 or kind not in ("Q4_0", "Q4_1", "Q4_K") or len(t.shape) != 2:
+            return None
+        rows, cols = self._shapes[name]
+        order = self._row_order(gguf_name, rows)
+        if order is None:
+            return None
+        quants = self._gguf.quants
+        block_bytes = self._gguf.GGML_QUANT_SIZES[t.tensor_type][1]
+        one = np.array([1.0], dtype=np.float16).view(np.uint8)
+        codes = np.empty((rows, cols), dtype=np.uint8)
+        scales = np.empty((rows, cols // 32), dtype=np.float32)
+        mins = np.empty((rows, cols // 32), dtype=np.float32)
+        for start, raw in self._slabs(t):
+            n = raw.shape[0]
+            blocks = raw.reshape(-1, block_bytes)
+            d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)         # [blocks, 1]
+            unit = blocks.copy()                    # the same codes under scale 1 and min 0: q itself
+            unit[:, 0:2] = one
+            if kind == "Q4_0":                      # W = d * (q - 8)
+                q = quants.dequantize(unit, t.tensor_type) + 8.0
+                s, m = d, -8.0 * d
+            elif kind == "Q4_1":                    # W = d * q + m
+                unit[:, 2:4] = 0
+                q = quants.dequantize(unit, t.tensor_type)
+                s, m = d, blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+            else:                                   # Q4_K: W = d * sc_j * q - dmin * m_j, 8 sub-blocks of 32
+                dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+                sc, mn = quants.Q4_K.get_scale_min(blocks[:, 4:16].copy())
+                unit[:, 2:4] = 0
+                unit[:, 4:16] = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1], dtype=np.uint8)  # sc_j 1, m_j 0
+                q = quants.dequantize(unit, t.tensor_type)
+                s, m = d * sc.astype(np.float32), -dmin * mn.astype(np.float32)
+            codes[start:start + n] = np.rint(q).reshape(n, cols).astype(np.uint8)
+            scales[start:start + n] = s.reshape(n, -1)
+            mins[start:start + n] = m.reshape(n, -1)
+        codes, scales, mins = codes[order], scales[order], mins[order]
+        s = torch.from_numpy(scales)
+        if kind == "Q4_0":                          # a negative scale: the codes reversed, zero point 7
+            flip = s < 0
+            c = torch.from_numpy(codes).view(rows, -1, 32)
+            c = torch.where(flip[..., None], 15 - c, c).reshape(rows, cols)
+            zeros = torch.where(flip, 7, 8).to(torch.uint8)
+            s = s.abs()
+        else:
+            c = torch.from_numpy(codes)
+            zeros = (8.0 * s.to(torch.bfloat16).float() + torch.from_numpy(mins)).to(torch.bfloat16)
+        return {"qweight": (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous(), "scales": s.to(torch.bfloat16),
+                "zeros": zeros}
+
+    def _row_order(self, gguf_name: str, rows: int) -> np.ndarray | None:
+        """The file-row index of each row transformers' processor gives (llama's q/k permutation undone),
+        found by processing the row numbers; None if the processor does anything but reorder rows."""
+        scratch = {"tensors": {}}
+        probe = np.arange(rows, dtype=np.float64).reshape(rows, 1)
+        result = self._processor.process(weights=probe, name=gguf_name, parsed_parameters=scratch)
+        out = np.asarray(result.weights if result.name is not None else scratch["tensors"].get("lm_head.weight"))
+        if out.shape != (rows, 1):
+            return None
+        order = out[:, 0].astype(np.int64)
+        return order if np.array_equal(np.sort(order), np.arange(rows)) and np.array_equal(order, out[:, 0]) else None
 
     def close(self) -> None:
         if getattr(self, "_file", None) is not None:

@@ -94,7 +94,19 @@ def spec_bytes(m: Model, spec: Spec, quant: dict | None) -> int:
     rows = sum(m.source.shape(s)[1 if spec.conv1d else 0] for s in spec.sources)
     if quant["scheme"] == "int8":
         return numel + 4 * rows                                   # int8 codes, a float32 scale per row
-    return numel // 2 + 3 * (numel // quant["group_size"])   # int4: nibbles, a bf16 scale and a uint8 zero per group
+    # int4: nibbles, a bf16 scale and a uint8 zero per group; a bf16 offset instead of the zero for the codes
+    # of a GGUF's Q4_1/Q4_K matrices (file_int4)
+    zero = 2 if _file_int4_offsets(m, spec, quant) else 1
+    return numel // 2 + (2 + zero) * (numel // quant["group_size"])
+
+
+def _file_int4_offsets(m: Model, spec: Spec, quant: dict) -> bool:
+    """Whether file_int4 will store this matrix with bf16 offsets (a source in Q4_1 or Q4_K, all 4-bit)."""
+    kind = getattr(m.source, "tensor_type", None)
+    if kind is None or spec.conv1d or quant["group_size"] != 32:
+        return False
+    kinds = {kind(s) for s in spec.sources}
+    return kinds <= {"Q4_0", "Q4_1", "Q4_K"} and bool(kinds & {"Q4_1", "Q4_K"})
 
 
 def held_bytes(m: Model, spec: Spec, quant: dict | None) -> int:
@@ -269,6 +281,28 @@ def build_tensor(m: Model, spec: Spec, quant: dict | None) -> dict[str, torch.Te
     return {f"{spec.name}.{suffix}": t.contiguous() for suffix, t in q.items()}
 
 
+def file_int4(m: Model, spec: Spec, quant: dict | None) -> dict[str, torch.Tensor] | None:
+    """Under int4, a matrix whose sources are all 4-bit in a GGUF file (Q4_0, Q4_1, Q4_K) keeps the file's
+    codes (GGUFSource.int4_parts) rather than being requantized from their dequantized values; None
+    otherwise (then build_tensor requantizes)."""
+    quant = spec_quant(m, spec, quant)
+    take = getattr(m.source, "int4_parts", None)
+    if take is None or spec.conv1d or not _quantized(m, spec, quant) or quant["scheme"] != "int4":
+        return None
+    got = []
+    for name in spec.sources:
+        parts = take(name, quant["group_size"])
+        if parts is None:
+            return None
+        got.append(parts)
+    if len({p["zeros"].dtype for p in got}) > 1:      # a uint8 zero point beside bf16 offsets: all offsets
+        from shardline.quant import _kernel_offset
+        for p in got:
+            p["zeros"] = _kernel_offset(p["scales"], p["zeros"], torch.bfloat16)
+    return {f"{spec.name}.{suffix}": torch.cat([p[suffix] for p in got], dim=0).contiguous()
+            for suffix in ("qweight", "scales", "zeros")}
+
+
 def split(model: str, n_stages: int, out: Path, random_weights: bool = False, layers: str | None = None,
           seed: int = 0, quantize: str | None = None, group_size: int | None = None,
           plan_only: bool = False, boards: Path | None = None, slots: int = 16, max_context: int | None = None,
@@ -354,13 +388,15 @@ def _write(m: Model, out: Path, ranges, quant: dict | None, model: str, random_w
         shutil.rmtree(out / TOKENIZER_DIR)
     from safetensors.torch import save_file
     split_id = uuid.uuid4().hex
-    stages = []
+    stages, kept = [], 0
     for k, (a, b) in enumerate(ranges):
         specs = m.fam.specs(m.config, k == 0, (a, b), m.tied)
         tensors: dict[str, torch.Tensor] = {}
         last = time.time()
         for i, spec in enumerate(specs):
-            tensors.update(build_tensor(m, spec, quant))
+            direct = file_int4(m, spec, quant)
+            kept += direct is not None
+            tensors.update(direct or build_tensor(m, spec, quant))
             if time.time() - last > 2:
                 print(f"[splitter] stage {k + 1}/{n_stages}: {i + 1}/{len(specs)} tensors "
                       f"({time.time() - t0:.0f}s)", flush=True)
@@ -377,6 +413,9 @@ def _write(m: Model, out: Path, ranges, quant: dict | None, model: str, random_w
               f"{' + embeddings, norm, LM head' if k == 0 else ''}: {size / 2**20:.1f} MiB "
               f"({time.time() - t0:.1f}s)", flush=True)
 
+    if kept:
+        print(f"[splitter] {kept} matrices keep the file's own 4-bit codes (Q4_0/Q4_1/Q4_K taken as int4, "
+              "not requantized)", flush=True)
     tdir = out / TOKENIZER_DIR
     m.source.tokenizer.save_pretrained(tdir)
     gen = m.source.generation_config
