@@ -132,9 +132,14 @@ class GGUFSource:
 
     # ---- 4-bit tensors taken over as int4, without requantizing ----
 
-    def tensor_type(self, name: str) -> str:
-        """The file's type of the tensor that gives `name`: "F32", "Q4_K", ..."""
-        return self._tensors[self._hf_to_gguf[self._check_name(name)]].tensor_type.name
+    def int4_kind(self, name: str, group_size: int) -> str | None:
+        """"Q4_0", "Q4_1" or "Q4_K" when int4_parts takes this tensor (its codes kept as int4 at this
+        group size), else None. Reads no tensor data."""
+        t = self._tensors[self._hf_to_gguf[self._check_name(name)]]
+        kind = t.tensor_type.name
+        if group_size != 32 or kind not in ("Q4_0", "Q4_1", "Q4_K") or len(t.shape) != 2:
+            return None
+        return kind if self._row_order(t.name, self._shapes[name][0]) is not None else None
 
     def int4_parts(self, name: str, group_size: int) -> dict[str, torch.Tensor] | None:
         """A Q4_0, Q4_1 or Q4_K tensor in shardline's int4 format (shardline/quant.py) with the file's own
@@ -145,15 +150,13 @@ class GGUFSource:
         a uint8 zero point for Q4_0 (whose min is -8 * scale), a bf16 offset for Q4_1 and Q4_K.
         None when the tensor is of another type, the group size is not 32, or transformers' processor
         does more to the tensor than reorder its rows (GPT-2's transposed projections)."""
-        gguf_name = self._hf_to_gguf[self._check_name(name)]
-        t = self._tensors[gguf_name]
-        kind = self.tensor_type(name)
-        if group_size != 32 or kind not in ("Q4_0", "Q4_1", "Q4_K") or len(t.shape) != 2:
+        kind = self.int4_kind(name, group_size)
+        if kind is None:
             return None
+        gguf_name = self._hf_to_gguf[name]
+        t = self._tensors[gguf_name]
         rows, cols = self._shapes[name]
         order = self._row_order(gguf_name, rows)
-        if order is None:
-            return None
         quants = self._gguf.quants
         block_bytes = self._gguf.GGML_QUANT_SIZES[t.tensor_type][1]
         one = np.array([1.0], dtype=np.float16).view(np.uint8)

@@ -25,10 +25,6 @@ def open_source(model: str, random_weights: bool = False, seed: int = 0, headers
     if random_weights:
         return RandomSource(model, seed)
     path = Path(model)
-    if headers_only and not path.exists():
-        from splitter.hub import offline
-        if not offline():                # offline, the model cache may hold it: read as for a split
-            return HubHeaders(model)
     if str(model).lower().endswith(".gguf") or (path.is_file() and _magic(path) == b"GGUF"):
         if not path.is_file():
             raise ValueError(f"{model}: no such GGUF file")
@@ -37,6 +33,10 @@ def open_source(model: str, random_weights: bool = False, seed: int = 0, headers
     if path.is_file():
         raise ValueError(f"{model}: a file, but not a GGUF one; give the folder that holds the model's "
                          "safetensors, config.json and tokenizer files, or a .gguf file")
+    if headers_only and not path.exists():
+        from splitter.hub import offline
+        if not offline():                # offline, the model cache may hold it: read as for a split
+            return HubHeaders(model)
     return SafetensorsSource(model)
 
 
@@ -136,6 +136,24 @@ BIN_FIX = ("shardline reads safetensors only (pickle can run code). Convert once
            "repository or revision that has model.safetensors")
 
 
+def _hub(model: str, call, *args, **kwargs):
+    """A huggingface_hub call; what the hub refuses (an unknown or gated repository, a failed request)
+    becomes a message naming the model and what to do, not a traceback."""
+    try:
+        return call(*args, **kwargs)
+    except OSError as err:                     # HfHubHTTPError and its kinds, and network failures
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+        said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, GatedRepoError):
+            fix = ("a gated model: accept its licence on its hub page, then log in on this machine (hf auth login) "
+                   "or set HF_TOKEN")
+        elif isinstance(err, RepositoryNotFoundError):
+            fix = "no such repository (or a private one): check the name, or log in (hf auth login)"
+        else:
+            fix = "check the name and the network, or pass a local save_pretrained directory or .gguf file"
+        raise ValueError(f"{model}: the model hub did not give it ({said}); {fix}") from None
+
+
 def _download(model: str) -> Path:
     """A hub repository's snapshot: its config first (an unsupported model is refused before gigabytes
     come down), then the weights it is read from (the files the index names, or model.safetensors; not
@@ -152,10 +170,10 @@ def _download(model: str) -> Path:
             raise ValueError(f"{model}: not in this machine's model cache and the hub is unreachable; pass a local "
                              "save_pretrained directory or .gguf file, or --random-weights for a meaningless test "
                              "model") from None
-    _check_model_type(Path(hf_hub_download(model, "config.json")), model)
-    files = set(list_repo_files(model))
+    _check_model_type(Path(_hub(model, hf_hub_download, model, "config.json")), model)
+    files = set(_hub(model, list_repo_files, model))
     if INDEX in files:
-        weights = sorted(set(_weight_map(Path(hf_hub_download(model, INDEX))).values()))
+        weights = sorted(set(_weight_map(Path(_hub(model, hf_hub_download, model, INDEX))).values()))
     elif "model.safetensors" in files:
         weights = ["model.safetensors"]
     else:
@@ -163,7 +181,7 @@ def _download(model: str) -> Path:
         what = f"only pickled weights ({', '.join(bins[:3])})" if bins else "no model.safetensors"
         raise ValueError(f"{model}: {what}. {BIN_FIX}")
     print(f"[splitter] downloading {model} ({len(weights)} safetensors file(s), config, tokenizer) ...", flush=True)
-    return Path(snapshot_download(model, allow_patterns=META_PATTERNS + weights))
+    return Path(_hub(model, snapshot_download, model, allow_patterns=META_PATTERNS + weights))
 
 
 class HubHeaders:
@@ -178,13 +196,13 @@ class HubHeaders:
         from huggingface_hub import get_safetensors_metadata, hf_hub_download
         from huggingface_hub.errors import NotASafetensorsRepoError
         from transformers import AutoConfig
-        config_json = Path(hf_hub_download(model, "config.json"))
+        config_json = Path(_hub(model, hf_hub_download, model, "config.json"))
         _check_model_type(config_json, model)
         self.config = AutoConfig.from_pretrained(config_json.parent)
         try:
-            meta = get_safetensors_metadata(model)
+            meta = _hub(model, get_safetensors_metadata, model)
         except NotASafetensorsRepoError:
-            raise ValueError(f"{model}: no model.safetensors. {BIN_FIX}") from None
+            raise ValueError(f"{model}: no model.safetensors (only pickled weights?). {BIN_FIX}") from None
         shapes = {name: tuple(t.shape) for f in meta.files_metadata.values() for name, t in f.tensors.items()}
         self._name = _with_prefix(self.config, {n: n for n in shapes})
         self._shapes = {name: shapes[stored] for name, stored in self._name.items()}

@@ -101,12 +101,18 @@ def spec_bytes(m: Model, spec: Spec, quant: dict | None) -> int:
 
 
 def _file_int4_offsets(m: Model, spec: Spec, quant: dict) -> bool:
-    """Whether file_int4 will store this matrix with bf16 offsets (a source in Q4_1 or Q4_K, all 4-bit)."""
-    kind = getattr(m.source, "tensor_type", None)
-    if kind is None or spec.conv1d or quant["group_size"] != 32:
-        return False
-    kinds = {kind(s) for s in spec.sources}
-    return kinds <= {"Q4_0", "Q4_1", "Q4_K"} and bool(kinds & {"Q4_1", "Q4_K"})
+    """Whether file_int4 stores this matrix with bf16 offsets (a source in Q4_1 or Q4_K)."""
+    return bool(_file_int4_kinds(m, spec, quant) & {"Q4_1", "Q4_K"})
+
+
+def _file_int4_kinds(m: Model, spec: Spec, quant: dict) -> set[str]:
+    """The file types of spec's sources when file_int4 takes them (all of them 4-bit codes it can keep
+    as int4: GGUFSource.int4_kind), else the empty set. Asked before any tensor is read."""
+    kind = getattr(m.source, "int4_kind", None)
+    if kind is None or spec.conv1d or quant["scheme"] != "int4":
+        return set()
+    kinds = [kind(name, quant["group_size"]) for name in spec.sources]
+    return set() if None in kinds else set(kinds)
 
 
 def held_bytes(m: Model, spec: Spec, quant: dict | None) -> int:
@@ -286,15 +292,11 @@ def file_int4(m: Model, spec: Spec, quant: dict | None) -> dict[str, torch.Tenso
     codes (GGUFSource.int4_parts) rather than being requantized from their dequantized values; None
     otherwise (then build_tensor requantizes)."""
     quant = spec_quant(m, spec, quant)
-    take = getattr(m.source, "int4_parts", None)
-    if take is None or spec.conv1d or not _quantized(m, spec, quant) or quant["scheme"] != "int4":
+    if not _quantized(m, spec, quant) or not _file_int4_kinds(m, spec, quant):
         return None
-    got = []
-    for name in spec.sources:
-        parts = take(name, quant["group_size"])
-        if parts is None:
-            return None
-        got.append(parts)
+    got = [m.source.int4_parts(name, quant["group_size"]) for name in spec.sources]
+    if any(parts is None for parts in got):            # int4_kind said yes: a bug, not a file to refuse
+        raise RuntimeError(f"{spec.name}: a 4-bit source did not give its int4 parts")
     if len({p["zeros"].dtype for p in got}) > 1:      # a uint8 zero point beside bf16 offsets: all offsets
         from shardline.quant import _kernel_offset
         for p in got:
@@ -363,6 +365,7 @@ def split(model: str, n_stages: int, out: Path, random_weights: bool = False, la
                 {"board": None, "layers": list(r), "shard_mb": round(b / 2**20, 1)} for r, b in zip(ranges, sizes)]},
                 indent=1) + "\n")
     if plan_only:
+        m.source.close()
         return None
     try:
         return _write(m, out, ranges, quant, model, random_weights, t0)

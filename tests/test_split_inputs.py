@@ -328,6 +328,34 @@ def test_plan_only_plans_a_hub_model_from_its_headers_downloading_no_weights(fak
         split("someone/tiny-gpt2", 3, None, plan_only=True)
 
 
+@pytest.mark.parametrize("plan_only", [False, True], ids=["split", "plan-only"])
+@pytest.mark.parametrize("refusal, words", [
+    ("GatedRepoError", ["401 Client Error. Cannot access gated repo", "a gated model", "hf auth login"]),
+    ("RepositoryNotFoundError", ["404 Client Error", "no such repository"]),
+])
+def test_what_the_hub_refuses_is_a_message_not_a_traceback(fake_hub, monkeypatch, plan_only, refusal, words):
+    """meta-llama's repositories are gated: without an accepted licence and a token the splitter ended in
+    huggingface_hub's traceback."""
+    import huggingface_hub
+    import huggingface_hub.errors
+
+    class Refused(getattr(huggingface_hub.errors, refusal)):
+        def __init__(self, message):             # the hub's errors want an HTTP response; the message is what counts
+            OSError.__init__(self, message)
+
+    def refuse(model, filename, **kw):
+        code = "401" if refusal == "GatedRepoError" else "404"
+        raise Refused(f"{code} Client Error. Cannot access gated repo for url https://huggingface.co/{model}/"
+                      f"resolve/main/{filename}.\nAccess to model {model} is restricted.")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    from splitter.split import split
+    with pytest.raises(ValueError) as err:
+        split("meta-llama/Llama-3.2-1B", 2, None, plan_only=plan_only)
+    assert str(err.value).startswith("meta-llama/Llama-3.2-1B: the model hub did not give it")
+    assert all(w in str(err.value) for w in words), err.value
+    assert fake_hub.snapshots == []
+
+
 @pytest.mark.parametrize("damage, words", [
     ("model_type", ["'foo_lm' is not supported"]),
     ("bin_only", ["only pickled weights (pytorch_model.bin)", "safetensors only"]),
