@@ -57,9 +57,12 @@ def splitter_cli(*argv: str) -> subprocess.CompletedProcess:
             except Exception:                                   # noqa: BLE001 - as the interpreter reports it
                 traceback.print_exc()
                 code = 1
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
+    finally:                                    # key by key: the environment is never empty, even for an instant
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        for key, value in env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
     return subprocess.CompletedProcess([PY, "-m", "splitter", *argv], code or 0, out.getvalue(), err.getvalue())
 
 
