@@ -68,9 +68,7 @@ def chat_model(tmp_path_factory):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     parts = split(out, 3, tmp_path_factory.mktemp("chat_parts"))
-    gen_file = parts / "tokenizer" / "generation_config.json"
-    if not gen_file.exists():      # until the splitter writes it beside the tokenizer itself
-        model.generation_config.save_pretrained(parts / "tokenizer")
+    gen_file = parts / "tokenizer" / "generation_config.json"      # the splitter writes it beside the tokenizer
     assert json.loads(gen_file.read_text())["eos_token_id"] == [im_end, eot]
     return parts, tok, (im_end, eot), model
 

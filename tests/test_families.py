@@ -162,8 +162,8 @@ def test_sharded_safetensors_with_an_index_split_like_one_file(tmp_path):
 
 def test_plan_only_prints_the_plan_and_writes_nothing(tmp_path):
     proc = subprocess.run([PY, "-m", "splitter", "--model", "TinyLlama-1.1B-Chat-v1.0", "--random-weights",
-                           "--stages", "4", "--plan-only"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**mpi_env(), "HF_HUB_OFFLINE": "1"})
+                           "--stages", "4", "--plan-only"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**mpi_env(), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert "22 layers" in proc.stdout and "untied" in proc.stdout
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]

@@ -159,6 +159,8 @@ def test_chat_without_max_tokens_fits_the_context(client, model_id):
     r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], temperature=0)
     assert r.choices[0].finish_reason in ("length", "stop")
     assert r.usage.total_tokens <= CONTEXT
+    if r.choices[0].finish_reason == "length":       # it ran to the end of the context, not to a smaller default
+        assert r.usage.total_tokens == CONTEXT, r.usage
 
 
 @pytest.mark.parametrize("stream", [False, True])

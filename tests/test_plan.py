@@ -106,7 +106,7 @@ def test_a_twice_as_fast_board_gets_about_twice_the_layers_when_memory_forces_a_
     plan = make_plan(boards, TINY, slots=1, max_context=256)
     check_fits(plan, boards, TINY)
     layers = {s.board: s.layers[1] - s.layers[0] for s in plan.stages}
-    assert layers["fast"] >= layers.get("slow", 0)
+    assert layers["fast"] >= 1.5 * layers.get("slow", 0) > 0, plan.table()
 
 
 @pytest.mark.parametrize("slow, reason", [

@@ -155,6 +155,8 @@ def test_while_a_board_is_missing_every_request_gets_a_503_naming_it_then_the_jo
             urllib.request.urlopen(url + "/health", timeout=5)
         except urllib.error.HTTPError as err:
             assert 1 <= int(err.headers["Retry-After"]) <= 2, dict(err.headers)
+        else:
+            pytest.fail("/health answered 200 while a board was missing")
         ranks = [p for p in psutil.Process(sup.pid).children(recursive=True) if "mpi4py" in " ".join(p.cmdline())]
         assert not ranks, "the job started with a board missing"
 
