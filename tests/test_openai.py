@@ -527,6 +527,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
 
 
 def test_metrics_cover_requests_tokens_latency_queue_and_every_rank(server):
+    # the server is shared with the other tests: the counters must move by what these two requests did
+    for _ in range(100):                 # nothing left running from an earlier test
+        health = web.get(server.url + "/health").json()
+        if health["active_sequences"] == 0 and health["queue_depth"] == 0:
+            break
+        time.sleep(0.2)
+    before = metric_samples(server.url)
     complete(server, prompt="metrics please", max_tokens=8)
     assert post(server.url + CMPL, {"prompt": "hi", "max_tokens": -1}).status_code == 400
     deadline = time.monotonic() + 8     # the per-rank gauges refresh every 2 s
@@ -538,12 +545,14 @@ def test_metrics_cover_requests_tokens_latency_queue_and_every_rank(server):
             break
         time.sleep(0.3)
     assert all(min(v) > 0 for v in ranks), f"per-rank compute/bytes not all positive: {ranks}"
-    assert metric(s, "shardline_requests_total", endpoint=CMPL, status=200) >= 1
-    assert metric(s, "shardline_requests_total", endpoint=CMPL, status=400) >= 1
-    assert metric(s, "shardline_generated_tokens_total") >= 8
-    assert metric(s, "shardline_time_to_first_token_seconds_count") >= 1
-    assert metric(s, "shardline_time_to_first_token_seconds_bucket", le="+Inf") >= 1
-    assert metric(s, "shardline_time_per_output_token_seconds_count") >= 7
+    def grew(name, **labels):
+        return metric(s, name, **labels) - metric(before, name, **labels)
+    assert grew("shardline_requests_total", endpoint=CMPL, status=200) == 1
+    assert grew("shardline_requests_total", endpoint=CMPL, status=400) == 1
+    assert grew("shardline_generated_tokens_total") == 8
+    assert grew("shardline_time_to_first_token_seconds_count") == 1
+    assert grew("shardline_time_to_first_token_seconds_bucket", le="+Inf") == 1
+    assert grew("shardline_time_per_output_token_seconds_count") == 7
     assert ("shardline_queue_depth", frozenset()) in s and ("shardline_active_sequences", frozenset()) in s
     # A decode step sends one hidden vector per hop: every rank both sends and receives.
     assert all(sent > 0 and recv > 0 for _, sent, recv in ranks)
