@@ -612,3 +612,24 @@ def test_no_rank_unpickled_anything_while_serving(server, guard_dir):
     assert {p.pid for p in server.ranks.values()} <= armed, "the pickle guard did not load in every rank"
     log = guard_dir / "violations.log"
     assert not log.exists(), "a rank unpickled something:\n" + log.read_text()[-5000:]
+
+
+@pytest.mark.parametrize("what, code", [
+    ("pickle.loads", "import pickle; pickle.loads(pickle.dumps([1, 2]))"),
+    ("pickle.load", "import io, pickle; pickle.load(io.BytesIO(pickle.dumps({'a': 1})))"),
+    ("torch.load", "import io, torch; b = io.BytesIO(); torch.save({'w': torch.ones(2)}, b); b.seek(0); torch.load(b)"),
+    ("open", "open(__import__('sys').argv[1], 'wb').close()"),
+])
+def test_the_pickle_tripwire_fires(tmp_path, what, code):
+    """The check above passes on silence; this shows the tripwire speaks: a process started as the ranks
+    are (tests/pickle_guard on PYTHONPATH) records each kind of unpickling, and a pickle file opened."""
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    env = {**os.environ, "SHARDLINE_PICKLE_GUARD_DIR": str(guard),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "pickle_guard"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.bin")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert list(guard.glob("armed-*")), "the guard did not load"
+    log = guard / "violations.log"
+    assert log.exists() and what in log.read_text(), (what, log.read_text() if log.exists() else "no log")
