@@ -37,8 +37,8 @@ a @ a; threads.computed()
 spinning, tasks_spinning = busy(0.4), len(os.listdir("/proc/self/task"))
 threads.idle()
 idle, tasks_idle = busy(0.4), len(os.listdir("/proc/self/task"))
-t = time.perf_counter(); b = a @ a; again = time.perf_counter() - t   # the pool comes back
-print(spinning, idle, tasks_spinning, tasks_idle, bool(torch.allclose(b, a @ a)))
+b = a @ a; tasks_back = len(os.listdir("/proc/self/task"))             # the pool comes back
+print(spinning, idle, tasks_spinning, tasks_idle, tasks_back, bool(torch.allclose(b, a @ a)))
 """
 
 
@@ -46,10 +46,11 @@ def test_an_idle_rank_lets_its_spinning_threads_go():
     out = subprocess.run([PY, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={"OMP_WAIT_POLICY": "ACTIVE", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
-    spinning, idle, tasks_spinning, tasks_idle, same = out.stdout.split()
+    spinning, idle, tasks_spinning, tasks_idle, tasks_back, same = out.stdout.split()
     assert float(spinning) > 0.2, "the OpenMP thread should spin while the rank is busy (ACTIVE)"
     assert float(idle) < 0.05, f"an idle rank still took {float(idle):.2f} s of CPU in 0.4 s"
-    assert int(tasks_idle) == int(tasks_spinning) - 1 and same == "True"
+    assert int(tasks_idle) == int(tasks_spinning) - 1, "the idle rank's OpenMP thread did not go"
+    assert int(tasks_back) == int(tasks_spinning) and same == "True", "the next matmul did not get its pool back"
 
 
 OMP_VARS = ("OMP_WAIT_POLICY", "OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY", *omp.LAUNCH_ENV,
