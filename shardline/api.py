@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, field_validator,
+                      model_validator)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardline import detok
@@ -44,6 +45,18 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def _a_number(v):
+    """JSON's numbers only: pydantic's lax mode would take false as 0 and "3" as 3, which the schema
+    (integer / number) refuses; 16.0 stays an integer, as JSON Schema has it."""
+    if isinstance(v, (bool, str)):
+        raise ValueError(f"{v!r} is not a number")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_a_number)]
+Float = Annotated[float, BeforeValidator(_a_number)]
+
+
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -53,19 +66,19 @@ class Sampling(BaseModel):
         # OpenAI's schema makes these fields nullable ("temperature": null = the default); clients send it.
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
+    temperature: Float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
     # OpenAI's schema admits 0 <= top_p <= 1 (and transformers' and llama.cpp's samplers take 0): 0 keeps
     # the likeliest token only, i.e. greedy whatever the temperature
-    top_p: float = Field(1.0, ge=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="extension: keep the k likeliest tokens (0 = off)")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    top_p: Float = Field(1.0, ge=0.0, le=1.0)
+    top_k: Int = Field(0, ge=0, description="extension: keep the k likeliest tokens (0 = off)")
+    seed: Int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the text")
 
 
 class GenerateBody(Sampling):
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
-    max_new_tokens: int = Field(32, ge=1, le=100_000)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (default) = greedy")
+    max_new_tokens: Int = Field(32, ge=1, le=100_000)
+    temperature: Float = Field(0.0, ge=0.0, le=2.0, description="0 (default) = greedy")
 
 
 class StreamOptions(BaseModel):
@@ -91,9 +104,9 @@ class OpenAIBody(Sampling):
         return data
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, le=100_000)
-    max_completion_tokens: int | None = Field(None, ge=1, le=100_000)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    max_tokens: Int | None = Field(None, ge=1, le=100_000)
+    max_completion_tokens: Int | None = Field(None, ge=1, le=100_000)
+    n: Int = Field(1, ge=1, le=1, description="only n=1 is supported")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -106,7 +119,7 @@ class CompletionBody(OpenAIBody):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         ..., description=f"a string, a list of token ids, or a list of up to {MAX_PROMPTS} of either (one choice each)")
     echo: StrictBool = False
-    max_tokens: int | None = Field(None, ge=0, le=100_000, description="0 only with echo: score the prompt")
+    max_tokens: Int | None = Field(None, ge=0, le=100_000, description="0 only with echo: score the prompt")
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="log probabilities of each token and of its k likeliest alternatives")
 

@@ -301,6 +301,13 @@ BAD = [
     ("top-k-negative", CMPL, {"prompt": "hi", "top_k": -1}, 400),
     ("seed-negative", CMPL, {"prompt": "hi", "seed": -1}, 400),
     ("seed-string", CMPL, {"prompt": "hi", "seed": "abc"}, 400),
+    # JSON's false and "3" are not numbers (pydantic's lax mode took them as 0 and 3; the fuzzer found seed)
+    ("seed-false", CHAT, {"messages": [{"role": "user", "content": ""}], "seed": False}, 400),
+    ("max-tokens-true", CMPL, {"prompt": "hi", "max_tokens": True}, 400),
+    ("n-true", CMPL, {"prompt": "hi", "n": True}, 400),
+    ("temperature-false", CMPL, {"prompt": "hi", "temperature": False}, 400),
+    ("top-k-numeric-string", CMPL, {"prompt": "hi", "top_k": "3"}, 400),
+    ("max-tokens-numeric-string", CMPL, {"prompt": "hi", "max_tokens": "4"}, 400),
     ("stop-five", CMPL, {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400),
     ("stop-empty-in-list", CMPL, {"prompt": "hi", "stop": [""]}, 400),
     ("stop-int", CMPL, {"prompt": "hi", "stop": 5}, 400),
