@@ -76,6 +76,7 @@ class GGUFSource:
         self.config = self._load_config()
         self._restore_rope_scaling()
         self._processor = self._tensor_processor()
+        self._orders: dict[str, np.ndarray | None] = {}      # _row_order's, per GGUF tensor name
         self._hf_to_gguf, self._shapes = self._name_map()
         self.tokenizer = self._load_tokenizer()
         self.generation_config = self._generation_config()
@@ -202,7 +203,13 @@ class GGUFSource:
 
     def _row_order(self, gguf_name: str, rows: int) -> np.ndarray | None:
         """The file-row index of each row transformers' processor gives (llama's q/k permutation undone),
-        found by processing the row numbers; None if the processor does anything but reorder rows."""
+        found by processing the row numbers; None if the processor does anything but reorder rows.
+        Found once per tensor (the planner asks int4_kind for every plan it weighs)."""
+        if gguf_name not in self._orders:
+            self._orders[gguf_name] = self._find_row_order(gguf_name, rows)
+        return self._orders[gguf_name]
+
+    def _find_row_order(self, gguf_name: str, rows: int) -> np.ndarray | None:
         scratch = {"tensors": {}}
         probe = np.arange(rows, dtype=np.float64).reshape(rows, 1)
         result = self._processor.process(weights=probe, name=gguf_name, parsed_parameters=scratch)

@@ -96,13 +96,8 @@ def spec_bytes(m: Model, spec: Spec, quant: dict | None) -> int:
         return numel + 4 * rows                                   # int8 codes, a float32 scale per row
     # int4: nibbles, a bf16 scale and a uint8 zero per group; a bf16 offset instead of the zero for the codes
     # of a GGUF's Q4_1/Q4_K matrices (file_int4)
-    zero = 2 if _file_int4_offsets(m, spec, quant) else 1
+    zero = 2 if _file_int4_kinds(m, spec, quant) & {"Q4_1", "Q4_K"} else 1
     return numel // 2 + (2 + zero) * (numel // quant["group_size"])
-
-
-def _file_int4_offsets(m: Model, spec: Spec, quant: dict) -> bool:
-    """Whether file_int4 stores this matrix with bf16 offsets (a source in Q4_1 or Q4_K)."""
-    return bool(_file_int4_kinds(m, spec, quant) & {"Q4_1", "Q4_K"})
 
 
 def _file_int4_kinds(m: Model, spec: Spec, quant: dict) -> set[str]:
