@@ -75,6 +75,12 @@ class ModelCost:
     # Bytes stage 0 reads per token (the LM head; an embedding lookup reads one row). None: estimated
     # from first_flops at the layers' bytes per weight, at most first_bytes.
     head_read_bytes: int | None = None
+    # The largest single tensor of the head's extras (embeddings, LM head) and of a layer: a GPU rank
+    # loads its shard a tensor at a time through host memory (shardline/models/linear.read_shard).
+    first_tensor_bytes: int = 0
+    layer_tensor_bytes: int = 0
+    # Quantized shards: the int8/int4 kernels are CPU kernels, so a board with a GPU computes on its CPU.
+    cpu_only: bool = False
 
 
 @dataclass
@@ -275,12 +281,19 @@ class _Res:
     gflops: float
     device: str
     assumed: bool
+    host_short: str = ""   # a GPU board whose host memory cannot load a stage: what it lacks
 
 
-def _resources(boards: list[Board], runtime_mb: float, headroom: float) -> tuple[list[_Res], list[str]]:
+def _resources(boards: list[Board], runtime_mb: float, headroom: float,
+               cost: ModelCost | None = None) -> tuple[list[_Res], list[str]]:
     notes, measured = [], []
+    cpu_only = cost is not None and cost.cpu_only
+    gpus = [b for b in boards if b.gpu] if not cpu_only else []
+    if cpu_only and any(b.gpu for b in boards):
+        notes.append(f"quantized shards run on the CPU kernels: {', '.join(b.name for b in boards if b.gpu)} "
+                     "compute on their CPU and hold their stage in host memory, not on the GPU")
     for b in boards:
-        src = b.gpu if b.gpu else {"gbps": b.gbps, "gflops": b.gflops}
+        src = b.gpu if b in gpus else {"gbps": b.gbps, "gflops": b.gflops}
         if src.get("gbps") and src.get("gflops"):
             measured.append((src["gbps"], src["gflops"]))
     if measured:
@@ -289,10 +302,16 @@ def _resources(boards: list[Board], runtime_mb: float, headroom: float) -> tuple
         fill = dict(NOMINAL)
     res = []
     unmeasured = []
-    for b in boards:
-        keep = 1.0 - headroom
-        if b.gpu:
-            host_ok = b.memory_mb * keep >= runtime_mb + CUDA_HOST_MB
+    for k, b in enumerate(boards):
+        keep, short = 1.0 - headroom, ""
+        if b in gpus:
+            largest = max(cost.layer_tensor_bytes, cost.first_tensor_bytes if k == 0 else 0) / MB if cost else 0.0
+            host_need = runtime_mb + CUDA_HOST_MB + largest
+            host_ok = b.memory_mb * keep >= host_need
+            if not host_ok:
+                short = (f"too little host memory for a GPU rank: it needs {host_need:.0f} MB of host memory (runtime "
+                         f"{runtime_mb:.0f} MB, CUDA {CUDA_HOST_MB} MB, its largest tensor {largest:.0f} MB on the way "
+                         f"to the GPU), it has {b.memory_mb:.0f} MB less {headroom:.0%} headroom")
             budget = (b.gpu["memory_mb"] * keep - CUDA_DEVICE_MB) * MB if host_ok else -1.0
             src, device, usable = b.gpu, "cuda", b.gpu["memory_mb"]
         else:
@@ -302,7 +321,7 @@ def _resources(boards: list[Board], runtime_mb: float, headroom: float) -> tuple
         if assumed:
             unmeasured.append(b.name)
         res.append(_Res(b.name, budget, usable, src.get("gbps") or fill["gbps"], src.get("gflops") or fill["gflops"],
-                        device, assumed))
+                        device, assumed, short))
     if unmeasured and measured:
         notes.append(f"speed not measured for {', '.join(unmeasured)}: assumed equal to the others' median "
                      f"({fill['gbps']:.1f} GB/s, {fill['gflops']:.0f} GFLOP/s), marked *")
@@ -440,6 +459,8 @@ def _build(m: _Model, res: list[_Res], ranges, hop: float, slots: int, max_conte
 def _left_out_reason(m: _Model, res: list[_Res], r: int, hop: float, plan_s: float, used: list[int],
                      runtime_mb: float) -> str:
     board = res[r]
+    if board.host_short:
+        return board.host_short
     one_layer = min(sum(m.memory(i, i + 1, False)) for i in range(m.n))
     if board.budget < one_layer:
         need = one_layer / MB + (runtime_mb if board.device == "cpu" else CUDA_DEVICE_MB)
@@ -479,7 +500,7 @@ def make_plan(boards, cost: ModelCost, slots: int, max_context: int, runtime_mb:
     if link_gbps <= 0:
         raise ValueError(f"link_gbps {link_gbps} must be above 0")
     m = _Model(cost, slots, max_context)
-    res, notes = _resources(boards, runtime_mb, headroom)
+    res, notes = _resources(boards, runtime_mb, headroom, cost)
     hop = _hop_seconds(cost, link_gbps)
     args = dict(slots=slots, max_context=max_context, runtime_mb=runtime_mb, headroom=headroom)
 
@@ -578,7 +599,7 @@ def _check_override(layers, n: int, boards: list[Board]) -> list[tuple[int, int]
 
 def _fits(boards, cost, slots, ctx, runtime_mb, headroom, link_gbps) -> Plan | None:
     m = _Model(cost, slots, ctx)
-    res, notes = _resources(boards, runtime_mb, headroom)
+    res, notes = _resources(boards, runtime_mb, headroom, cost)
     hop = _hop_seconds(cost, link_gbps)
     _, ranges = _solve(m, res, hop)
     if ranges is None:
@@ -600,14 +621,17 @@ def _refusal(boards, cost, m: _Model, res, hop, slots, max_context, runtime_mb, 
              quant_options) -> DoesNotFit:
     shard_mb = (m.lb[m.n] + cost.first_bytes) / MB
     kv_mb = m.kv_tokens * m.kv[m.n] / MB
-    runtime_total = runtime_mb * len(boards) + CUDA_HOST_MB * sum(1 for b in boards if b.gpu)
+    # a GPU board holds its stage in GPU memory; its host memory holds the runtime
+    runtime_total = sum(CUDA_DEVICE_MB if r.device == "cuda" else runtime_mb for r in res)
     needed = shard_mb + kv_mb + runtime_total
-    have = sum((b.gpu["memory_mb"] + b.memory_mb if b.gpu else b.memory_mb) * (1 - headroom) for b in boards)
+    have = sum(r.usable_mb * (1 - headroom) for r in res if not r.host_short)
     lines = [f"the model does not fit these {len(boards)} boards: it needs about {needed:.0f} MB "
              f"(weights {shard_mb:.0f} MB as held in memory, of which embeddings and head {cost.first_bytes / MB:.0f} MB; KV cache "
-             f"{kv_mb:.0f} MB for {slots} slots x {max_context} tokens; runtime {runtime_mb:.0f} MB per board), "
+             f"{kv_mb:.0f} MB for {slots} slots x {max_context} tokens; runtime {runtime_mb:.0f} MB per board"
+             f"{f', {CUDA_DEVICE_MB} MB of a GPU' if any(r.device == 'cuda' for r in res) else ''}), "
              f"and the boards have {have:.0f} MB after {headroom:.0%} headroom"]
-    if res[0].budget < cost.first_bytes:
+    lines += [f"{r.name}: {r.host_short}" for r in res if r.host_short]
+    if res[0].budget < cost.first_bytes and not res[0].host_short:
         lines.append(f"the head {boards[0].name} must hold the embeddings and LM head ({cost.first_bytes / MB:.0f} MB) but has room "
                      f"for {max(res[0].budget, 0) / MB:.0f} MB after the runtime and headroom")
     elif needed <= have:
@@ -656,9 +680,13 @@ def _refusal(boards, cost, m: _Model, res, hop, slots, max_context, runtime_mb, 
                 options.append({"option": f"{boards[k].name} as the head (first in the boards file / inventory)",
                                 "fits": True, "detail": f"it has {boards[k].memory_mb:.0f} MB"})
                 break
-        need_head = (cost.first_bytes / MB + runtime_mb) / (1 - headroom)
-        options.append({"option": f"a head with at least {need_head:.0f} MB", "fits": True,
-                        "detail": "the head holds the embeddings and LM head"})
+        if res[0].host_short:
+            options.append({"option": f"more host memory on {boards[0].name}", "fits": True,
+                            "detail": "see above: a GPU rank loads its stage through host memory"})
+        else:
+            need_head = (cost.first_bytes / MB + runtime_mb) / (1 - headroom)
+            options.append({"option": f"a head with at least {need_head:.0f} MB", "fits": True,
+                            "detail": "the head holds the embeddings and LM head"})
     if options:
         lines.append("what would make it fit:")
         lines.extend(f"  {o['option']}: {o['detail']}" for o in options)

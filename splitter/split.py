@@ -184,14 +184,19 @@ def model_cost(m: Model, quant: dict | None, wire_bytes: int = 4):
     """What the board planner (splitter/boards.py) needs, from the family and the source's shapes."""
     from splitter.boards import ModelCost
     c = m.fam.cost(m.config, m.tied)
-    layer_bytes = [sum(held_bytes(m, s, quant) for s in m.fam.specs(m.config, False, (i, i + 1), m.tied))
-                   for i in range(m.n_layers)]
+    layers = [[held_bytes(m, s, quant) for s in m.fam.specs(m.config, False, (i, i + 1), m.tied)]
+              for i in range(m.n_layers)]
     first = m.fam.specs(m.config, True, (0, 0), m.tied)
+    first_held = [held_bytes(m, s, quant) for s in first]
     head = next(s for s in first if s.name == ("lm_head.weight" if not m.tied else s.name) and s.matmul)
-    return ModelCost(n_layers=m.n_layers, layer_bytes=layer_bytes, layer_flops=[2.0 * c.layer_params] * m.n_layers,
+    return ModelCost(n_layers=m.n_layers, layer_bytes=[sum(b) for b in layers],
+                     layer_flops=[2.0 * c.layer_params] * m.n_layers,
                      kv_bytes_per_token=[4 * c.kv_per_token] * m.n_layers,
-                     first_bytes=sum(held_bytes(m, s, quant) for s in first), first_flops=2.0 * c.head_params,
-                     hidden_bytes=wire_bytes * c.hidden, head_read_bytes=held_bytes(m, head, quant))
+                     first_bytes=sum(first_held), first_flops=2.0 * c.head_params,
+                     hidden_bytes=wire_bytes * c.hidden, head_read_bytes=held_bytes(m, head, quant),
+                     first_tensor_bytes=max(first_held, default=0),
+                     layer_tensor_bytes=max((b for lb in layers for b in lb), default=0),
+                     cpu_only=bool(quant))
 
 
 def shard_bytes(m: Model, quant: dict | None) -> int:
@@ -206,7 +211,8 @@ def board_plan(m: Model, boards_file: Path, quant: dict | None, slots: int, max_
     from shardline.models import default_context
     from splitter.boards import load_boards, make_plan
     boards = load_boards(boards_file)
-    ctx = max_context or default_context(m.fam.context(m.config))
+    # as the stages do: a --max-context past the model's own is cut to it
+    ctx = min(max_context or default_context(m.fam.context(m.config)), m.fam.context(m.config))
     if previous is not None and (previous.get("slots"), previous.get("max_context")) == (slots, ctx):
         previous = {**{b["board"]: None for b in previous.get("left_out", [])},
                     **{st["board"]: tuple(st["layers"]) for st in previous["stages"]}}

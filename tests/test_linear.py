@@ -94,3 +94,20 @@ def test_padded_rows_give_the_unpadded_product_and_memory_stays_bounded(kernel):
         torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=2e-5)
     grew = (psutil.Process().memory_info().rss - before) / 2**20
     assert grew < 40, f"{grew:.0f} MiB for 256 row counts"
+
+
+def test_a_shard_goes_to_its_device_a_tensor_at_a_time(tmp_path):
+    """A GPU rank's shard never sits whole in host memory: read_shard puts each tensor on the device as
+    it reads it (the planner budgets a GPU board's host memory for one tensor, splitter/boards.py). The
+    meta device stands in for a GPU: nothing can be left on the host without showing."""
+    from safetensors.torch import save_file
+    embed, down = "model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"
+    t = {embed: torch.randn(100, 8), down: torch.randn(8, 16), "model.norm.weight": torch.ones(8)}
+    save_file(t, str(tmp_path / "stage_0.safetensors"))
+    host, head_host = linear.read_shard(tmp_path / "stage_0.safetensors", True, embed, "lm_head.weight", True)
+    meta, head_meta = linear.read_shard(tmp_path / "stage_0.safetensors", True, embed, "lm_head.weight", True,
+                                        device="meta")
+    assert sorted(host) == sorted(meta) == sorted(set(t) - {embed})          # the tied head is read transposed
+    assert all(v.device.type == "cpu" for v in host.values()) and torch.equal(head_host, t[embed].t())
+    assert all(v.device.type == "meta" and v.shape == host[n].shape for n, v in meta.items())
+    assert head_meta.device.type == "meta" and head_meta.shape == (8, 100)

@@ -27,12 +27,14 @@ def gpt2_cost(n_layer=6, d=768, vocab=50257, ctx=1024, bytes_per_weight=4.0) -> 
 
 
 def llama_cost(n_layer=22, d=2048, ffn=5632, kv_dim=256, vocab=32000, bytes_per_weight=4.0) -> ModelCost:
-    """TinyLlama-1.1B's shapes (GQA: 4 kv heads of 64), untied head."""
+    """TinyLlama-1.1B's shapes (GQA: 4 kv heads of 64), untied head; quantized below 4 bytes a weight."""
     layer = 2 * d * d + 2 * d * kv_dim + 3 * d * ffn + 2 * d
     return ModelCost(n_layers=n_layer, layer_bytes=[int(layer * bytes_per_weight)] * n_layer,
                      layer_flops=[2.0 * layer] * n_layer, kv_bytes_per_token=[2 * kv_dim * 4] * n_layer,
                      first_bytes=int(2 * vocab * d * bytes_per_weight) + d * 4, first_flops=2.0 * vocab * d,
-                     hidden_bytes=d * 4, head_read_bytes=int(vocab * d * bytes_per_weight))
+                     hidden_bytes=d * 4, head_read_bytes=int(vocab * d * bytes_per_weight),
+                     first_tensor_bytes=int(vocab * d * bytes_per_weight),
+                     layer_tensor_bytes=int(2 * ffn * d * bytes_per_weight), cpu_only=bytes_per_weight < 4)
 
 
 def pi(name, memory_mb=3800.0, gbps=4.0, gflops=20.0, **kw) -> Board:
@@ -245,6 +247,44 @@ def test_a_gpu_board_holds_its_stage_in_gpu_memory_at_gpu_speed():
     assert "cuda" in plan.table()
 
 
+def test_a_gpu_board_needs_host_memory_for_its_largest_tensor_and_is_told_so():
+    """A GPU rank loads its stage a tensor at a time through host memory: the runtime, CUDA's host
+    side and the largest tensor must fit there. A board short of it gets no layers, with that reason,
+    and the refusal (if it is the head) names host memory, not the GPU's."""
+    gpu = {"name": "RTX 4090", "memory_mb": 24000, "gbps": 900.0, "gflops": 80000.0}
+    head_tensor_mb = TINY.first_tensor_bytes / MB                                    # 250 MB
+    boards = [pi("pi5", 7800, gbps=8, gflops=40), pi("pc", 1000, gpu=gpu)]       # 900 MB < 350 + 600 + 88
+    plan = make_plan(boards, TINY, slots=4, max_context=2048)
+    assert [s.board for s in plan.stages] == ["pi5"]
+    reason = dict(plan.left_out)["pc"]
+    assert "host memory" in reason and "1038 MB" in reason and "1000 MB" in reason, reason
+    # enough host memory for a layer's tensor, not for the head's: the head is refused, naming host memory
+    need = 350 + 600 + head_tensor_mb
+    with pytest.raises(DoesNotFit) as info:
+        make_plan([pi("pc", need / 0.9 - 10, gpu=gpu), pi("pi5", 3800)], TINY, slots=4, max_context=2048)
+    msg = str(info.value)
+    assert f"pc: too little host memory for a GPU rank: it needs {need:.0f} MB" in msg, msg
+    assert "more host memory on pc" in msg and "room for 0 MB" not in msg, msg
+    assert info.value.have_mb == pytest.approx(3800 * 0.9), "a GPU board that cannot load adds no memory"
+    plan = make_plan([pi("pc", need / 0.9 + 10, gpu=gpu), pi("pi5", 3800)], TINY, slots=4, max_context=2048)
+    assert plan.stages[0].device == "cuda" and plan.stages[0].layers == (0, 22)
+
+
+def test_quantized_shards_on_a_gpu_board_are_planned_on_its_cpu():
+    """The int8/int4 kernels are CPU kernels (shardline/stage.pick_device runs a quantized stage on the
+    CPU), so a GPU board's stage must fit its host memory at its CPU's speed."""
+    gpu = {"name": "RTX 3060", "memory_mb": 12288, "gbps": 300.0, "gflops": 9000.0}
+    int8 = llama_cost(bytes_per_weight=1.0)
+    boards = [pi("pi5", 7800, gbps=8, gflops=40), pi("pc", 3000, gbps=8, gflops=40, gpu=gpu)]
+    plan = make_plan(boards, int8, slots=4, max_context=2048)
+    check_fits(plan, [pi("pi5", 7800), pi("pc", 3000)], int8)
+    assert all(s.device == "cpu" for s in plan.stages)
+    assert {s.board: s.memory_mb for s in plan.stages}.get("pc", 3000) == 3000
+    assert any("quantized shards run on the CPU kernels: pc" in n for n in plan.notes), plan.notes
+    float_plan = make_plan(boards, TINY, slots=4, max_context=2048)
+    assert {s.board: s.device for s in float_plan.stages}["pc"] == "cuda"
+
+
 def test_boards_without_a_measured_speed_count_as_equal_and_the_table_says_so():
     boards = [pi("a", 7800, gbps=8, gflops=40), Board("hand-written", 7800)]
     plan = make_plan(boards, TINY, slots=1, max_context=256)
@@ -358,6 +398,23 @@ def test_the_planner_counts_what_a_rank_holds_not_the_shard(head):
             assert held > spec_bytes(m, spec, quant) * 1.2
     cost = model_cost(m, quant)
     assert cost.layer_bytes[0] == sum(held_bytes(m, s, quant) for s in m.fam.specs(m.config, False, (0, 1), m.tied))
+
+
+def test_the_splitters_cost_names_the_largest_tensors_and_its_plan_the_models_context(tmp_path):
+    """What a GPU board's host memory must pass (the largest tensor of the ends and of a layer), that a
+    quantized cost is for the CPU kernels, and a --max-context past the model's own cut to it, as the
+    stages cut it (a plan charged for a cache no rank allocates refused boards that fit)."""
+    from splitter.split import board_plan, model_cost, open_model
+    m = open_model("HuggingFaceTB/SmolLM2-135M", random_weights=True)
+    c = model_cost(m, None)
+    d, vocab, inter = m.config.hidden_size, m.config.vocab_size, m.config.intermediate_size
+    assert c.first_tensor_bytes == vocab * d * 4 and c.layer_tensor_bytes == 2 * inter * d * 4   # gate_up
+    assert not c.cpu_only and model_cost(m, {"scheme": "int8", "group_size": 32, "head": "int8"}).cpu_only
+    boards = tmp_path / "boards.yml"
+    boards.write_text("- {name: a, memory_mb: 16000, gbps: 8, gflops: 40}\n")
+    ctx = m.config.max_position_embeddings
+    assert board_plan(m, boards, None, 1, 10 * ctx, None).max_context == ctx
+    assert board_plan(m, boards, None, 1, 256, None).max_context == 256
 
 
 def test_the_readmes_what_fits_table_is_what_splitter_fits_prints():

@@ -104,7 +104,7 @@ class Stage:
     @classmethod
     def load(cls, path: Path, config, layers, first: bool, slots: int, max_context: int | None,
              quant=None, tied: bool = True, device: torch.device | None = None) -> "Stage":
-        tensors, head_t = read_shard(path, first, WTE, HEAD, tied)
+        tensors, head_t = read_shard(path, first, WTE, HEAD, tied, device=device)
         return cls(config, tensors, tuple(layers), first, slots, max_context, head_t=head_t, quant=quant, tied=tied,
                    device=device)
 

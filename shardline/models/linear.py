@@ -148,7 +148,7 @@ def on_device(tensors: dict[str, torch.Tensor], head_t: torch.Tensor | None, dev
     return device, tensors, head_t
 
 
-def read_shard(path, first: bool, embed: str, head: str, tied: bool, transpose=None):
+def read_shard(path, first: bool, embed: str, head: str, tied: bool, transpose=None, device=None):
     """(tensors, head_t): a shard's tensors, each in its own aligned allocation, with stage 0's float
     head matrix read straight into its transposed form. The file is opened per tensor: safetensors
     memory-maps it, its tensors are views into that one mapping (unaligned, and keeping every page
@@ -156,7 +156,9 @@ def read_shard(path, first: bool, embed: str, head: str, tied: bool, transpose=N
     one copy of its shard, not the shard plus a mapped one, and no kernel needs to realign a copy.
     transpose(name) -> True: keep that [out, in] matrix as a contiguous [in, out] one (read transposed,
     no second copy): for one row, x @ W with W [in, out] reads memory 1.3-1.5x faster than F.linear on
-    [out, in] (measured on the dev VM, 30 SmolLM2-sized matrices, out of cache)."""
+    [out, in] (measured on the dev VM, 30 SmolLM2-sized matrices, out of cache).
+    device: a GPU takes each tensor as it is read, so host memory holds one tensor at a time, never
+    the shard (splitter/boards.py plans a GPU board's host memory for its largest tensor)."""
     from safetensors import safe_open
 
     from shardline.stage import read_transposed
@@ -172,6 +174,7 @@ def read_shard(path, first: bool, embed: str, head: str, tied: bool, transpose=N
             src = f.get_tensor(n)
             if transpose is not None and src.ndim == 2 and transpose(n):
                 src = src.t()
-            tensors[n] = torch.empty(src.shape, dtype=src.dtype).copy_(src)
+            tensors[n] = torch.empty(src.shape, dtype=src.dtype, device=device).copy_(src)
             del src
-    return tensors, (read_transposed(path, name) if skip else None)
+    head_t = read_transposed(path, name) if skip else None
+    return tensors, (head_t if head_t is None or device is None else head_t.to(device))

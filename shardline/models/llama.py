@@ -179,7 +179,8 @@ class Stage:
         # (x @ W, read transposed), oneDNN the stored [out, in] (measured: shardline/models/linear.py).
         io = fp32_matmul() == "aten"
         tensors, head_t = read_shard(path, first, EMBED, HEAD, tied,
-                                     transpose=(lambda n: n.endswith("_proj.weight")) if io else None)
+                                     transpose=(lambda n: n.endswith("_proj.weight")) if io else None,
+                                     device=device)
         return cls(config, tensors, tuple(layers), first, slots, max_context, head_t=head_t, quant=quant, tied=tied,
                    device=device, transposed=io)
 
