@@ -2,7 +2,7 @@
 
 Header: [kind, step, flags, n_seqs, rows, cols, (slot, start, n) * n_seqs]; its length varies with
 n_seqs and the receive buffer is sized for MAX_SEQS, so a decode hop of one sequence costs
-9 * 4 = 36 header bytes plus hidden_size * 4 payload bytes. Payloads go by buffer (upper-case
+9 * 4 = 36 header bytes plus hidden_size * 4 payload bytes (* 2 under a 16-bit --wire-dtype). Payloads go by buffer (upper-case
 Isend/Recv), never pickled. All sends are non-blocking so a ring of large (rendezvous) messages
 cannot deadlock; a Link keeps each buffer alive until its send completes.
 """
@@ -111,7 +111,7 @@ class Link:
         header = encode_header(msg)
         self.pending.append((self.comm.Isend(header, dest=self.next, tag=TAG_HEADER), (header,)))
         self.bytes_sent += header.nbytes
-        if msg.payload is not None:
+        if msg.payload is not None and msg.payload.shape[0]:     # as _poll: a payload of no rows is not sent
             payload = np.ascontiguousarray(msg.payload, dtype=payload_dtype(msg))
             self.pending.append((self.comm.Isend(payload, dest=self.next, tag=TAG_PAYLOAD), (payload,)))
             self.bytes_sent += payload.nbytes

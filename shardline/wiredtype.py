@@ -5,6 +5,12 @@ back to float32 just after it, so float16/bfloat16 halve the bytes per hop (slow
 cost of rounding the hidden state once per hop. The type travels in the header's flags (bits 8-9),
 so a receiver sizes its buffer from the header alone. NumPy has no bfloat16: it travels as its raw
 16 bits (uint16) and is reinterpreted on receipt.
+
+float16 ends at +-65504. Some models' residual streams hold a few far larger values ("massive
+activations"); cast as they are, those would travel as inf, and the next norm would turn every logit
+after them into NaN. They are clamped to float16's range instead (the next RMS/layer norm divides by
+the row's scale, which such a value dominates either way); bfloat16 keeps float32's range and needs no
+clamp, so it is the type to pick for such models.
 """
 from __future__ import annotations
 
@@ -38,8 +44,10 @@ def encode(x: torch.Tensor, flags: int) -> np.ndarray:
     c = (flags >> SHIFT) & MASK
     if c == 0:
         return x.numpy()
-    y = x.to(TORCH[c])
-    return (y.view(torch.uint16) if c == 2 else y).numpy()
+    if c == 1:
+        big = torch.finfo(torch.float16).max
+        return x.clamp(-big, big).to(torch.float16).numpy()
+    return x.to(torch.bfloat16).view(torch.uint16).numpy()
 
 
 def decode(payload: np.ndarray, flags: int) -> torch.Tensor:

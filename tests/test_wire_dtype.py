@@ -47,6 +47,21 @@ def bytes_sent(url: str) -> list[float]:
     return [rows[k] for k in sorted(rows)]
 
 
+@pytest.mark.parametrize("name", DTYPES)
+def test_a_hop_keeps_large_activations_finite(name):
+    """A residual stream's outliers past float16's 65504 cross a float16 hop clamped, not as inf (which
+    the next norm would make NaN); bfloat16 and float32 carry them as they are."""
+    from shardline import wiredtype
+    x = torch.tensor([[70000.0, -1e5, 3e38, 1.5, -0.25, 65504.0]])
+    flags = wiredtype.flags_of(name)
+    y = wiredtype.decode(wiredtype.encode(x, flags).copy(), flags)
+    assert y.dtype == torch.float32 and y.shape == x.shape and torch.isfinite(y).all(), y
+    if name == "float16":
+        assert y.tolist() == [[65504.0, -65504.0, 65504.0, 1.5, -0.25, 65504.0]]
+    else:
+        assert torch.allclose(y, x, rtol=1e-2 if name == "bfloat16" else 0.0, atol=0.0), y
+
+
 def test_health_names_the_wire_dtype(server):
     dtype, s = server
     assert web.get(s.url + "/health").json()["wire_dtype"] == dtype

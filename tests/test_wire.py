@@ -1,0 +1,38 @@
+"""The ring's message protocol (shardline/wire.py) over a real MPI link: a rank sending to itself
+(COMM_SELF, a singleton MPI process), so headers and payloads pair up exactly as between boards."""
+from __future__ import annotations
+
+import subprocess
+
+from tests.helpers import PY, ROOT, mpi_env
+
+SCRIPT = r"""
+import time
+import numpy as np
+from mpi4py import MPI
+from shardline import wire
+link = wire.Link(MPI.COMM_SELF, 0, 0)
+x = np.arange(12, dtype=np.float32).reshape(2, 6)
+link.send(wire.Message(wire.STATS, 1, 0, [], np.zeros((0, 8), np.float64)))   # a payload of no rows
+link.send(wire.Message(wire.FORWARD, 2, 0, [wire.Seq(0, 0, 2)], x))
+got, t0 = [], time.monotonic()
+while len(got) < 2 and time.monotonic() - t0 < 20:
+    m = link.poll()
+    if m is not None:
+        got.append(m)
+assert [(m.kind, m.step) for m in got] == [(wire.STATS, 1), (wire.FORWARD, 2)], got
+assert got[0].payload is None
+assert got[1].payload.tolist() == x.tolist(), got[1].payload
+print("ok", link.bytes_sent, link.bytes_recv)
+"""
+
+
+def test_a_payload_of_no_rows_does_not_shift_the_payloads_after_it():
+    """The receiver takes a payload only when the header announces rows; a sender that sent an empty
+    one anyway left it queued, and the next message's Recv matched it: that message's payload was
+    never filled (garbage activations for the next hop)."""
+    out = subprocess.run([str(PY), "-c", SCRIPT], cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
+    sent, recv = map(int, out.stdout.split()[1:])
+    assert sent == recv == 4 * (6 + 6 + 3) + 2 * 6 * 4          # two headers, one 2x6 float32 payload
