@@ -354,7 +354,13 @@ class Engine:
             with torch.inference_mode():
                 logits = self.stage.head(x[[row for _, row in sampling]])    # [B, vocab]
             greedy = logits.argmax(-1).tolist()
+            finite = torch.isfinite(logits).all(-1).tolist()
             for j, (r, _) in enumerate(sampling):
+                if not finite[j]:       # argmax would pick a NaN's index: made-up text, not an answer
+                    self._finish(r, "error", "the model's logits for this sequence are not finite (NaN or inf): "
+                                 "the weights or the activations are broken (a damaged or mis-converted model?); "
+                                 "check the model with transformers")
+                    continue
                 try:
                     tok = greedy[j] if r.params.temperature == 0 else sample(logits[j], r.params, r.gen)
                     if r.logprobs is not None and tok not in self.stop_ids:

@@ -11,7 +11,11 @@ class SamplingParams:
     temperature: float = 1.0   # 0 = greedy
     top_k: int = 0             # 0 = off
     top_p: float = 1.0         # 1 = off; 0 = the likeliest token only (greedy)
-    seed: int | None = None    # same seed, same prompt, same params -> same text
+    # Same seed, prompt and params: the same random draws. The same text too, almost always: the logits
+    # themselves can differ in the last bits with the other requests batched beside it (the kernels sum
+    # in another order; measured up to 3e-6), which can change a draw that falls on a boundary. Best
+    # effort, as OpenAI documents its seed.
+    seed: int | None = None
 
     def generator(self) -> torch.Generator | None:
         if self.temperature == 0:

@@ -184,6 +184,24 @@ def test_a_request_whose_text_fails_ends_alone(ring, monkeypatch):
     assert sorted(engine.free_slots) == list(range(engine.slots))
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_nan_logits_end_the_request_with_an_error_not_made_up_text(ring, monkeypatch, temperature):
+    """argmax over a row with a NaN returns the NaN's index, so a broken model (or activations) would
+    stream made-up tokens as if all were well. The request ends with an error that says why; the
+    engine serves on."""
+    engine, tok = ring
+    head = engine.stage.head
+    monkeypatch.setattr(engine.stage, "head", lambda x: torch.full_like(head(x), float("nan")))
+    ids = tok("the cat sat on")["input_ids"]
+    bad = engine.submit(Request(ids, 8, SamplingParams(temperature=temperature, seed=1)))
+    assert bad.done.wait(60)
+    assert bad.finish_reason == "error" and "not finite (NaN or inf)" in bad.error and bad.generated == []
+    monkeypatch.setattr(engine.stage, "head", head)
+    assert run(engine, ids, 8)[0].finish_reason == "length" and not engine.failed
+    settled(engine)
+    assert sorted(engine.free_slots) == list(range(engine.slots))
+
+
 def test_a_long_prompt_takes_turns_with_the_streams(tiny_model_dir):
     """A prompt prefilled in chunks shares each micro-batch's token budget with the sequences decoding:
     they get a token every step meanwhile. (A request not yet sampled used to sort first every step and
