@@ -18,8 +18,11 @@ fitted part and the held-out part are teacher-forced through:
     activations (what the aarch64 NEON path computes);
   - dynamic int8 (torch.ao quantized.linear_dynamic: activations quantized per tensor), a kernel
     candidate measured by bench/kernels.py;
-  - wire: the fp32 model with the hidden state rounded to fp16 / bf16 between layers 1|2 and 3|4 (what
-    `--wire-dtype` does at two stage boundaries of a 3-rank split).
+  - wire: the fp32 model with the hidden state sent through shardline.wiredtype.encode/decode (fp16,
+    clamped to its range, or bf16) at every hop of the splitter's 3-rank plan for this model: into
+    stage 1, into stage 2, and back to rank 0 before the final norm (what `--wire-dtype` does; with
+    this model's plan, stage 0 holding the embedding and head only, that is the embedding's output,
+    the output of layer 2 of 4 and of layer 4).
 
 For each: top-1 agreement with fp32, mean KL(fp32 || variant) in nats, and perplexity on the text.
 """
@@ -182,18 +185,37 @@ def dynamic_int8(model):
     return m
 
 
-def wire_rounded(model, dtype: torch.dtype, after_layers=(1, 3)):
-    """The fp32 model with the hidden state round-tripped through dtype after these layers."""
+def three_rank_plan(model, stages: int = 3) -> list[tuple[int, int]]:
+    """The layer ranges the splitter's plan gives this model on `stages` ranks (float32 costs: a
+    layer's matmul parameters, stage 0 also the LM head), so that the wire variants round where the
+    pipeline's hops really are rather than at boundaries picked by hand."""
+    from splitter.plan import plan_layers
+    layer = sum(m.weight.numel() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    return plan_layers(len(model.model.layers), stages, layer, model.lm_head.weight.numel())
+
+
+def wire_rounded(model, dtype: torch.dtype, stages: int = 3):
+    """The fp32 model with the hidden state round-tripped through the wire type at every hop of a
+    `stages`-rank split: into each worker stage's first layer, and into the final norm (the last
+    worker's output travels back to rank 0, which holds the norm and the head). The rounding is
+    shardline.wiredtype's own encode/decode, so float16's clamp to +-65504 is included."""
+    from shardline import wiredtype
     m = copy.deepcopy(model)
+    flags = wiredtype.flags_of({torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype])
 
-    def hook(_mod, _inp, out):
-        if isinstance(out, tuple):
-            return (out[0].to(dtype).float(), *out[1:])
-        return out.to(dtype).float()
+    def hop(x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1, x.shape[-1]).contiguous()
+        return wiredtype.decode(wiredtype.encode(flat, flags), flags).reshape(x.shape)
 
-    for i in after_layers:
-        if i < len(m.model.layers) - 1:
-            m.model.layers[i].register_forward_hook(hook)
+    def pre_hook(_mod, args, kwargs):
+        if args:
+            return (hop(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hop(kwargs["hidden_states"])}
+
+    ranges = three_rank_plan(m, stages)
+    for a, _ in ranges[1:]:
+        m.model.layers[a].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    m.model.norm.register_forward_pre_hook(pre_hook, with_kwargs=True)
     return m
 
 
@@ -247,8 +269,11 @@ def variants(model, groups):
     yield f"int4 g{g0} kernel fp32-act", "QLinear with fp32 activations (the aarch64 path)", \
         lambda: kernel_quantized(model, "int4", g0, torch.float32)
     yield "int8 dynamic (fbgemm/qnnpack)", "quantized.linear_dynamic: int8 activations per tensor", lambda: dynamic_int8(model)
-    yield "wire fp16", "fp32 model, hidden state as fp16 after layers 1 and 3", lambda: wire_rounded(model, torch.float16)
-    yield "wire bf16", "fp32 model, hidden state as bf16 after layers 1 and 3", lambda: wire_rounded(model, torch.bfloat16)
+    hops = ", ".join(f"into layers {a}-{b - 1}" for a, b in three_rank_plan(model)[1:]) + ", into the final norm"
+    yield "wire fp16", f"fp32 model, hidden state through wiredtype fp16 at each 3-rank hop ({hops})", \
+        lambda: wire_rounded(model, torch.float16)
+    yield "wire bf16", f"fp32 model, hidden state through wiredtype bf16 at each 3-rank hop ({hops})", \
+        lambda: wire_rounded(model, torch.bfloat16)
 
 
 def main(argv=None) -> int:

@@ -5,9 +5,10 @@
 A worker in its own process, so its peak RSS is the model's alone and the benchmark can interleave
 its requests with the pipeline's (both then see the same noise on a shared machine). Greedy, KV cache
 on. A streamer stamps the time of every token, so time to first token and the decode rate come from
-the same generate call. Commands, one JSON object per line:
+the same generate call. Both are counted from the first token that adds text (first_text_index), the
+moment the pipeline's client sees its first text chunk, so both sides time the same tokens. Commands, one JSON object per line:
 
-    {"op": "run", "prompt": "...", "max_tokens": 64}    -> tokens, seconds, ttft_s, decode_s, text, ...
+    {"op": "run", "prompt": "...", "max_tokens": 64}    -> tokens, seconds, ttft_s, decode_s, text, ids, ...
     {"op": "batched", "prompts": [...], "max_tokens": 64} -> one generate over all prompts (a reference)
     {"op": "stats"}                                      -> peak RSS, CPU seconds, load time
 The first line it writes is {"ready": true, ...} once the model is loaded and warm. Any family
@@ -51,6 +52,26 @@ def count_tokens(row: list[int], eos: int) -> int:
     return row.index(eos) if eos in row else len(row)
 
 
+def first_text_index(backend, prompt_ids: list[int], ids: list[int]) -> int:
+    """The index of the first generated id that adds text after the prompt, by the server's own rule
+    (shardline.detok.TextStream seeded with the prompt): a lone byte of a multi-byte character adds
+    none, so the pipeline's client sees its first text chunk only with a later token. len(ids) when
+    none adds text."""
+    from shardline.detok import TextStream
+    stream = TextStream(backend, prompt_ids)
+    return next((i for i, t in enumerate(ids) if stream.step(t)), len(ids))
+
+
+def text_timing(times: list[float], t_start: float, t_end: float, n: int, k: int) -> dict:
+    """TTFT and decode from the streamer's stamps, counted from token k (the first that adds text):
+    decode_tokens = n - 1 - k over the time from token k to token n - 1, the rule the pipeline's
+    client follows with SSE chunks. ttft_token_s keeps the time to the first token itself."""
+    last = times[n - 1] if 0 < n <= len(times) else t_end
+    first = times[k] if k < n and k < len(times) else last
+    return {"ttft_s": first - t_start, "ttft_token_s": (times[0] if times else t_end) - t_start,
+            "decode_s": last - first, "decode_tokens": max(n - 1 - k, 0), "first_text_index": k}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.baseline")
     ap.add_argument("--hf", type=Path, required=True, help="save_pretrained directory (model + tokenizer)")
@@ -85,13 +106,13 @@ def main(argv=None) -> int:
         t_start = time.perf_counter()
         out = generate(enc, max_tokens, stamps)
         t_end = time.perf_counter()
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        prompt_ids = enc["input_ids"][0].tolist()
+        new = out[0, len(prompt_ids):].tolist()
         n = count_tokens(new, eos)
-        first = stamps.times[0] if stamps.times else t_end
-        last = stamps.times[n - 1] if 0 < n <= len(stamps.times) else t_end
-        return {"prompt_tokens": int(enc["input_ids"].shape[1]), "tokens": n, "seconds": t_end - t_start,
-                "ttft_s": first - t_start, "decode_s": last - first,
-                "text": tok.decode(new[:n], skip_special_tokens=True)}
+        k = first_text_index(tok.backend_tokenizer, prompt_ids, new[:n])
+        return {"prompt_tokens": len(prompt_ids), "tokens": n, "seconds": t_end - t_start,
+                **text_timing(stamps.times, t_start, t_end, n, k),
+                "text": tok.decode(new[:n], skip_special_tokens=True), "ids": new[:n]}
 
     def batched(prompts: list[str], max_tokens: int) -> dict:
         tok.pad_token, tok.padding_side = tok.eos_token, "left"

@@ -2,9 +2,11 @@
 
 Each of N clients sends its share of a fixed list of requests one after another; the level's
 aggregate is all completion tokens over the wall time from the first send to the last finish.
-Time to first token is when the first text chunk arrives; decode rate is (tokens - 1) over the
-time from that chunk to the one that carries finish_reason. Bounded: a fixed number of requests,
-each with a timeout.
+Time to first token is when the first text chunk arrives; the decode clock runs from that chunk to
+the one that carries finish_reason. A token that ends inside a multi-byte character shows no text, so
+the first text chunk may come with token k+1 rather than token 1: the decode count is then
+tokens - 1 - k (bench/run.py sets it from first_text_index, the same rule as the baseline's).
+Bounded: a fixed number of requests, each with a timeout.
 """
 from __future__ import annotations
 
@@ -70,6 +72,18 @@ async def _level(url: str, prompts: list[str], clients: int, total: int, max_tok
         await asyncio.gather(*(worker(c) for c in range(clients)))
         wall = time.perf_counter() - t0
     return [r for r in results if r is not None], wall
+
+
+def first_text_index(url: str, prompt: str, max_tokens: int, timeout: float = 180.0) -> int:
+    """The index of the first generated token that adds text, as the server's own stream spells it:
+    one untimed, non-streamed greedy request with logprobs, whose `tokens` are exactly the pieces the
+    stream sends (shardline/detok.py). Asked only when a run's text differs from the baseline's, whose
+    token ids then cannot stand in for the pipeline's. len(tokens) when none adds text."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 0}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=timeout)
+    r.raise_for_status()
+    pieces = r.json()["choices"][0]["logprobs"]["tokens"]
+    return next((i for i, piece in enumerate(pieces) if piece), len(pieces))
 
 
 def run_level(url: str, prompts: list[str], clients: int, total: int, max_tokens: int,
