@@ -47,14 +47,38 @@ def completion(server, **body) -> dict:
     return r.json()
 
 
-def check_top(top: dict, row: torch.Tensor, k: int, chosen: str, chosen_lp: float) -> None:
-    """A top_logprobs dict holds the k likeliest tokens' log probabilities (two tokens that would add the
-    same text share a key, with the likelier one's value) and the chosen token under its spelling in
-    `tokens`, so a client can look it up there."""
-    vals = row.topk(k).values.tolist()
-    assert abs(max(top.values()) - vals[0]) <= TOL, (top, vals)
-    assert all(any(abs(v - w) <= TOL for w in vals + [chosen_lp]) for v in top.values()), (top, vals, chosen_lp)
-    assert chosen in top and top[chosen] >= chosen_lp - TOL and len(top) <= k + 1, (chosen, top)
+def texts_after(tok, context: list[int], ids: list[int]) -> list[str]:
+    """The text each of ids adds after context, by the API's rule (shardline.detok.added_text: the
+    context less an unfinished character at its end, so a byte that continues it shows the character)."""
+    from shardline.detok import added_text
+    return [added_text(tok, [i], context, skip_special_tokens=False) for i in ids]
+
+
+def check_top(top: dict, row: torch.Tensor, k: int, chosen: str, chosen_lp: float, tok, context: list[int],
+              chosen_id: int) -> None:
+    """A top_logprobs dict holds exactly the k likeliest tokens, each under the text it would add after
+    context (two tokens that would add the same text share a key, with the likelier one's value), and
+    the chosen token (chosen_id) under its spelling in `tokens`, so a client can look it up there (a
+    byte of an unfinished character adds "" there, where alone it would show U+FFFD). A token within
+    TOL of the k-th likeliest may stand in for it (the two sides round differently)."""
+
+    def names(ids):
+        return [chosen if i == chosen_id else t for i, t in zip(ids, texts_after(tok, context, ids))]
+    order = row.argsort(descending=True)
+    kth = row[order[k - 1]].item()
+    required = [i for i in order[:k].tolist() if row[i].item() > kth + TOL]
+    allowed = [i for i in order[:k + 8].tolist() if row[i].item() >= kth - TOL]
+    best = {}                                    # text -> the likeliest value among the allowed ids
+    for i, name in zip(allowed, names(allowed)):
+        best.setdefault(name, row[i].item())
+    must = set(names(required)) | {chosen}
+    assert must <= set(top) <= set(best) | {chosen}, (sorted(top), sorted(must), sorted(best))
+    assert len(top) >= min(k, len(best)), (top, best)
+    for name, v in top.items():
+        want = chosen_lp if name == chosen and name not in best else best[name]
+        assert abs(v - want) <= TOL, (name, v, want)
+    assert abs(max(top.values()) - row[order[0]].item()) <= TOL, (top, row[order[0]])
+    assert abs(top[chosen] - max(chosen_lp, best.get(chosen, chosen_lp))) <= TOL, (chosen, top, chosen_lp)
 
 
 @pytest.mark.parametrize("k", [0, 1, 5])
@@ -79,7 +103,7 @@ def test_echo_scores_the_prompt_like_transformers(server, ref, k):
         if k == 0:
             assert top == {lp["tokens"][j]: lp["token_logprobs"][j]}
         else:
-            check_top(top, want[j - 1], k, lp["tokens"][j], lp["token_logprobs"][j])
+            check_top(top, want[j - 1], k, lp["tokens"][j], lp["token_logprobs"][j], tok, ids[:j], ids[j])
 
 
 def test_a_prompt_of_the_whole_context_is_scored_in_chunks(server, ref):
@@ -131,7 +155,7 @@ def test_generated_tokens_carry_their_logprobs(server, ref, tiny_model_dir):
     expected = want[torch.arange(len(gen)), torch.tensor(gen)]
     assert (torch.tensor(lp["token_logprobs"]) - expected).abs().max().item() <= TOL
     for j, top in enumerate(lp["top_logprobs"]):
-        check_top(top, want[j], 3, lp["tokens"][j], lp["token_logprobs"][j])
+        check_top(top, want[j], 3, lp["tokens"][j], lp["token_logprobs"][j], tok, ids + gen[:j], gen[j])
         assert max(top.values()) == lp["token_logprobs"][j]        # greedy: the chosen is the likeliest
 
 

@@ -25,11 +25,24 @@ def _run(parts, ranks, tmp_path, prompts, score):
                          max_batch_tokens=16, sequential=True)
 
 
+def kernel_rounding(model, act: torch.dtype):
+    """Give every matmul of a transformers model the rounding the stage's weight-only kernels apply:
+    activations enter in act (bf16 on x86) and the product leaves in it. With the weights replaced by
+    their dequantized codes, what is left between the two sides is the kernels' summation order."""
+    if act == torch.float32:
+        return
+    from transformers.pytorch_utils import Conv1D
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, Conv1D)):
+            m.register_forward_pre_hook(lambda _m, a: (a[0].to(act).float(),))
+            m.register_forward_hook(lambda _m, _a, y: y.to(act).float())
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantized_split_is_exact_and_matches_the_same_maths_in_one_process(scheme, fitted, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shardline.quant import dequantize, quantize
+    from shardline.quant import default_act_dtype, dequantize, quantize
     ids = AutoTokenizer.from_pretrained(fitted)(TEXT)["input_ids"]
     prompts, score = [ids[:6], ids[50:90], ids[120:121]], ids[:48]
     one = _run(split(fitted, 1, tmp_path / "p1", "--quantize", scheme), 1, tmp_path, prompts, score)
@@ -40,17 +53,21 @@ def test_quantized_split_is_exact_and_matches_the_same_maths_in_one_process(sche
     assert torch.equal(torch.tensor(three["logits"]), torch.tensor(one["logits"]))
 
     # The same quantized maths in one process: transformers with every matmul weight replaced by its
-    # dequantized codes (the stage feeds x86's kernels bf16 activations, so allow that rounding).
+    # dequantized codes, rounded as the kernels round.
+    act = default_act_dtype()
     model = AutoModelForCausalLM.from_pretrained(fitted).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:    # under int4 the (tied) embedding/head is int8 by default
                 s = "int8" if "embed_tokens" in name else scheme
-                p.copy_(dequantize(quantize(p.detach(), s), s))
+                p.copy_(dequantize(quantize(p.detach(), s), s, act))
+        kernel_rounding(model, act)
         ref = model(torch.tensor([score])).logits[0]
     got = torch.tensor(one["logits"])
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.95
-    assert (got - ref).abs().max().item() < 0.25 * ref.abs().max().item()
+    # measured on x86 (bf16 activations): every argmax equal, the largest difference 0.5-0.6 % of the
+    # largest logit; before the reference rounded as the kernels do, the bound had to be 25 %
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.97      # at most 1 of 48 near-ties
+    assert (got - ref).abs().max().item() < 0.02 * ref.abs().max().item()
 
 
 def _corrupt(parts, edit):
@@ -132,7 +149,7 @@ def test_gpt2_quantizes_its_position_table_and_the_split_stays_exact(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from shardline.manifest import load_manifest
-    from shardline.quant import QLinear, dequantize, quantize
+    from shardline.quant import QLinear, default_act_dtype, dequantize, quantize
     from shardline.stage import load_stage
     from splitter.random_model import build_tokenizer, random_model
     cfg = GPT2Config(n_layer=4, n_embd=64, n_head=4, n_positions=128, vocab_size=600, bos_token_id=599,
@@ -154,15 +171,18 @@ def test_gpt2_quantizes_its_position_table_and_the_split_stays_exact(tmp_path):
     assert b["greedy"] == a["greedy"]
     assert torch.equal(torch.tensor(b["logits"]), torch.tensor(a["logits"]))
 
+    act = default_act_dtype()
     model = GPT2LMHeadModel.from_pretrained(tmp_path / "model").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:   # Conv1D weights are [in, out]: quantized as [out, in], like the splitter
                 s = "int8" if name.endswith(("wte.weight", "wpe.weight")) else "int4"
                 w = p.detach() if "wte" in name or "wpe" in name else p.detach().t()
-                d = dequantize(quantize(w.contiguous(), s), s, torch.bfloat16)
+                d = dequantize(quantize(w.contiguous(), s), s, act)
                 p.copy_(d if "wte" in name or "wpe" in name else d.t())
+        kernel_rounding(model, act)
         ref = model(torch.tensor([score])).logits[0]
     got = torch.tensor(a["logits"])
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
-    assert (got - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+    # measured: every argmax equal, the largest difference 0.4 % of the largest logit (was bounded at 10 %)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.97      # at most 1 of 40 near-ties
+    assert (got - ref).abs().max().item() < 0.02 * ref.abs().max().item()
