@@ -284,6 +284,8 @@ class Health(BaseModel):
 
 ERRORS = {"4XX": {"model": ErrorBody, "description": "a bad request (400), a missing or wrong API key (401), an "
                   "unknown model (404), a body over the limit (413)"},
+          500: {"model": ErrorBody, "description": "this request failed on its own (its sampling, its text, or "
+                "non-finite logits from a broken model); others go on, and retrying it fails again"},
           503: {"model": ErrorBody, "description": "busy (the queue is full), shutting down, or a rank failed; "
                 "see Retry-After"}}
 # With stream: true, server-sent events; the schema is one event's (OpenAPI 3.1 has no itemSchema yet).
@@ -466,6 +468,8 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                 if await http.is_disconnected():
                     engine.cancel(req)
                     raise APIError(499, "client disconnected")
+        if req.error and req.error_internal:          # this request's own failure: a retry meets it again
+            raise APIError(500, req.error, "server_error")
         if req.error:
             raise APIError(503, req.error, "service_unavailable", headers={"Retry-After": "5"})
 
@@ -591,7 +595,7 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
                     yield sse(chunk(delta, None))
                     continue
                 if req.error:
-                    yield sse(error_body(req.error, "service_unavailable"))
+                    yield sse(error_body(req.error, "server_error" if req.error_internal else "service_unavailable"))
                 else:
                     yield sse(chunk("", req.finish_reason))
                     if include_usage:

@@ -82,6 +82,9 @@ class Request:
     emitted: int = 0                  # characters of text already passed to on_text
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     error: str | None = None
+    # the error is this request's own (its sampling, its text, its logits), which a retry meets again,
+    # rather than the service's (a dead rank, a stop): the API answers 500, not 503 with Retry-After
+    error_internal: bool = False
     cancelled: bool = False
     in_flight: bool = False
     logits: list[torch.Tensor] = field(default_factory=list)
@@ -354,12 +357,12 @@ class Engine:
             with torch.inference_mode():
                 logits = self.stage.head(x[[row for _, row in sampling]])    # [B, vocab]
             greedy = logits.argmax(-1).tolist()
-            finite = torch.isfinite(logits).all(-1).tolist()
+            finite = torch.isfinite(logits.sum(-1)).tolist()     # a NaN or inf carries into its row's sum
             for j, (r, _) in enumerate(sampling):
                 if not finite[j]:       # argmax would pick a NaN's index: made-up text, not an answer
                     self._finish(r, "error", "the model's logits for this sequence are not finite (NaN or inf): "
                                  "the weights or the activations are broken (a damaged or mis-converted model?); "
-                                 "check the model with transformers")
+                                 "check the model with transformers", internal=True)
                     continue
                 try:
                     tok = greedy[j] if r.params.temperature == 0 else sample(logits[j], r.params, r.gen)
@@ -367,7 +370,7 @@ class Engine:
                         r.token_logprobs.append(top_logprobs(logits[j:j + 1], [tok], r.logprobs)[0])
                     self._accept(r, tok)
                 except Exception as err:  # one request's bad parameters must not take the others down
-                    self._finish(r, "error", f"sampling failed: {type(err).__name__}: {err}")
+                    self._finish(r, "error", f"sampling failed: {type(err).__name__}: {err}", internal=True)
         compute = f.compute + time.perf_counter() - t0
         self.threads.computed()
         self.compute_seconds += compute
@@ -416,7 +419,7 @@ class Engine:
                 if not r.done.is_set() and self._detokenize(r):
                     self._finish(r, "stop")
             except Exception as err:  # noqa: BLE001 - one request's text must not stop the others
-                self._finish(r, "error", self._text_failed(err))
+                self._finish(r, "error", self._text_failed(err), internal=True)
         self.untexted.clear()
 
     @staticmethod
@@ -448,7 +451,7 @@ class Engine:
             if r.on_text:
                 r.on_text(r, delta)
 
-    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, r: Request, reason: str, error: str | None = None, internal: bool = False) -> None:
         if r.done.is_set():
             return
         if error is None:
@@ -464,8 +467,8 @@ class Engine:
                         r.text = full
                 self._send_text(r, len(r.text))
             except Exception as err:  # noqa: BLE001 - one request's text must not stop the others
-                reason, error = "error", self._text_failed(err)
-        r.finish_reason, r.error = reason, error
+                reason, error, internal = "error", self._text_failed(err), True
+        r.finish_reason, r.error, r.error_internal = reason, error, internal and error is not None
         if r in self.active:
             self.active.remove(r)
         if r.slot is not None:

@@ -77,3 +77,37 @@ def test_signal_to_mpirun_leaves_no_process_behind(parts3, tmp_path, sig):
     time.sleep(0.5)
     assert not any(alive(p) for p in ranks.values())
     s.stop()
+
+
+def test_a_model_that_computes_nan_gets_a_500_that_says_so_not_made_up_text(tiny_model_dir, tmp_path):
+    """A broken model (here: a NaN final norm, with the manifest's checksum redone so only the maths
+    shows it) must not stream argmax-of-NaN tokens as an answer. Each request ends with a 500 saying
+    why, a stream with an error event, and no Retry-After: retrying meets the same logits. The server
+    itself stays up."""
+    import json
+
+    import httpx
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from shardline.manifest import sha256_file
+    from tests.helpers import split
+    parts = split(tiny_model_dir, 1, tmp_path / "parts")
+    path = parts / "stage_0.safetensors"
+    with safe_open(path, "pt") as f:
+        tensors, meta = {n: f.get_tensor(n) for n in f.keys()}, f.metadata()
+    tensors["transformer.ln_f.weight"][:] = float("nan")
+    save_file(tensors, str(path), metadata=meta)
+    m = json.loads((parts / "manifest.json").read_text())
+    m["stages"][0].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (parts / "manifest.json").write_text(json.dumps(m))
+    with serving(parts, 1, tmp_path) as s:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8}, timeout=60)
+        assert r.status_code == 500 and "retry-after" not in r.headers, r.text
+        assert r.json()["error"]["type"] == "server_error" and "not finite (NaN or inf)" in r.json()["error"]["message"]
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                          json={"prompt": "Once upon a time", "max_tokens": 8, "stream": True}) as st:
+            events = [line[6:] for line in st.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error", events
+        assert not any(json.loads(e).get("choices", [{}])[0].get("text") for e in events[:-2]), events
+        assert http("GET", s.url + "/health")[0] == 200
