@@ -510,7 +510,9 @@ def make_plan(boards, cost: ModelCost, slots: int, max_context: int, runtime_mb:
         left_out = [(b.name, "no layers in --layers") for b, rng in zip(boards, ranges) if rng is None]
         over = []
         for k, (r, rng) in enumerate(zip(res, ranges)):
-            if rng is not None and sum(m.memory(*rng, k == 0)) > r.budget:
+            if rng is not None and r.host_short:
+                over.append(f"{r.name} (layers {rng[0]}-{rng[1] - 1}): {r.host_short}")
+            elif rng is not None and sum(m.memory(*rng, k == 0)) > r.budget:
                 shard, kv = m.memory(*rng, k == 0)
                 over.append(f"{r.name} (layers {rng[0]}-{rng[1] - 1}): shard {shard / MB:.0f} MB + KV cache "
                             f"{kv / MB:.0f} MB + runtime needs more than its {r.usable_mb:.0f} MB less "
@@ -622,7 +624,7 @@ def _refusal(boards, cost, m: _Model, res, hop, slots, max_context, runtime_mb, 
     shard_mb = (m.lb[m.n] + cost.first_bytes) / MB
     kv_mb = m.kv_tokens * m.kv[m.n] / MB
     # a GPU board holds its stage in GPU memory; its host memory holds the runtime
-    runtime_total = sum(CUDA_DEVICE_MB if r.device == "cuda" else runtime_mb for r in res)
+    runtime_total = sum(CUDA_DEVICE_MB if r.device == "cuda" else runtime_mb for r in res if not r.host_short)
     needed = shard_mb + kv_mb + runtime_total
     have = sum(r.usable_mb * (1 - headroom) for r in res if not r.host_short)
     lines = [f"the model does not fit these {len(boards)} boards: it needs about {needed:.0f} MB "
@@ -634,7 +636,7 @@ def _refusal(boards, cost, m: _Model, res, hop, slots, max_context, runtime_mb, 
     if res[0].budget < cost.first_bytes and not res[0].host_short:
         lines.append(f"the head {boards[0].name} must hold the embeddings and LM head ({cost.first_bytes / MB:.0f} MB) but has room "
                      f"for {max(res[0].budget, 0) / MB:.0f} MB after the runtime and headroom")
-    elif needed <= have:
+    elif needed <= have and not res[0].host_short:
         lines.append("in total there is enough memory, but no split into contiguous layer ranges fits every board "
                      "(one layer with its KV cache needs "
                      f"{max(sum(m.memory(i, i + 1, False)) for i in range(m.n)) / MB:.0f} MB)")

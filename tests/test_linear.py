@@ -96,18 +96,29 @@ def test_padded_rows_give_the_unpadded_product_and_memory_stays_bounded(kernel):
     assert grew < 40, f"{grew:.0f} MiB for 256 row counts"
 
 
-def test_a_shard_goes_to_its_device_a_tensor_at_a_time(tmp_path):
+def test_a_shard_goes_to_its_device_a_tensor_at_a_time(tmp_path, monkeypatch):
     """A GPU rank's shard never sits whole in host memory: read_shard puts each tensor on the device as
     it reads it (the planner budgets a GPU board's host memory for one tensor, splitter/boards.py). The
-    meta device stands in for a GPU: nothing can be left on the host without showing."""
+    meta device stands in for a GPU; every allocation is watched: on the host only the transposed head
+    (one tensor, moved on at once), never the rest of the shard."""
     from safetensors.torch import save_file
     embed, down = "model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"
-    t = {embed: torch.randn(100, 8), down: torch.randn(8, 16), "model.norm.weight": torch.ones(8)}
+    t = {embed: torch.randn(100, 8), down: torch.randn(64, 128), "model.norm.weight": torch.ones(8)}
     save_file(t, str(tmp_path / "stage_0.safetensors"))
     host, head_host = linear.read_shard(tmp_path / "stage_0.safetensors", True, embed, "lm_head.weight", True)
+    allocated, empty = [], torch.empty
+
+    def watched(*shape, **kw):
+        out = empty(*shape, **kw)
+        allocated.append((out.device.type, out.numel() * out.element_size()))
+        return out
+    monkeypatch.setattr(torch, "empty", watched)
     meta, head_meta = linear.read_shard(tmp_path / "stage_0.safetensors", True, embed, "lm_head.weight", True,
                                         device="meta")
+    monkeypatch.undo()
     assert sorted(host) == sorted(meta) == sorted(set(t) - {embed})          # the tied head is read transposed
     assert all(v.device.type == "cpu" for v in host.values()) and torch.equal(head_host, t[embed].t())
     assert all(v.device.type == "meta" and v.shape == host[n].shape for n, v in meta.items())
     assert head_meta.device.type == "meta" and head_meta.shape == (8, 100)
+    on_host = [b for dev, b in allocated if dev == "cpu"]
+    assert on_host == [t[embed].numel() * 4], allocated                       # the head alone, once

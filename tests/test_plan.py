@@ -264,10 +264,14 @@ def test_a_gpu_board_needs_host_memory_for_its_largest_tensor_and_is_told_so():
         make_plan([pi("pc", need / 0.9 - 10, gpu=gpu), pi("pi5", 3800)], TINY, slots=4, max_context=2048)
     msg = str(info.value)
     assert f"pc: too little host memory for a GPU rank: it needs {need:.0f} MB" in msg, msg
-    assert "more host memory on pc" in msg and "room for 0 MB" not in msg, msg
+    assert "more host memory on pc" in msg and "room for 0 MB" not in msg and "in total there is" not in msg, msg
     assert info.value.have_mb == pytest.approx(3800 * 0.9), "a GPU board that cannot load adds no memory"
     plan = make_plan([pi("pc", need / 0.9 + 10, gpu=gpu), pi("pi5", 3800)], TINY, slots=4, max_context=2048)
     assert plan.stages[0].device == "cuda" and plan.stages[0].layers == (0, 22)
+    with pytest.raises(DoesNotFit) as info:                  # --layers on it: the same reason, not the GPU's room
+        make_plan([pi("pi5", 7800), pi("pc", 1000, gpu=gpu)], TINY, slots=4, max_context=2048,
+                  layers_override=[(0, 2), (2, 22)])
+    assert "pc (layers 2-21): too little host memory for a GPU rank" in str(info.value), str(info.value)
 
 
 def test_quantized_shards_on_a_gpu_board_are_planned_on_its_cpu():
