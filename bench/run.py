@@ -120,8 +120,9 @@ def quiet_pairs(pairs: list[tuple[dict, dict]], noise_cores: float) -> tuple[lis
 def align_first_text(runs: list[dict], base_runs: list[dict], prompts: list[str], ask) -> tuple[dict, int]:
     """Give each pipeline run the decode count of the baseline's rule (decode_from_first_text). Where
     the greedy texts are equal the ids are the baseline's, so its first-text index holds; else the
-    server is asked (ask(prompt): bench.load.first_text_index, an untimed request). Returns
-    {prompt: (index, text)} for the concurrency levels' runs and how many requests were asked."""
+    server is asked (ask(prompt): bench.load.first_text_index, an untimed request; None when that
+    request failed, and the run then keeps tokens - 1). Returns {prompt: (index, text)} for the
+    concurrency levels' runs and how many requests were asked."""
     known, asked = {}, 0
     for run, base, prompt in zip(runs, base_runs, prompts):
         if run.get("error"):
@@ -130,6 +131,9 @@ def align_first_text(runs: list[dict], base_runs: list[dict], prompts: list[str]
             k = base["first_text_index"]
         else:
             k, asked = ask(prompt), asked + 1
+        if k is None:
+            run["first_text_unknown"] = True
+            continue
         decode_from_first_text(run, k)
         known[prompt] = (k, run["text"])
     return known, asked
@@ -371,13 +375,21 @@ def pipeline_phase(label: str, args_: list[str], env: dict, model_dir: Path, out
         m1 = fresh_metrics(srv.url, ranks)
         # after the snapshot (its traffic and step figures are the timed runs' alone): where a text
         # differs from the baseline's, the server says which token first showed text (untimed)
-        known, asked = align_first_text(runs, base_runs, prompts,
-                                        lambda pr: first_text_index(srv.url, pr, cfg.max_tokens))
+        def ask(prompt: str) -> int | None:
+            import httpx
+            try:
+                return first_text_index(srv.url, prompt, cfg.max_tokens)
+            except httpx.HTTPError as err:     # an untimed extra: its failure must not lose the timed runs
+                print(f"[bench]   could not ask where a text starts ({err}): that run keeps tokens - 1",
+                      flush=True)
+                return None
+        known, asked = align_first_text(runs, base_runs, prompts, ask)
         m_next = fresh_metrics(srv.url, ranks) if asked else m1   # the next phase starts from here
         wall = sum(r["seconds"] for r in runs)
         phase = finish(summarize(runs, wall), m0, m1, {}, c1, wall, machine, 1)
         single, res["baseline_paired"], res["paired_kept"] = paired_single(phase, runs, base_runs, cfg.noise_cores)
         single["first_text_asked"] = asked
+        single["first_text_unknown"] = sum(bool(r.get("first_text_unknown")) for r in runs)
         res["single"] = single
         res["single_runs"], res["baseline_paired_runs"] = runs, base_runs   # pair i: the same prompt
         same = sum(r["text"] == b["text"] for r, b in zip(runs, base_runs))

@@ -250,6 +250,10 @@ def test_align_first_text_asks_the_server_only_where_texts_differ():
     level = [dict(_run(3.0, text="same"), index=0), dict(_run(3.0, text="changed"), index=1)]
     assert level_first_text(level, ["p0", "p1"], known) == 1
     assert level[0]["decode_tokens"] == 6 and "decode_tokens" not in level[1]
+    # a failed ask (None) leaves that run at tokens - 1, marked, and the others as they were
+    runs = [dict(_run(3.0, text="other"))]
+    known, n = align_first_text(runs, base[1:], ["p1"], lambda pr: None)
+    assert n == 1 and known == {} and runs[0]["first_text_unknown"] and "decode_tokens" not in runs[0]
 
 
 def _pipe(decode, base_decode, agg16=100.0, base_agg=20.0, rss_over=(200.0, 200.0, 200.0), fresh=True,
