@@ -16,7 +16,10 @@ rounded to bf16 before the codes are chosen, so the codes fit the stored scale.
 
 PyTorch's int4 kernel computes (q - 8) * scale + offset, so loading sets offset = (8 - z) * scale:
 exact in fp32 (aarch64), rounded to bf16 on x86-64, whose kernel takes bf16 (an error of at most
-scale / 32, a sixteenth of the codes' own rounding error of scale / 2). dequantize(..., act_dtype)
+scale / 32, a sixteenth of the codes' own rounding error of scale / 2). A bf16 offset (a GGUF file's
+Q4_1/Q4_K codes kept as they are, or a shard from before 2026-11-29) is rounded on every CPU: an error
+of up to |offset| / 256, which exceeds scale / 32 only for a group far from zero against its spread,
+and is still far below requantizing such a group. dequantize(..., act_dtype)
 gives the weight each kernel computes with, so the reference maths is exactly the kernels'.
 
 Kernels (QLinear): PyTorch's weight-only CPU kernels, aten._weight_int8pack_mm and

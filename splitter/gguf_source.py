@@ -197,7 +197,9 @@ class GGUFSource:
             s = s.abs()
         else:
             c = torch.from_numpy(codes)
-            zeros = (8.0 * s.to(torch.bfloat16).float() + torch.from_numpy(mins)).to(torch.bfloat16)
+            # offset = 8 s + m from the unrounded scale: the kernel's (q - 8) * bf16(s) + offset then
+            # errs by (q - 8) * (bf16(s) - s), half the worst case of building it from the rounded scale
+            zeros = (8.0 * s + torch.from_numpy(mins)).to(torch.bfloat16)
         return {"qweight": (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous(), "scales": s.to(torch.bfloat16),
                 "zeros": zeros}
 
