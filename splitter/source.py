@@ -60,8 +60,12 @@ class SafetensorsSource:
             raise ValueError(f"{path}: no config.json; a model directory needs the config.json that save_pretrained "
                              "writes beside its weights")
         _check_model_type(path / "config.json", model)
+        # model.safetensors first when a repository has both it and an index, as transformers'
+        # from_pretrained and huggingface_hub's header reader (--plan-only) do: all three read one copy
         index = path / INDEX
-        if index.is_file():
+        if (path / "model.safetensors").is_file():
+            stored = {name: (path / "model.safetensors", name) for name in _keys(path / "model.safetensors")}
+        elif index.is_file():
             weight_map = _weight_map(index)
             files = {f: set(_keys(path / f)) if (path / f).is_file() else None for f in set(weight_map.values())}
             for f, keys in files.items():
@@ -73,8 +77,6 @@ class SafetensorsSource:
                                  f"{stale[0][0]} in {stale[0][1]}; the index and the weights are of different "
                                  "downloads: download the model again")
             stored = {name: (path / f, name) for name, f in weight_map.items()}
-        elif (path / "model.safetensors").is_file():
-            stored = {name: (path / "model.safetensors", name) for name in _keys(path / "model.safetensors")}
         else:
             bins = sorted(p.name for p in path.glob("*.bin"))
             what = f"only pickled weights ({', '.join(bins[:3])})" if bins else "no model.safetensors"
@@ -136,12 +138,26 @@ BIN_FIX = ("shardline reads safetensors only (pickle can run code). Convert once
            "repository or revision that has model.safetensors")
 
 
+def _hub_errors() -> tuple[type, ...]:
+    """What a huggingface_hub call raises when the hub or the network fails: HfHubHTTPError and its kinds
+    (OSErrors), a malformed safetensors header, and the transport errors of its HTTP client (httpx2 in
+    huggingface_hub 2: a refused or timed-out connection is no OSError)."""
+    from huggingface_hub.errors import SafetensorsParsingError
+    errors = [OSError, SafetensorsParsingError]
+    try:
+        import httpx2
+        errors.append(httpx2.HTTPError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def _hub(model: str, call, *args, **kwargs):
     """A huggingface_hub call; what the hub refuses (an unknown or gated repository, a failed request)
     becomes a message naming the model and what to do, not a traceback."""
     try:
         return call(*args, **kwargs)
-    except OSError as err:                     # HfHubHTTPError and its kinds, and network failures
+    except _hub_errors() as err:
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
         said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if isinstance(err, GatedRepoError):
@@ -172,10 +188,10 @@ def _download(model: str) -> Path:
                              "model") from None
     _check_model_type(Path(_hub(model, hf_hub_download, model, "config.json")), model)
     files = set(_hub(model, list_repo_files, model))
-    if INDEX in files:
-        weights = sorted(set(_weight_map(Path(_hub(model, hf_hub_download, model, INDEX))).values()))
-    elif "model.safetensors" in files:
+    if "model.safetensors" in files:            # before an index, as transformers reads them (SafetensorsSource)
         weights = ["model.safetensors"]
+    elif INDEX in files:
+        weights = sorted(set(_weight_map(Path(_hub(model, hf_hub_download, model, INDEX))).values()))
     else:
         bins = sorted(f for f in files if f.endswith(".bin"))
         what = f"only pickled weights ({', '.join(bins[:3])})" if bins else "no model.safetensors"

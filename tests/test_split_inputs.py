@@ -121,8 +121,17 @@ def test_damaged_weight_files_are_refused_naming_them(model, tmp_path):
 
 
 def test_a_broken_index_is_refused_naming_it(model, tmp_path):
+    (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")   # the index is the checkpoint
     (model / "model.safetensors.index.json").write_text("{ not json")
     refused(run_split(model, tmp_path / "out"), "model.safetensors.index.json", "download the model again")
+
+
+def test_model_safetensors_is_read_before_an_index_beside_it(model, tmp_path):
+    """transformers' from_pretrained and huggingface_hub's header reader (--plan-only) take
+    model.safetensors when a folder has both: the split reads the same copy (here the index is junk)."""
+    (model / "model.safetensors.index.json").write_text("{ not json")
+    proc = run_split(model, tmp_path / "out")
+    assert proc.returncode == 0 and (tmp_path / "out" / "manifest.json").is_file(), proc.stdout + proc.stderr
 
 
 def test_an_out_that_cannot_be_written_is_refused(tiny_model_dir, tmp_path):
@@ -354,6 +363,30 @@ def test_what_the_hub_refuses_is_a_message_not_a_traceback(fake_hub, monkeypatch
     assert str(err.value).startswith("meta-llama/Llama-3.2-1B: the model hub did not give it")
     assert all(w in str(err.value) for w in words), err.value
     assert fake_hub.snapshots == []
+
+
+@pytest.mark.parametrize("plan_only", [False, True], ids=["split", "plan-only"])
+@pytest.mark.parametrize("failure", ["refused", "timeout", "bad-header"])
+def test_a_network_failure_mid_download_is_a_message_not_a_traceback(fake_hub, monkeypatch, plan_only, failure):
+    """huggingface_hub 2's HTTP client raises its own transport errors (a refused or timed-out connection),
+    which are no OSError, and a malformed safetensors header its own parsing error: each ended the split
+    in a traceback. The hub is reachable at first (the config comes down); what fails is what follows."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import SafetensorsParsingError
+    error = {"refused": httpx2.ConnectError("[Errno 111] Connection refused"),
+             "timeout": httpx2.ReadTimeout("The read operation timed out"),
+             "bad-header": SafetensorsParsingError("Failed to parse safetensors header for model.safetensors")}[failure]
+
+    def fail(*a, **kw):
+        raise error
+    for name in ("snapshot_download", "get_safetensors_metadata"):
+        monkeypatch.setattr(huggingface_hub, name, fail)
+    from splitter.split import split
+    with pytest.raises(ValueError) as err:
+        split("someone/tiny-gpt2", 2, None, plan_only=plan_only)
+    assert str(err.value).startswith("someone/tiny-gpt2: the model hub did not give it"), err.value
+    assert str(error).splitlines()[0] in str(err.value) and "check the name and the network" in str(err.value)
 
 
 @pytest.mark.parametrize("damage, words", [
