@@ -12,7 +12,9 @@ def bound_socket(host: str, port: int, wait: float = 0.0):
     """(a TCP socket bound to host:port for uvicorn to listen on, None) or (None, the OSError) once the
     port is still taken after `wait` seconds (bind retried meanwhile: a process on its way out, or a
     supervisor letting go, may hold it for a moment) or cannot be bound at all. SO_REUSEADDR, as uvicorn
-    binds, so connections closing on the port do not count."""
+    binds, so connections closing on the port do not count. It listens at once: a client that connects
+    before uvicorn has started (its imports, its config) waits in the backlog instead of being refused,
+    so a supervisor handing the port to rank 0 shows clients no moment of a closed port."""
     import errno
     import socket
     import time
@@ -22,6 +24,7 @@ def bound_socket(host: str, port: int, wait: float = 0.0):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
+            sock.listen(2048)                  # uvicorn's backlog; its own listen() keeps it
             return sock, None
         except OSError as err:
             sock.close()
