@@ -77,11 +77,24 @@ def test_greedy_tokens_equal_transformers(server, tiny_model_dir, prompt, n):
 
 def test_prompt_logprobs_stay_close_and_bytes_per_hop_halve(server, prompts, tiny_model_dir):
     dtype, s = server
-    time.sleep(4.5)                           # the per-rank counters come with the 2 s heartbeat
-    before = bytes_sent(s.url)
+    # The per-rank counters come with the 2 s heartbeat, late on a busy host: start from a quiet ring
+    # (two readings 2.5 s apart within the heartbeat's own bytes), and read after until every rank's
+    # count has taken the request in (it is at least the payload), then once more.
+    before, deadline = bytes_sent(s.url), time.monotonic() + 30
+    while True:
+        time.sleep(2.5)
+        now = bytes_sent(s.url)
+        if all(b - a < 1024 for a, b in zip(before, now)) or time.monotonic() > deadline:
+            before = now
+            break
+        before = now
     r = web.post(s.url + "/v1/completions", json={"prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 0})
     assert r.status_code == 200, r.text
-    time.sleep(4.5)
+    payload = 4 * 120 * 64 * ITEM[dtype]
+    deadline = time.monotonic() + 30
+    while any(b - a < payload for a, b in zip(before, bytes_sent(s.url))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2.5)
     sent = [b - a for a, b in zip(before, bytes_sent(s.url))]
     model = hf_model(tiny_model_dir)
     worst = 0.0
@@ -94,6 +107,5 @@ def test_prompt_logprobs_stay_close_and_bytes_per_hop_halve(server, prompts, tin
     assert worst <= LOGPROB_TOL[dtype]
     # Every hop carries every prompt row (the last stage returns them all to be scored): 4 x 120 rows of
     # 64 numbers, plus headers and the heartbeat (under 200 bytes a rank every 2 s).
-    payload = 4 * 120 * 64 * ITEM[dtype]
     for rank, b in enumerate(sent):
         assert payload <= b <= payload + 4096, (rank, b, payload)
