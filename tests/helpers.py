@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -99,9 +100,25 @@ def hf_greedy(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below Linux's ephemeral range (32768-60999): a port picked from that range by
+    binding port 0 may be taken, before the server binds it seconds later, by one of the connections
+    and listeners Open MPI opens meanwhile. Never the same port twice in one test process (a test may
+    pick several before starting any), whatever a test has seeded `random` with."""
+    for _ in range(200):
+        port = _PORTS.randrange(20000, 32768)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port in 20000-32767")
+
+
+_PORTS, _GIVEN = random.Random(), set()     # its own generator: a test's random.seed() does not steer it
 
 
 def mpi_env() -> dict:
