@@ -52,31 +52,29 @@ def test_bad_requests_get_a_4xx_with_a_message(server, body, status):
 
 
 def test_sigterm_to_rank0_stops_every_rank_cleanly(parts3, tmp_path):
-    s = Server(parts3, 3, log=tmp_path / "log")
-    s.wait_healthy()
-    ranks = rank_processes(s.proc.pid)
-    assert sorted(ranks) == [0, 1, 2]
-    t0 = time.monotonic()
-    ranks[0].send_signal(signal.SIGTERM)
-    code = s.proc.wait(15)
-    assert code == 0, s.output()
-    assert time.monotonic() - t0 < 10
-    assert not any(alive(p) for p in ranks.values())
-    s.stop()
+    with Server(parts3, 3, log=tmp_path / "log") as s:    # stopped even when an assertion fails
+        s.wait_healthy()
+        ranks = rank_processes(s.proc.pid)
+        assert sorted(ranks) == [0, 1, 2]
+        t0 = time.monotonic()
+        ranks[0].send_signal(signal.SIGTERM)
+        code = s.proc.wait(15)
+        assert code == 0, s.output()
+        assert time.monotonic() - t0 < 10
+        assert not any(alive(p) for p in ranks.values())
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_mpirun_leaves_no_process_behind(parts3, tmp_path, sig):
-    s = Server(parts3, 3, log=tmp_path / "log")
-    s.wait_healthy()
-    ranks = rank_processes(s.proc.pid)
-    t0 = time.monotonic()
-    s.proc.send_signal(sig)
-    s.proc.wait(15)
-    assert time.monotonic() - t0 < 10
-    time.sleep(0.5)
-    assert not any(alive(p) for p in ranks.values())
-    s.stop()
+    with Server(parts3, 3, log=tmp_path / "log") as s:
+        s.wait_healthy()
+        ranks = rank_processes(s.proc.pid)
+        t0 = time.monotonic()
+        s.proc.send_signal(sig)
+        s.proc.wait(15)
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.5)
+        assert not any(alive(p) for p in ranks.values())
 
 
 def test_a_model_that_computes_nan_gets_a_500_that_says_so_not_made_up_text(tiny_model_dir, tmp_path):
