@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from shardline import omp
-from shardline.manifest import ShardError, check_world, load_manifest, verify_shard, verify_tokenizer
+from shardline.manifest import FIX_DISTRIBUTE, ShardError, check_world, load_manifest, verify_shard, verify_tokenizer
 from shardline.metrics import release_free_heap, rss_bytes
 from shardline.stage import load_stage as load_family_stage
 
@@ -51,6 +51,7 @@ def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | N
         return None, None, None, None, record
     try:
         manifest = load_manifest(model_dir)
+        record["split_id"] = manifest.data.get("split_id")
         check_world(manifest, size)
         entry = manifest.stage(rank)
         record["layers"] = entry["layers"]
@@ -91,6 +92,13 @@ def roll_call(comm, rank: int, size: int, record: dict) -> tuple[bool, list[dict
         # Every rank must send and expect the hidden state in the same type, and hold the same KV-cache
         # rows (rank 0 hands out slot numbers and positions; a smaller cache elsewhere broke mid-request).
         for r in records[1:] if records[0].get("ok") else []:
+            # Each rank checked its shard against its own manifest: a board left with another split's
+            # (a redistribution that missed it, the same number of stages) would pass that and compute
+            # other layers, or the same ones twice, in silence.
+            if r.get("ok") and r.get("split_id") != records[0].get("split_id"):
+                r.update(ok=False, error=f"holds split {r.get('split_id')} (layers {r.get('layers')}) but rank 0 "
+                         f"split {records[0].get('split_id')}: the boards hold different splits; {FIX_DISTRIBUTE}")
+                continue
             differ = [(option, r.get(key), records[0].get(key)) for key, option in
                       (("wire_dtype", "--wire-dtype"), ("slots", "--slots"), ("max_context", "--max-context"))
                       if r.get(key) != records[0].get(key)]

@@ -412,6 +412,28 @@ def test_ranks_started_with_different_cache_or_wire_options_are_a_refused_start(
            "--max-context 1024; start every rank with the same --wire-dtype and --max-context" in out, out
 
 
+def test_a_board_holding_another_split_is_a_refused_start(long_parts, tmp_path):
+    """Each rank checks its shard against its own manifest, so a board left with another split of the
+    same shape (a redistribution that missed it) passed that check and computed other layers, or the
+    same ones twice, without a word. Rank 0 now compares every rank's split id with its own."""
+    import socket
+
+    from tests.helpers import MPIRUN
+    other = split(long_parts.parent / "model", 3, tmp_path / "other", "--layers", "0-1,2-4,5")  # same shapes
+    main = [PY, "-m", "mpi4py", str(ROOT / "main.py"), "--port", str(free_port())]
+    cmd = [MPIRUN, "--oversubscribe", "--bind-to", "none",
+           "-np", "1", *main, "--model-dir", str(long_parts), ":",
+           "-np", "1", *main, "--model-dir", str(other), ":",
+           "-np", "1", *main, "--model-dir", str(long_parts)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    ids = [json.loads((d / "manifest.json").read_text())["split_id"] for d in (long_parts, other)]
+    assert proc.returncode == 78, out
+    assert f"rank 1 on {socket.gethostname()}: holds split {ids[1]} (layers [2, 5]) but rank 0 split {ids[0]}: the " \
+           "boards hold different splits; re-run the splitter" in out, out
+    assert "rank 2 on" not in out, out
+
+
 def timeline(seen) -> str:
     """[(seconds, status, code)] polls as runs: '0.0-0.1s refused ConnectionError, 0.2-3.3s 503 job_restarting'."""
     runs = []
