@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import sys
@@ -68,6 +69,14 @@ def port(text: str) -> int:
     return v
 
 
+def device_name(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (torch's names; whether this board has that GPU is checked
+    when the stage loads, shardline/stage.pick_device)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use auto, cpu, cuda or cuda:N")
+
+
 def parse_args(argv=None):
     from shardline import wire
     ap = argparse.ArgumentParser(description="Serve a model split over MPI ranks (see the README).")
@@ -103,7 +112,7 @@ def parse_args(argv=None):
     ap.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
     ap.add_argument("--model-name", default=None, help="model id in /v1/models (default: the split's source)")
     ap.add_argument("--verbose", action="store_true", help="print a timing line per pipeline step")
-    ap.add_argument("--device", default=os.environ.get("SHARDLINE_DEVICE", "auto"),
+    ap.add_argument("--device", default=os.environ.get("SHARDLINE_DEVICE", "auto"), type=device_name,
                     help="where this rank's stage runs: auto (a CUDA GPU if torch sees one, for float shards; "
                          "else the CPU), cpu, cuda, cuda:N (default auto)")
     ap.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",

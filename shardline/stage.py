@@ -180,6 +180,9 @@ def pick_device(device: str | None = "auto", quant: dict | None = None) -> torch
         return torch.device("cuda" if torch.cuda.is_available() and not quant else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: torch sees no CUDA GPU here (use --device cpu or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here, numbered "
+                         "from 0 (use --device cuda, auto or cpu)")
     if quant and device != "cpu":
         raise ValueError(f"--device {device}: quantized shards run on the CPU kernels only (use --device cpu)")
     return torch.device(device)
@@ -193,10 +196,14 @@ def load_stage(manifest, k: int, path: Path, slots: int, max_context: int | None
     from shardline.models import family
     fam = family(manifest.family)
     entry = manifest.stage(k)
+    quant = manifest.data.get("quantization")
     try:
-        quant = manifest.data.get("quantization")
+        where = pick_device(device, quant)
+    except ValueError as err:      # this board's --device, not its shard: no re-split helps
+        raise ShardError(f"rank {k}: {err}") from err
+    try:
         return fam.Stage.load(path, manifest.config, tuple(entry["layers"]), k == 0, slots, max_context,
-                              quant=quant, tied=manifest.data["tied_lm_head"], device=pick_device(device, quant))
+                              quant=quant, tied=manifest.data["tied_lm_head"], device=where)
     except KeyError as err:
         raise ShardError(f"{path}: tensor {err} is missing (damaged, or from another split); {FIX_DISTRIBUTE}") from err
     except ValueError as err:

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import torch
 from transformers import GPT2Config
 
 from shardline.supervise import remove_segments, shm_segments
@@ -244,7 +245,20 @@ BAD_OPTIONS = [
     (("--max-batch-tokens", "0"), "argument --max-batch-tokens: 0 is below 1"),
     (("--queue-size", "0"), "argument --queue-size: 0 is below 1"),
     (("--step-timeout", "0"), "argument --step-timeout: 0 is below 0.5"),
+    (("--device", "gpu"), "argument --device: 'gpu': use auto, cpu, cuda or cuda:N"),
 ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a board without a GPU")
+def test_a_device_this_board_lacks_is_named_without_the_re_split_fix(long_parts):
+    """--device cuda on a board without a GPU: the message is about the option; it used to end with
+    'ran the splitter again / distribute the shards', which cannot help."""
+    from shardline.manifest import ShardError, load_manifest, verify_shard
+    from shardline.stage import load_stage
+    man = load_manifest(long_parts)
+    with pytest.raises(ShardError) as err:
+        load_stage(man, 1, verify_shard(man, 1), 1, None, "cuda")
+    assert str(err.value) == "rank 1: --device cuda: torch sees no CUDA GPU here (use --device cpu or auto)"
 
 
 @pytest.mark.parametrize("option, message", BAD_OPTIONS)
