@@ -158,3 +158,32 @@ def test_messages_the_template_refuses_get_a_400_naming_its_reason(server):
     assert "Conversation roles must alternate" in error["message"] and error["param"] == "messages"
     ok = web.post(server.url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
     assert ok.status_code == 200, ok.text                  # and the server serves on
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{{ messages[0]['content'] + 1 }}", "the model's chat template failed (TypeError"),   # breaks at render
+    ("{% for m in messages %}{{ m.content }}", "the model's chat template does not compile"),  # never closes
+], ids=["type-error", "syntax-error"])
+def test_a_broken_chat_template_is_a_500_naming_it_not_the_clients_fault(chat_model, tmp_path, template, words):
+    """A template that cannot render is the split's fault: an OpenAI-shaped 500 naming the template. A
+    TypeError in it gave Starlette's plain-text 500, a syntax error a 400 blaming the messages."""
+    import shutil
+
+    from shardline.manifest import sha256_file
+    parts = shutil.copytree(chat_model[0], tmp_path / "parts")
+    tdir = parts / "tokenizer"
+    if (tdir / "chat_template.jinja").is_file():
+        (tdir / "chat_template.jinja").write_text(template)
+    else:
+        cfg = json.loads((tdir / "tokenizer_config.json").read_text())
+        (tdir / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    m = json.loads((parts / "manifest.json").read_text())
+    m["tokenizer"]["files"] = {n: sha256_file(tdir / n) for n in m["tokenizer"]["files"]}
+    (parts / "manifest.json").write_text(json.dumps(m))
+    with serving(parts, 3, tmp_path) as s:
+        r = web.post(s.url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
+        assert r.status_code == 500 and r.headers["content-type"].startswith("application/json"), r.text
+        assert r.json()["error"]["type"] == "server_error" and words in r.json()["error"]["message"], r.text
+        assert "chat_template.jinja" in r.json()["error"]["message"]
+        ok = web.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200, ok.text                  # the rest of the API serves on
