@@ -89,7 +89,9 @@ class StreamOptions(BaseModel):
 # naming them otherwise, rather than an answer that silently ignored them.
 UNSUPPORTED = {"logit_bias": lambda v: not v, "frequency_penalty": lambda v: v == 0,
                "presence_penalty": lambda v: v == 0, "best_of": lambda v: v in (None, 1),
-               "suffix": lambda v: not v, "tools": lambda v: not v,
+               "suffix": lambda v: not v, "tools": lambda v: not v, "functions": lambda v: not v,
+               # without tools, "none" and "auto" both mean no tool call; "required" or a named tool cannot be met
+               "tool_choice": lambda v: v in (None, "none", "auto"), "function_call": lambda v: v in (None, "none", "auto"),
                "response_format": lambda v: not v or (isinstance(v, dict) and v.get("type") == "text")}
 
 

@@ -331,6 +331,9 @@ BAD = [
     ("best-of", CMPL, {"prompt": "hi", "best_of": 3}, 400),
     ("suffix", CMPL, {"prompt": "hi", "suffix": "end"}, 400),
     ("tools", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+    ("tool-choice-required", CHAT, {"messages": USER, "tool_choice": "required"}, 400),
+    ("functions", CHAT, {"messages": USER, "functions": [{"name": "f", "parameters": {}}]}, 400),
+    ("function-call-named", CHAT, {"messages": USER, "function_call": {"name": "f"}}, 400),
     ("logprobs-true", CMPL, {"prompt": "hi", "logprobs": True}, 400),
     ("logprobs-string", CMPL, {"prompt": "hi", "logprobs": "3"}, 400),
     ("prompt-bool-ids", CMPL, {"prompt": [True, False]}, 400),
@@ -354,7 +357,8 @@ def test_unsupported_parameters_at_their_defaults_are_accepted(server):
     """What clients send unasked (LangChain sends both penalties as 0): no 400 for a no-op."""
     for path, body in ((CHAT, {"messages": USER}), (CMPL, {"prompt": "hi"})):
         r = post(server.url + path, {**body, "max_tokens": 2, "frequency_penalty": 0, "presence_penalty": 0.0,
-                                     "logit_bias": {}, "best_of": 1, "response_format": {"type": "text"}})
+                                     "logit_bias": {}, "best_of": 1, "response_format": {"type": "text"},
+                                     "tools": [], "tool_choice": "auto", "functions": [], "function_call": "none"})
         assert r.status_code == 200, r.text
     r = post(server.url + CMPL, {"prompt": "hi", "logit_bias": {"5": 10}})
     assert "logit_bias" in r.json()["error"]["message"] and "not supported" in r.json()["error"]["message"]
