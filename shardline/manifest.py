@@ -69,6 +69,7 @@ def load_manifest(model_dir: Path) -> Manifest:
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise ShardError(f"{path}: format {data.get('format')!r} v{data.get('format_version')} is not "
                          f"{FORMAT} v{FORMAT_VERSION}; {FIX_DISTRIBUTE}")
+    _check_structure(path, data)
     from shardline.models import family
     try:
         family(data.get("family"))
@@ -84,6 +85,31 @@ def load_manifest(model_dir: Path) -> Manifest:
             raise ShardError(f"{path}: quantization head scheme {quant.get('head')!r} is unknown to this shardline "
                              f"(known: {', '.join(SCHEMES)}, float32); update shardline on every board, or re-split")
     return Manifest(path, data)
+
+
+def _check_structure(path: Path, data) -> None:
+    """The fields every rank reads, with their types, and one stage entry per stage: a hand-edited or
+    truncated manifest otherwise failed deep in a load as an IndexError or KeyError."""
+    def bad(what: str):
+        raise ShardError(f"{path}: {what} (a damaged or hand-edited manifest); {FIX_DISTRIBUTE}")
+    if not isinstance(data, dict):
+        bad("not a JSON object")
+    for key, kind in (("num_stages", int), ("stages", list), ("split_id", str), ("config", dict),
+                      ("family", str), ("tied_lm_head", bool), ("tokenizer", dict)):
+        if not isinstance(data.get(key), kind):
+            bad(f"{key!r} is missing or not a {kind.__name__}")
+    if data["num_stages"] < 1 or len(data["stages"]) != data["num_stages"]:
+        bad(f"{len(data['stages'])} stage entries for num_stages {data['num_stages']}")
+    for k, st in enumerate(data["stages"]):
+        if not isinstance(st, dict) or not (isinstance(st.get("file"), str) and isinstance(st.get("bytes"), int)
+                                            and isinstance(st.get("sha256"), str)):
+            bad(f"stage {k}'s entry lacks its file, bytes or sha256")
+        layers = st.get("layers")
+        if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(v, int) for v in layers)
+                and 0 <= layers[0] <= layers[1]):
+            bad(f"stage {k}'s layers {layers!r} are not a [first, end) pair")
+    if not isinstance(data["tokenizer"].get("files"), dict):
+        bad("'tokenizer' lacks its files")
 
 
 def check_world(manifest: Manifest, world_size: int) -> None:

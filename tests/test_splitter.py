@@ -122,6 +122,26 @@ def test_a_shard_from_another_split_is_refused(parts3, tiny_model_dir, tmp_path)
         verify_shard(load_manifest(parts), 2)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["stages"].pop(), "2 stage entries for num_stages 3"),
+    (lambda m: m["stages"][1].pop("sha256"), "stage 1's entry lacks its file, bytes or sha256"),
+    (lambda m: m["stages"][2].update(layers=[5]), "stage 2's layers [5] are not a [first, end) pair"),
+    (lambda m: m.pop("split_id"), "'split_id' is missing or not a str"),
+    (lambda m: m.update(num_stages="3"), "'num_stages' is missing or not a int"),
+], ids=["stage-missing", "no-sha256", "bad-layers", "no-split-id", "num-stages-string"])
+def test_a_damaged_manifest_is_refused_naming_what_is_wrong(parts3, tmp_path, edit, message):
+    """A truncated or hand-edited manifest used to fail mid-load as 'could not load its shard: IndexError'
+    or KeyError; every rank reads it first, so it is checked whole when it is read."""
+    parts = _copy(parts3, tmp_path)
+    data = json.loads((parts / "manifest.json").read_text())
+    edit(data)
+    (parts / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ShardError) as err:
+        load_manifest(parts)
+    assert message in str(err.value) and "manifest.json" in str(err.value), err.value
+    assert "distribute_new_model_to_workers" in str(err.value)
+
+
 def test_rank_count_must_match_stage_count(parts3):
     with pytest.raises(ShardError, match="split into 3 stages but 2 ranks"):
         check_world(load_manifest(parts3), 2)
