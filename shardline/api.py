@@ -730,16 +730,16 @@ def create_app(engine: Engine, tokenizer, info: dict, model_name: str, api_key: 
             from jinja2 import TemplateError, TemplateSyntaxError
             try:
                 return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), ()
-            except TemplateSyntaxError as err:   # (an undefined filter too) the template is broken, not the request
-                raise APIError(500, f"the model's chat template does not compile ({err}); check "
-                               "tokenizer/chat_template.jinja in the split", "server_error") from None
-            except TemplateError as err:
-                # templates refuse what their model was not trained on (raise_exception): Mistral's v0.1 a
-                # system message, Llama 2's two user turns in a row
-                raise APIError(400, f"messages: the model's chat template refuses them: {err}", param="messages") from None
-            except Exception as err:  # noqa: BLE001 - a template that breaks (a TypeError in its Jinja) is
-                # the server's fault, not the request's: an OpenAI-shaped 500 naming it, not Starlette's text
-                raise APIError(500, f"the model's chat template failed ({type(err).__name__}: {err}); check "
+            except Exception as err:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+                if isinstance(err, TemplateError) and not isinstance(err, TemplateSyntaxError):
+                    # templates refuse what their model was not trained on (raise_exception): Mistral's v0.1
+                    # a system message, Llama 2's two user turns in a row
+                    raise APIError(400, f"messages: the model's chat template refuses them: {err}",
+                                   param="messages") from None
+                # one that does not compile (an undefined filter too) or breaks (a TypeError in its Jinja) is
+                # the split's fault, not the request's
+                what = "does not compile" if isinstance(err, TemplateSyntaxError) else "failed"
+                raise APIError(500, f"the model's chat template {what} ({type(err).__name__}: {err}); check "
                                "tokenizer/chat_template.jinja in the split", "server_error") from None
         # The simple template for base models without one (documented in the README).
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant:"

@@ -19,7 +19,6 @@ import torch
 
 NAMES = ("float32", "float16", "bfloat16")               # the code is the index
 NUMPY = (np.float32, np.float16, np.uint16)             # what the payload buffer holds on the wire
-TORCH = (torch.float32, torch.float16, torch.bfloat16)
 SHIFT, MASK = 8, 3                                       # flags bits 8-9
 
 

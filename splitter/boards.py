@@ -285,11 +285,10 @@ class _Res:
 
 
 def _resources(boards: list[Board], runtime_mb: float, headroom: float,
-               cost: ModelCost | None = None) -> tuple[list[_Res], list[str]]:
+               cost: ModelCost) -> tuple[list[_Res], list[str]]:
     notes, measured = [], []
-    cpu_only = cost is not None and cost.cpu_only
-    gpus = [b for b in boards if b.gpu] if not cpu_only else []
-    if cpu_only and any(b.gpu for b in boards):
+    gpus = [b for b in boards if b.gpu] if not cost.cpu_only else []
+    if cost.cpu_only and any(b.gpu for b in boards):
         notes.append(f"quantized shards run on the CPU kernels: {', '.join(b.name for b in boards if b.gpu)} "
                      "compute on their CPU and hold their stage in host memory, not on the GPU")
     for b in boards:
@@ -305,7 +304,7 @@ def _resources(boards: list[Board], runtime_mb: float, headroom: float,
     for k, b in enumerate(boards):
         keep, short = 1.0 - headroom, ""
         if b in gpus:
-            largest = max(cost.layer_tensor_bytes, cost.first_tensor_bytes if k == 0 else 0) / MB if cost else 0.0
+            largest = max(cost.layer_tensor_bytes, cost.first_tensor_bytes if k == 0 else 0) / MB
             host_need = runtime_mb + CUDA_HOST_MB + largest
             host_ok = b.memory_mb * keep >= host_need
             if not host_ok:
