@@ -99,6 +99,9 @@ def parse_args(argv=None):
     ap.add_argument("--compute-timeout", type=at_least(1.0, float), default=600.0,
                     help="seconds one rank may compute one step before the job is declared stuck (a slow board "
                          "computing a long prompt chunk needs this much; see also --max-batch-tokens)")
+    ap.add_argument("--load-silence", type=at_least(1.0, float), default=60.0,
+                    help="seconds a rank may send no sign of life while the ranks load their shards before the "
+                         "start is ended, naming it (it died: out of memory?); a slow board still sends them")
     ap.add_argument("--shutdown-grace", type=at_least(0.0, float), default=0.0,
                     help="on SIGTERM/SIGINT, seconds in-flight requests may still run (default 0: they get an "
                          "error at once; mpirun kills every rank ~0.25 s after it is signalled)")
@@ -141,7 +144,8 @@ def main(argv=None) -> int:
     threads = omp.configure(args.model_dir, args.threads, args.microbatches)
     from shardline.node import start
     node = start(args.model_dir, args.slots, args.max_context, threads, args.microbatches,
-                 device=args.device, wire_dtype=args.wire_dtype, load_tokenizer=load_tokenizer)
+                 device=args.device, wire_dtype=args.wire_dtype, load_tokenizer=load_tokenizer,
+                 load_silence=args.load_silence, on_silent=lambda message: _end_start(args, message))
     if node is None:
         if omp.world_rank() == 0:
             exit_status(args.pid_file, EX_CONFIG)
@@ -149,6 +153,23 @@ def main(argv=None) -> int:
     if node.rank == 0:
         return _serve_head(args, node)
     return _serve_worker(args, node)
+
+
+def _end_start(args, message: str) -> None:
+    """A rank went silent while the ranks loaded (node.LoadWatch): say so and end the whole job, which
+    cannot start without it (status 1: the supervisor starts it again, as after a board lost later)."""
+    from mpi4py import MPI
+
+    from shardline import omp
+    rank = omp.world_rank()
+    say(f"shardline: rank {rank} on {socket.gethostname()}: {message}: ending the job", file=sys.stderr)
+    if rank == 0:
+        exit_status(args.pid_file, 1)
+    give_up = threading.Timer(5.0, os._exit, (1,))   # MPI_Abort waits for mpirun, which may wait on a lost board
+    give_up.daemon = True
+    give_up.start()
+    MPI.COMM_WORLD.Abort(1)
+    os._exit(1)
 
 
 def _serve_worker(args, node) -> int:

@@ -3,12 +3,15 @@
 Each rank checks and loads only its own shard, then all ranks report to rank 0 in one Gather of
 fixed-size JSON records (upper-case, no pickle). Rank 0 prints every problem and broadcasts go or
 no-go, so a bad shard on any board stops the whole job with a message naming the file and the fix.
+While they load, the ranks exchange signs of life (LoadWatch), so one that dies meanwhile (the OOM
+killer on a board its shard does not fit) ends the start in --load-silence seconds, naming it.
 """
 from __future__ import annotations
 
 import json
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -19,6 +22,9 @@ from shardline.metrics import release_free_heap, rss_bytes
 from shardline.stage import load_stage as load_family_stage
 
 RECORD = 4096  # bytes per rank in the roll call
+LOAD_TAG = 13  # signs of life while loading (wire.py's ring uses 11 and 12)
+BEAT, LAST = 1, 2  # a sign of life; the last one (this rank has loaded, or rank 0 has heard every rank)
+BEAT_BYTES = 64  # kind, then the sender's host name
 
 
 def init_dist():
@@ -76,16 +82,124 @@ def load_stage(model_dir, rank: int, size: int, slots: int, max_context: int | N
     return None, None, None, None, record
 
 
-def roll_call(comm, rank: int, size: int, record: dict) -> tuple[bool, list[dict] | None]:
-    """Gather every rank's record on rank 0 (returned there); every rank learns go or no-go."""
+class LoadWatch:
+    """Signs of life while the ranks load their shards, which takes seconds to minutes per board. A
+    rank that dies meanwhile (the OOM killer, on a board its shard does not fit; a segfault) sends
+    nothing more, and mpirun keeps the job up (--enable-recovery), so the others waited in the roll
+    call for good, or for the supervisor's --start-timeout (600 s).
+
+    Each worker sends rank 0 a beat every `beat` seconds, and rank 0 one to every worker, from a thread
+    while the main thread imports torch, hashes and reads the shard (torch's copies and hashlib release
+    the GIL), then from the roll call's wait. A rank that has heard nothing from a peer for `limit`
+    seconds calls on_silent(message). A slow board is not a dead one: its thread beats on meanwhile.
+    MPI is serialized (one thread at a time): the thread runs only while the main thread makes no MPI
+    call, from start() until pause(). Rank 0 hears every worker, a worker hears rank 0 only; LAST
+    ends a direction (a worker has loaded; rank 0 has heard every worker's LAST), so no beat is left
+    unreceived for a later receive to meet (they have a tag of their own, LOAD_TAG, besides)."""
+
+    def __init__(self, comm, rank: int, size: int, limit: float, on_silent, beat: float = 2.0):
+        from mpi4py import MPI
+        self.MPI, self.comm, self.rank, self.limit, self.on_silent = MPI, comm, rank, limit, on_silent
+        self.beat = min(beat, limit / 4)
+        self.peers = list(range(1, size)) if rank == 0 else [0]
+        now = time.monotonic()
+        self.heard = {p: now for p in self.peers}        # MPI's start waits for every rank: all live now
+        self.hosts: dict[int, str] = {}
+        self.done: set[int] = set()                      # peers whose LAST has come
+        self.ended = False                               # this rank has sent its LAST
+        self.buf = np.zeros(BEAT_BYTES, np.uint8)
+        self.status = MPI.Status()
+        self.req = comm.Irecv(self.buf, source=MPI.ANY_SOURCE if rank == 0 else 0, tag=LOAD_TAG)
+        self.sends: list = []
+        self.next_beat = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="load-watch", daemon=True)
+
+    def start(self) -> "LoadWatch":
+        self.thread.start()
+        return self
+
+    def pause(self) -> None:
+        """Stop the thread: the main thread polls from here on (it is about to make MPI calls)."""
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            self.poll()
+
+    def poll(self) -> None:
+        """Beat when due, take what peers sent, and call on_silent once a peer is silent too long."""
+        now = time.monotonic()
+        if not self.ended and now >= self.next_beat:
+            self._send(BEAT)
+            self.next_beat = now + self.beat
+        self._receive()
+        self.sends = [r for r in self.sends if not r.Test()]
+        silent = [p for p in self.peers if p not in self.done and time.monotonic() - self.heard[p] > self.limit]
+        if silent:
+            self.on_silent(self.describe(silent))
+
+    def describe(self, silent: list[int]) -> str:
+        who = ", ".join(f"rank {p} on {self.hosts[p]}" if p in self.hosts else f"rank {p}" for p in silent)
+        if self.rank == 0:
+            return (f"{who} sent no sign of life for {self.limit:.0f}s while the ranks loaded their shards: it died "
+                    "(out of memory? run journalctl -k | grep -i oom on that board, and split again with its real "
+                    "free memory in python -m splitter --boards FILE) or hangs (--load-silence)")
+        return f"{who} sent no sign of life for {self.limit:.0f}s while the ranks loaded their shards: it died or hangs"
+
+    def _send(self, kind: int) -> None:
+        msg = np.zeros(BEAT_BYTES, np.uint8)
+        host = socket.gethostname().encode()[:BEAT_BYTES - 1]
+        msg[0], msg[1:1 + len(host)] = kind, np.frombuffer(host, np.uint8)
+        for p in self.peers:      # each listens until this rank's LAST, done loading or not itself
+            try:
+                self.sends.append(self.comm.Isend(msg, dest=p, tag=LOAD_TAG))
+            except self.MPI.Exception:      # a TCP link to a peer that died: its silence will tell
+                pass
+
+    def _receive(self) -> None:
+        while self.req is not None and self.req.Test(self.status):
+            src = self.status.Get_source()
+            self.heard[src] = time.monotonic()
+            self.hosts[src] = bytes(self.buf[1:]).rstrip(b"\0").decode(errors="replace")
+            if self.buf[0] == LAST:
+                self.done.add(src)
+            self.req = (None if self.done >= set(self.peers) else
+                        self.comm.Irecv(self.buf, source=0 if self.rank else self.MPI.ANY_SOURCE,
+                                        tag=LOAD_TAG))
+
+    def end(self) -> None:
+        """This rank's LAST: a worker has loaded (rank 0 stops expecting it); rank 0 has every worker's."""
+        self._send(LAST)
+        self.ended = True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Take the peers' remaining beats up to their LAST and complete this rank's sends (bounded)."""
+        end = time.monotonic() + timeout
+        while (self.req is not None or self.sends) and time.monotonic() < end:
+            self._receive()
+            self.sends = [r for r in self.sends if not r.Test()]
+            time.sleep(0.005)
+        if self.req is not None:
+            self.req.Cancel()
+
+
+def roll_call(comm, rank: int, size: int, record: dict, watch: LoadWatch | None = None) -> tuple[bool, list[dict] | None]:
+    """Gather every rank's record on rank 0 (returned there); every rank learns go or no-go. watch: the
+    ranks' signs of life, polled while a rank waits here for those still loading."""
     if comm is None:
         records = [record]
     else:
+        if watch is not None and rank:
+            watch.end()                     # this worker has loaded: rank 0 now waits in the roll call for it
         buf = np.zeros(RECORD, np.uint8)
         raw = _fit(record)
         buf[:len(raw)] = np.frombuffer(raw, np.uint8)
         allbuf = np.zeros((size, RECORD), np.uint8) if rank == 0 else None
-        _wait(comm.Igather(buf, allbuf, root=0))
+        _wait(comm.Igather(buf, allbuf, root=0), watch)
+        if watch is not None and rank == 0:
+            watch.end()                     # every worker is here: they stop listening for rank 0
         records = ([json.loads(bytes(row).rstrip(b"\0") or b"{}") for row in allbuf] if rank == 0 else None)
     go = np.array([1], np.uint8)
     if rank == 0:
@@ -111,7 +225,9 @@ def roll_call(comm, rank: int, size: int, record: dict) -> tuple[bool, list[dict
             print(f"shardline: rank {r.get('rank')} on {r.get('host')}: {r.get('error')}", file=sys.stderr, flush=True)
         go[0] = 0 if bad else 1
     if comm is not None:
-        _wait(comm.Ibcast(go, root=0))
+        _wait(comm.Ibcast(go, root=0), watch)
+        if watch is not None:
+            watch.close()
     return bool(go[0]), records
 
 
@@ -134,11 +250,21 @@ def _fit(record: dict) -> bytes:
     return raw
 
 
-def _wait(request) -> None:
+def _wait(request, watch: LoadWatch | None = None) -> None:
     """Wait for a non-blocking collective, asleep: Open MPI's blocking ones poll without pause, so ranks
     that loaded first spun a core each, which the ranks still loading on the same host needed."""
     while not request.Test():
+        if watch is not None:
+            watch.poll()
         time.sleep(0.05)
+
+
+def _exit_silent(rank: int):
+    def on_silent(message: str) -> None:
+        print(f"[rank {rank} on {socket.gethostname()}] {message}: exiting", file=sys.stderr, flush=True)
+        import os
+        os._exit(1)
+    return on_silent
 
 
 class Node:
@@ -154,15 +280,20 @@ class Node:
 
 def start(model_dir, slots: int, max_context: int | None = None, threads: int | None = None,
           microbatches: int | None = None, device: str | None = "auto", wire_dtype: str = "float32",
-          load_tokenizer=None) -> Node | None:
+          load_tokenizer=None, load_silence: float = 60.0, on_silent=None) -> Node | None:
     """Every rank: join MPI, check and load its own shard, and take part in the roll call.
     Returns None (after rank 0 has printed why) when any rank cannot serve. threads: torch's thread
-    count (main.py has omp.configure choose it; else omp.default_threads)."""
+    count (main.py has omp.configure choose it; else omp.default_threads). on_silent(message): what
+    this rank does once a peer has sent no sign of life for load_silence seconds while loading (it
+    must end the process; by default the message is printed and the process exits with status 1)."""
     comm, rank, size = init_dist()
+    watch = None if comm is None else LoadWatch(comm, rank, size, load_silence, on_silent or _exit_silent(rank)).start()
     import torch
     torch.set_num_threads(threads or omp.default_threads(size, microbatches))
     stage, manifest, tok_dir, tokenizer, record = load_stage(model_dir, rank, size, slots, max_context, device,
                                                              wire_dtype, load_tokenizer)
     omp.Threads().idle()     # loading ran parallel regions: end their threads, which spin (ACTIVE) otherwise
-    go, records = roll_call(comm, rank, size, record)
+    if watch is not None:
+        watch.pause()
+    go, records = roll_call(comm, rank, size, record, watch)
     return Node(comm, rank, size, stage, manifest, tok_dir, records, tokenizer) if go else None

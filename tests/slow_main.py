@@ -44,9 +44,9 @@ def mark_roll_call() -> None:
     from shardline import node
     roll_call = node.roll_call
 
-    def marked(comm, rank, size, record):
+    def marked(comm, rank, size, record, watch=None):
         (marks / f"rank{rank}").touch()
-        return roll_call(comm, rank, size, record)
+        return roll_call(comm, rank, size, record, watch)
     node.roll_call = marked
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -521,6 +522,51 @@ def test_ranks_waiting_for_a_slow_board_to_load_use_no_cpu(long_parts, tmp_path)
         assert waiting, job.log_path.read_text()      # measured while rank 2 was still loading
         assert not (marks / "rank2").exists()
         assert all(s < 0.05 for s in share.values()), (share, busy)   # busy: CPU seconds per thread
+    finally:
+        job.stop()
+
+
+@pytest.mark.parametrize("rank", [2, 0])
+def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp_path, rank):
+    """A rank killed while it loads its shard (the OOM killer, on a board its shard does not fit): the
+    others waited in the roll call for good, or for the supervisor's --start-timeout (600 s), and the
+    service said "starting" all that while. Now the ranks' signs of life show the silence: within
+    --load-silence the job ends, naming the rank, and a worker lost tells where to look (its OOM)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    others = [r for r in (0, 1, 2) if r != rank]
+    job = Slowed(long_parts, tmp_path / "job.log", None, "--load-silence", "3", slow_load=f"{rank}:120",
+                 marks=marks, wait=False)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((marks / f"rank{r}").exists() for r in others):
+            assert job.proc.poll() is None and time.monotonic() < deadline, job.log_path.read_text()
+            time.sleep(0.2)
+        time.sleep(4.0)           # longer than --load-silence: the slow rank is loading, not dead
+        assert job.proc.poll() is None, job.log_path.read_text()
+        rank_processes(job.proc.pid)[rank].kill()
+        killed = time.monotonic()
+        code = job.proc.wait(60)
+        took = time.monotonic() - killed
+        log = job.log_path.read_text()
+        assert code != 0 and not (marks / f"rank{rank}").exists(), (code, log)
+        assert f"rank {rank} on {socket.gethostname()} sent no sign of life for 3s while the ranks loaded" in log, log
+        if rank:
+            assert "journalctl -k" in log and "ending the job" in log, log
+        assert took < 30, (took, log)      # 3 s of silence, then MPI's abort; before: never
+    finally:
+        job.stop()
+
+
+def test_a_rank_slower_to_load_than_the_load_silence_still_starts(long_parts, tmp_path):
+    """Rank 1 takes 8 s longer to load (a large shard from an SD card) under --load-silence 2: its
+    signs of life go on meanwhile, so the job starts and serves."""
+    job = Slowed(long_parts, tmp_path / "job.log", None, "--load-silence", "2", slow_load="1:8", wait=False)
+    try:
+        job.wait_healthy()
+        status, body = http("POST", job.url + "/generate", {"prompt": "hello", "max_new_tokens": 4}, timeout=60)
+        assert status == 200 and body["tokens"] == 4, (body, job.log_path.read_text())
+        assert "sign of life" not in job.log_path.read_text()
     finally:
         job.stop()
 
