@@ -99,7 +99,7 @@ def parse_args(argv=None):
     ap.add_argument("--compute-timeout", type=at_least(1.0, float), default=600.0,
                     help="seconds one rank may compute one step before the job is declared stuck (a slow board "
                          "computing a long prompt chunk needs this much; see also --max-batch-tokens)")
-    ap.add_argument("--load-silence", type=at_least(1.0, float), default=60.0,
+    ap.add_argument("--load-silence", type=at_least(2.0, float), default=60.0,
                     help="seconds a rank may send no sign of life while the ranks load their shards before the "
                          "start is ended, naming it (it died: out of memory?); a slow board still sends them")
     ap.add_argument("--shutdown-grace", type=at_least(0.0, float), default=0.0,

@@ -129,6 +129,8 @@ class Engine:
         # step_timeout: the ring's limit (a dead or hung rank); compute_timeout: one step's on one rank (a
         # rank alive but stuck). See _timed_out.
         self.max_batch_tokens, self.step_timeout, self.compute_timeout = max_batch_tokens, step_timeout, compute_timeout
+        # asked once the ring is quiet for half the step timeout: which worker is gone (an MPI link only)
+        self.probe = wire.Probe(link, size) if isinstance(link, wire.Link) and size > 1 else None
         self.metrics = metrics or Metrics()
         self.log_steps, self.stats_interval = log_steps, stats_interval
         # Generation ends at any of these (the tokenizer's EOS plus generation_config.json's eos_token_id:
@@ -515,17 +517,30 @@ class Engine:
             # heard from every rank since: anything that came home went round the whole ring (a micro-batch,
             # the heartbeat, this rank's PINGs while it computed), and the link notes when it arrived
             heard = max(oldest, self.link.last_traffic)
+            self._ask_if_quiet(heard, now)
             if now - heard > self.step_timeout:
-                return self._fail(f"no answer from the pipeline for {now - heard:.1f}s")
+                return self._fail(f"no answer from the pipeline for {now - heard:.1f}s", silent=self._silent(heard))
             stuck = [r for r in self.rank_stats if r[7] > self.compute_timeout]
             if stuck:
                 row = max(stuck, key=lambda r: r[7])
                 rank = int(row[0])
                 return self._fail(f"rank {rank} ({self.hosts[rank]}) has been computing one step for {row[7]:.0f}s "
                                   f"(--compute-timeout {self.compute_timeout:g})", dead=False)
-        if self._stats_pending and now - self._stats_sent_at > self.step_timeout:
-            return self._fail(f"no answer from the pipeline for {now - self._stats_sent_at:.1f}s")
+        if self._stats_pending:
+            self._ask_if_quiet(self._stats_sent_at, now)
+            if now - self._stats_sent_at > self.step_timeout:
+                return self._fail(f"no answer from the pipeline for {now - self._stats_sent_at:.1f}s",
+                                  silent=self._silent(self._stats_sent_at))
         return False
+
+    def _ask_if_quiet(self, heard: float, now: float) -> None:
+        """Ask every worker directly (wire.Probe) once the ring has been quiet for half the step timeout
+        since `heard`: by the timeout, those alive have answered."""
+        if self.probe is not None and now - heard > self.step_timeout / 2 and not self.probe.asked_since(heard):
+            self.probe.ask()
+
+    def _silent(self, heard: float) -> list[int] | None:
+        return None if self.probe is None else self.probe.silent(heard)
 
     def _stuck(self, busy: float) -> None:
         """Rank 0's own step (its layers, the head, sampling) has run for --compute-timeout, or its start-up
@@ -550,11 +565,21 @@ class Engine:
         time.sleep(0.5)        # let the error responses go out
         os._exit(1)
 
-    def _fail(self, what: str, dead: bool = True) -> bool:
+    def _fail(self, what: str, dead: bool = True, silent: list[int] | None = None) -> bool:
+        """silent: the workers that did not answer rank 0 directly (wire.Probe); None when not asked."""
         ranks = f"ranks 1..{self.size - 1} on {', '.join(self.hosts[1:])}"
-        cause = (f"a rank is dead or hung ({ranks}), or the network between them is down" if dead else
-                 "a rank is alive but its step does not end; raise --compute-timeout if the boards are just "
-                 "that slow, or lower --max-batch-tokens for shorter steps")
+        if not dead:
+            cause = ("a rank is alive but its step does not end; raise --compute-timeout if the boards are just "
+                     "that slow, or lower --max-batch-tokens for shorter steps")
+        elif silent:
+            names = ", ".join(f"rank {r} ({self.hosts[r]})" for r in silent)
+            cause = (f"{names} did not answer rank 0 directly either: dead (killed? out of memory? see its "
+                     "board's journalctl -k), stopped or hung, or cut off from the network")
+        elif silent == []:
+            cause = (f"every rank ({ranks}) answered rank 0 directly, so the network between two of them is "
+                     "down, or a message between them was lost")
+        else:
+            cause = f"a rank is dead or hung ({ranks}), or the network between them is down"
         self.failed = f"{what}: {cause}; the job stops so a supervisor can restart it"
         self._fail_all(self.failed)
         return True

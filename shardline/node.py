@@ -23,8 +23,9 @@ from shardline.stage import load_stage as load_family_stage
 
 RECORD = 4096  # bytes per rank in the roll call
 LOAD_TAG = 13  # signs of life while loading (wire.py's ring uses 11 and 12)
-BEAT, LAST = 1, 2  # a sign of life; the last one (this rank has loaded, or rank 0 has heard every rank)
+BEAT, LAST = 1, 2  # a sign of life; the last one (this rank is past the roll call)
 BEAT_BYTES = 64  # kind, then the sender's host name
+BEAT_SECONDS = 0.5  # fixed, not derived from --load-silence: ranks started with different limits still agree
 
 
 def init_dist():
@@ -88,19 +89,22 @@ class LoadWatch:
     nothing more, and mpirun keeps the job up (--enable-recovery), so the others waited in the roll
     call for good, or for the supervisor's --start-timeout (600 s).
 
-    Each worker sends rank 0 a beat every `beat` seconds, and rank 0 one to every worker, from a thread
-    while the main thread imports torch, hashes and reads the shard (torch's copies and hashlib release
-    the GIL), then from the roll call's wait. A rank that has heard nothing from a peer for `limit`
-    seconds calls on_silent(message). A slow board is not a dead one: its thread beats on meanwhile.
-    MPI is serialized (one thread at a time): the thread runs only while the main thread makes no MPI
-    call, from start() until pause(). Rank 0 hears every worker, a worker hears rank 0 only; LAST
-    ends a direction (a worker has loaded; rank 0 has heard every worker's LAST), so no beat is left
-    unreceived for a later receive to meet (they have a tag of their own, LOAD_TAG, besides)."""
+    Each worker sends rank 0 a beat every BEAT_SECONDS, and rank 0 one to every worker, from a thread
+    while the main thread hashes and reads the shard (torch's copies and hashlib release the GIL), then
+    from the roll call's waits, through its broadcast: a rank that has loaded and waits there can still
+    die (the OOM killer picks the largest process, which may be a loaded rank beside one still loading).
+    A rank that has heard nothing from a peer for `limit` seconds calls on_silent(message). A slow
+    board is not a dead one: its thread beats on meanwhile. MPI is serialized (one thread at a time):
+    the thread runs only while the main thread makes no MPI call, from start() until pause(). Rank 0
+    hears every worker, a worker hears rank 0 only; after the roll call each rank sends LAST and takes
+    its peers' beats up to theirs, so none is left unreceived for a later receive to meet (they have a
+    tag of their own, LOAD_TAG, besides). An MPI error here (a peer's TCP link gone) ends the start
+    through on_silent as well, never silently in the thread."""
 
-    def __init__(self, comm, rank: int, size: int, limit: float, on_silent, beat: float = 2.0):
+    def __init__(self, comm, rank: int, size: int, limit: float, on_silent, beat: float = BEAT_SECONDS):
         from mpi4py import MPI
         self.MPI, self.comm, self.rank, self.limit, self.on_silent = MPI, comm, rank, limit, on_silent
-        self.beat = min(beat, limit / 4)
+        self.beat = beat
         self.peers = list(range(1, size)) if rank == 0 else [0]
         now = time.monotonic()
         self.heard = {p: now for p in self.peers}        # MPI's start waits for every rank: all live now
@@ -125,8 +129,11 @@ class LoadWatch:
         self.thread.join()
 
     def _run(self) -> None:
-        while not self.stop.wait(0.05):
-            self.poll()
+        try:
+            while not self.stop.wait(0.05):
+                self.poll()
+        except Exception as err:  # noqa: BLE001 - the start cannot go on without the watch
+            self.on_silent(f"the ranks' signs of life failed while they loaded: {type(err).__name__}: {err}")
 
     def poll(self) -> None:
         """Beat when due, take what peers sent, and call on_silent once a peer is silent too long."""
@@ -134,8 +141,12 @@ class LoadWatch:
         if not self.ended and now >= self.next_beat:
             self._send(BEAT)
             self.next_beat = now + self.beat
-        self._receive()
-        self.sends = [r for r in self.sends if not r.Test()]
+        try:
+            self._receive()
+        except self.MPI.Exception as err:   # the receive itself failed (a peer's TCP link gone, under ULFM)
+            self.on_silent(f"the ranks' signs of life failed while they loaded: {err}")
+            return
+        self._reap()
         silent = [p for p in self.peers if p not in self.done and time.monotonic() - self.heard[p] > self.limit]
         if silent:
             self.on_silent(self.describe(silent))
@@ -158,6 +169,18 @@ class LoadWatch:
             except self.MPI.Exception:      # a TCP link to a peer that died: its silence will tell
                 pass
 
+    def _reap(self) -> None:
+        """Forget completed sends; a send that failed (its peer's TCP link is gone) is dropped: that
+        peer's silence tells."""
+        left = []
+        for r in self.sends:
+            try:
+                if not r.Test():
+                    left.append(r)
+            except self.MPI.Exception:
+                pass
+        self.sends = left
+
     def _receive(self) -> None:
         while self.req is not None and self.req.Test(self.status):
             src = self.status.Get_source()
@@ -169,20 +192,21 @@ class LoadWatch:
                         self.comm.Irecv(self.buf, source=0 if self.rank else self.MPI.ANY_SOURCE,
                                         tag=LOAD_TAG))
 
-    def end(self) -> None:
-        """This rank's LAST: a worker has loaded (rank 0 stops expecting it); rank 0 has every worker's."""
+    def close(self, timeout: float = 10.0) -> None:
+        """After the roll call: this rank's LAST, then the peers' remaining beats up to theirs, and this
+        rank's sends completed (bounded: a peer that died just now is the ring's to find)."""
         self._send(LAST)
         self.ended = True
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Take the peers' remaining beats up to their LAST and complete this rank's sends (bounded)."""
         end = time.monotonic() + timeout
-        while (self.req is not None or self.sends) and time.monotonic() < end:
-            self._receive()
-            self.sends = [r for r in self.sends if not r.Test()]
-            time.sleep(0.005)
-        if self.req is not None:
-            self.req.Cancel()
+        try:
+            while (self.req is not None or self.sends) and time.monotonic() < end:
+                self._receive()
+                self._reap()
+                time.sleep(0.005)
+            if self.req is not None:
+                self.req.Cancel()
+        except self.MPI.Exception:      # a peer gone meanwhile: the ring's heartbeat will tell
+            pass
 
 
 def roll_call(comm, rank: int, size: int, record: dict, watch: LoadWatch | None = None) -> tuple[bool, list[dict] | None]:
@@ -191,15 +215,11 @@ def roll_call(comm, rank: int, size: int, record: dict, watch: LoadWatch | None 
     if comm is None:
         records = [record]
     else:
-        if watch is not None and rank:
-            watch.end()                     # this worker has loaded: rank 0 now waits in the roll call for it
         buf = np.zeros(RECORD, np.uint8)
         raw = _fit(record)
         buf[:len(raw)] = np.frombuffer(raw, np.uint8)
         allbuf = np.zeros((size, RECORD), np.uint8) if rank == 0 else None
         _wait(comm.Igather(buf, allbuf, root=0), watch)
-        if watch is not None and rank == 0:
-            watch.end()                     # every worker is here: they stop listening for rank 0
         records = ([json.loads(bytes(row).rstrip(b"\0") or b"{}") for row in allbuf] if rank == 0 else None)
     go = np.array([1], np.uint8)
     if rank == 0:
@@ -275,7 +295,8 @@ class Node:
         self.comm, self.rank, self.size = comm, rank, size
         self.stage, self.manifest, self.tok_dir, self.records = stage, manifest, tok_dir, records
         self.tokenizer = tokenizer
-        self.link = wire.Link(comm, prev=(rank - 1) % size, next=(rank + 1) % size) if size > 1 else None
+        self.link = (wire.Link(comm, prev=(rank - 1) % size, next=(rank + 1) % size, answers_probes=rank > 0)
+                     if size > 1 else None)
 
 
 def start(model_dir, slots: int, max_context: int | None = None, threads: int | None = None,
@@ -288,12 +309,14 @@ def start(model_dir, slots: int, max_context: int | None = None, threads: int | 
     must end the process; by default the message is printed and the process exits with status 1)."""
     comm, rank, size = init_dist()
     watch = None if comm is None else LoadWatch(comm, rank, size, load_silence, on_silent or _exit_silent(rank)).start()
-    import torch
-    torch.set_num_threads(threads or omp.default_threads(size, microbatches))
-    stage, manifest, tok_dir, tokenizer, record = load_stage(model_dir, rank, size, slots, max_context, device,
-                                                             wire_dtype, load_tokenizer)
-    omp.Threads().idle()     # loading ran parallel regions: end their threads, which spin (ACTIVE) otherwise
-    if watch is not None:
-        watch.pause()
+    try:
+        import torch
+        torch.set_num_threads(threads or omp.default_threads(size, microbatches))
+        stage, manifest, tok_dir, tokenizer, record = load_stage(model_dir, rank, size, slots, max_context, device,
+                                                                 wire_dtype, load_tokenizer)
+        omp.Threads().idle()     # loading ran parallel regions: end their threads, which spin (ACTIVE) otherwise
+    finally:
+        if watch is not None:
+            watch.pause()        # before any other MPI call, even on the way out (serialized)
     go, records = roll_call(comm, rank, size, record, watch)
     return Node(comm, rank, size, stage, manifest, tok_dir, records, tokenizer) if go else None

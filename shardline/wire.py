@@ -24,6 +24,7 @@ from shardline.stage import Seq
 FORWARD, STATS, SHUTDOWN, PING = 1, 2, 3, 4   # kinds (PING: rank 0 is busy but alive; no payload)
 FLAG_ALL_ROWS = 1                        # the last stage returns every token's state, not each sequence's last
 TAG_HEADER, TAG_PAYLOAD = 11, 12
+TAG_PROBE, TAG_ANSWER = 14, 15   # rank 0's direct question to every worker (Probe), and their answers
 FIXED, MAX_SEQS = 6, 1024
 PAYLOAD_DTYPE = {FORWARD: np.float32, STATS: np.float64}
 
@@ -90,12 +91,15 @@ class Link:
     Keepalive thread can use the link while the rank's loop computes; messages that thread received
     for the loop wait in `held`, which poll() returns first, in order."""
 
-    def __init__(self, comm, prev: int, next: int):
+    def __init__(self, comm, prev: int, next: int, answers_probes: bool = False):
         from mpi4py import MPI
         self.MPI, self.comm, self.prev, self.next = MPI, comm, prev, next
         self.hbuf = np.empty(FIXED + 3 * MAX_SEQS, np.int32)
         self.status = MPI.Status()
         self.req = comm.Irecv(self.hbuf, source=prev, tag=TAG_HEADER)
+        # a worker answers rank 0's Probe wherever it polls the link (its loop, or its Keepalive in a long step)
+        self.probe_buf = np.zeros(1, np.int64)
+        self.probe_req = comm.Irecv(self.probe_buf, source=0, tag=TAG_PROBE) if answers_probes else None
         self.pending: list[tuple[object, tuple]] = []   # (request, buffers kept alive until sent)
         self.bytes_sent = self.bytes_recv = 0
         self.last_traffic = time.monotonic()
@@ -135,6 +139,10 @@ class Link:
             return self._poll()
 
     def _poll(self) -> Message | None:
+        while self.probe_req is not None and self.probe_req.Test():
+            answer = self.probe_buf.copy()
+            self.pending.append((self.comm.Isend(answer, dest=0, tag=TAG_ANSWER), (answer,)))
+            self.probe_req = self.comm.Irecv(self.probe_buf, source=0, tag=TAG_PROBE)
         if not self.req.Test(self.status):
             return None
         count = self.status.Get_count(self.MPI.INT32_T)
@@ -155,6 +163,51 @@ class Link:
             self.reap()
             time.sleep(0.001)
         return not self.pending
+
+
+class Probe:
+    """Rank 0's direct question to every worker, asked once the ring has been quiet for half the step
+    timeout, so that when it gives up on the ring it can say which rank is gone. The ring only tells that
+    a message did not come home; a worker that answers directly is alive and polling its link (its loop,
+    or its Keepalive during a long step), one that does not is dead (killed: out of memory?), stopped,
+    or cut off from rank 0. Answers carry the round they answer, so a late one never counts for the next."""
+
+    def __init__(self, link: Link, size: int):
+        self.link, self.workers = link, list(range(1, size))
+        self.buf = np.zeros(1, np.int64)
+        self.status = link.MPI.Status()
+        self.req = link.comm.Irecv(self.buf, source=link.MPI.ANY_SOURCE, tag=TAG_ANSWER)
+        self.round, self.asked_at = 0, None
+        self.answered: set[int] = set()
+
+    def ask(self) -> None:
+        """A new round: the question goes to every worker (one that cannot be reached will not answer)."""
+        self.round += 1
+        self.asked_at, self.answered = time.monotonic(), set()
+        with self.link.lock:
+            for r in self.workers:
+                question = np.array([self.round], np.int64)
+                try:
+                    self.link.pending.append((self.link.comm.Isend(question, dest=r, tag=TAG_PROBE), (question,)))
+                except self.link.MPI.Exception:     # a TCP link to a board that died
+                    pass
+
+    def poll(self) -> None:
+        with self.link.lock:
+            while self.req.Test(self.status):
+                if int(self.buf[0]) == self.round:
+                    self.answered.add(self.status.Get_source())
+                self.req = self.link.comm.Irecv(self.buf, source=self.link.MPI.ANY_SOURCE, tag=TAG_ANSWER)
+
+    def asked_since(self, t: float) -> bool:
+        return self.asked_at is not None and self.asked_at > t
+
+    def silent(self, since: float) -> list[int] | None:
+        """The workers that have not answered a round asked after `since` (None: no such round yet)."""
+        if not self.asked_since(since):
+            return None
+        self.poll()
+        return [r for r in self.workers if r not in self.answered]
 
 
 class Keepalive:

@@ -150,6 +150,9 @@ def test_a_dead_or_hung_worker_fails_clients_fast_and_the_job_comes_back(long_pa
         assert time.monotonic() - t_break < 30
         log = job.log_path.read_text()
         assert "job failed (it ended with status" in log and "restarting" in log, log
+        # the ring only says a message did not come home; rank 0's direct question names the rank gone
+        assert f"rank 1 ({socket.gethostname()}) did not answer rank 0 directly either" in log, log
+        assert "rank 2 (" not in log.split("did not answer")[0].rsplit("shardline:", 1)[-1], log
         status, body = http("POST", job.url + "/generate", {"prompt": "again", "max_new_tokens": 4})
         assert status == 200 and body["tokens"] == 4
         assert not [s for s in segments if os.path.exists(s)], log    # 16 MiB each, in RAM
@@ -526,16 +529,18 @@ def test_ranks_waiting_for_a_slow_board_to_load_use_no_cpu(long_parts, tmp_path)
         job.stop()
 
 
-@pytest.mark.parametrize("rank", [2, 0])
-def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp_path, rank):
-    """A rank killed while it loads its shard (the OOM killer, on a board its shard does not fit): the
+@pytest.mark.parametrize("slow,rank", [(2, 2), (0, 0), (2, 1)], ids=["worker-loading", "rank0-loading",
+                                                                     "worker-waiting-in-roll-call"])
+def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp_path, slow, rank):
+    """A rank killed while the ranks load their shards (the OOM killer, on a board its shard does not
+    fit; it may pick a rank that has loaded and waits in the roll call beside one still loading): the
     others waited in the roll call for good, or for the supervisor's --start-timeout (600 s), and the
     service said "starting" all that while. Now the ranks' signs of life show the silence: within
     --load-silence the job ends, naming the rank, and a worker lost tells where to look (its OOM)."""
     marks = tmp_path / "marks"
     marks.mkdir()
-    others = [r for r in (0, 1, 2) if r != rank]
-    job = Slowed(long_parts, tmp_path / "job.log", None, "--load-silence", "3", slow_load=f"{rank}:120",
+    others = [r for r in (0, 1, 2) if r != slow]
+    job = Slowed(long_parts, tmp_path / "job.log", None, "--load-silence", "3", slow_load=f"{slow}:120",
                  marks=marks, wait=False)
     try:
         deadline = time.monotonic() + 120
@@ -549,7 +554,7 @@ def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp
         code = job.proc.wait(60)
         took = time.monotonic() - killed
         log = job.log_path.read_text()
-        assert code != 0 and not (marks / f"rank{rank}").exists(), (code, log)
+        assert code != 0 and not (marks / f"rank{slow}").exists(), (code, log)
         assert f"rank {rank} on {socket.gethostname()} sent no sign of life for 3s while the ranks loaded" in log, log
         if rank:
             assert "journalctl -k" in log and "ending the job" in log, log

@@ -36,3 +36,37 @@ def test_a_payload_of_no_rows_does_not_shift_the_payloads_after_it():
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
     sent, recv = map(int, out.stdout.split()[1:])
     assert sent == recv == 4 * (6 + 6 + 3) + 2 * 6 * 4          # two headers, one 2x6 float32 payload
+
+
+PROBE_SCRIPT = r"""
+import time
+from mpi4py import MPI
+from shardline import wire
+link = wire.Link(MPI.COMM_SELF, 0, 0, answers_probes=True)   # the worker side: answers wherever it polls
+probe = wire.Probe(link, 1)
+probe.workers = [0]                                          # COMM_SELF: the one "worker" is this rank
+t0 = time.monotonic()
+assert probe.silent(t0 - 1) is None                          # nothing asked yet: no verdict
+probe.ask()
+assert probe.silent(t0 - 1) == [0]                           # asked, not yet answered (the link was not polled)
+deadline = time.monotonic() + 20
+while probe.silent(t0 - 1) and time.monotonic() < deadline:
+    link.poll()
+assert probe.silent(t0 - 1) == [], "no answer"
+assert probe.silent(time.monotonic()) is None                # a round asked before `since` says nothing of now
+probe.ask()                                                  # round 2: round 1's answer does not count for it
+assert probe.silent(t0 - 1) == [0]
+while probe.silent(t0 - 1) and time.monotonic() < deadline:
+    link.poll()
+assert probe.silent(t0 - 1) == [] and probe.round == 2
+print("ok")
+"""
+
+
+def test_rank_0s_direct_probe_counts_only_answers_to_its_own_round():
+    """wire.Probe: when the ring goes quiet, rank 0 asks every worker directly so that its error can name
+    the rank that is gone; a worker answers wherever it polls its link. An answer to an earlier round
+    must not make a now-dead worker look alive."""
+    out = subprocess.run([str(PY), "-c", PROBE_SCRIPT], cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
