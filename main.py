@@ -174,6 +174,8 @@ def _end_start(args, message: str) -> None:
 
 def _serve_worker(args, node) -> int:
     rank = node.rank
+    from mpi4py.MPI import Exception as MPIError
+
     from shardline import worker
     deadline = [None]
 
@@ -188,6 +190,14 @@ def _serve_worker(args, node) -> int:
                      silence_timeout=silence(args.step_timeout), heartbeat=heartbeat(args.step_timeout))
     except worker.Silence as err:
         print(f"[rank {rank} on {socket.gethostname()}] {err}: the job is broken, exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+    except MPIError as err:
+        # a neighbour's process ended (ULFM: wire.TCP_MCA). Exit without MPI_Abort, which would end rank 0
+        # too before it has answered its clients: it sees the failure itself, or its silence timeout does.
+        from shardline.wire import failed_ranks
+        gone = failed_ranks(node.comm)
+        print(f"[rank {rank} on {socket.gethostname()}] {'rank ' + ', '.join(map(str, gone)) + ' died' if gone else err}"
+              ": the job is broken, exiting", file=sys.stderr, flush=True)
         os._exit(1)
     except Exception as err:
         print(f"[rank {rank} on {socket.gethostname()}] {type(err).__name__}: {err}", file=sys.stderr, flush=True)

@@ -239,7 +239,14 @@ class Engine:
                     else:
                         wire.idle_sleep(time.monotonic() - (self.link.last_traffic if self.link else 0))
         except Exception as err:  # an MPI error (a peer's connection dropped) or a bug: never leave clients hanging
-            self.failed = f"the pipeline failed: {type(err).__name__}: {err}"
+            gone = wire.failed_ranks(self.link.comm) if isinstance(self.link, wire.Link) else []
+            if gone:      # ULFM (wire.TCP_MCA) says which rank's process ended
+                names = ", ".join(f"rank {r} ({self.hosts[r]})" for r in gone)
+                self.failed = (f"{names} {'has' if len(gone) == 1 else 'have'} died (MPI reports the process "
+                               "failed: killed? out of memory? see the board's journalctl -k); the job stops so a "
+                               "supervisor can restart it")
+            else:
+                self.failed = f"the pipeline failed: {type(err).__name__}: {err}"
             self._fail_all(self.failed)
             import traceback
             traceback.print_exc()
@@ -536,7 +543,11 @@ class Engine:
     def _ask_if_quiet(self, heard: float, now: float) -> None:
         """Ask every worker directly (wire.Probe) once the ring has been quiet for half the step timeout
         since `heard`: by the timeout, those alive have answered."""
-        if self.probe is not None and now - heard > self.step_timeout / 2 and not self.probe.asked_since(heard):
+        if self.probe is None:
+            return
+        if self.probe.asked_at is not None:
+            self.probe.poll()     # take late answers of an earlier round, so none stay queued
+        if now - heard > self.step_timeout / 2 and not self.probe.asked_since(heard):
             self.probe.ask()
 
     def _silent(self, heard: float) -> list[int] | None:

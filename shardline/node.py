@@ -143,21 +143,32 @@ class LoadWatch:
             self.next_beat = now + self.beat
         try:
             self._receive()
-        except self.MPI.Exception as err:   # the receive itself failed (a peer's TCP link gone, under ULFM)
-            self.on_silent(f"the ranks' signs of life failed while they loaded: {err}")
+        except self.MPI.Exception as err:   # the receive itself failed: a peer's process ended (ULFM)
+            self.failed(err)
             return
         self._reap()
         silent = [p for p in self.peers if p not in self.done and time.monotonic() - self.heard[p] > self.limit]
         if silent:
             self.on_silent(self.describe(silent))
 
-    def describe(self, silent: list[int]) -> str:
+    def failed(self, err: Exception) -> None:
+        """An MPI call of the start failed (ULFM: a rank's process ended; see wire.TCP_MCA): on_silent,
+        naming the ranks MPI knows to have failed."""
+        from shardline.wire import failed_ranks
+        gone = [p for p in failed_ranks(self.comm) if p != self.rank]
+        self.on_silent(self.describe(gone, died=True) if gone else
+                       f"the ranks' signs of life failed while they loaded: {err}")
+
+    def describe(self, silent: list[int], died: bool = False) -> str:
+        """died: MPI reported these peers' processes failed (ULFM); else they are only silent."""
         who = ", ".join(f"rank {p} on {self.hosts[p]}" if p in self.hosts else f"rank {p}" for p in silent)
-        if self.rank == 0:
-            return (f"{who} sent no sign of life for {self.limit:.0f}s while the ranks loaded their shards: it died "
-                    "(out of memory? run journalctl -k | grep -i oom on that board, and split again with its real "
-                    "free memory in python -m splitter --boards FILE) or hangs (--load-silence)")
-        return f"{who} sent no sign of life for {self.limit:.0f}s while the ranks loaded their shards: it died or hangs"
+        oom = ("out of memory? run journalctl -k | grep -i oom on that board, and split again with its real free "
+               "memory in python -m splitter --boards FILE")
+        if died:
+            return (f"{who} died while the ranks loaded their shards (MPI reports the process failed"
+                    f"{'; ' + oom if self.rank == 0 else ''})")
+        what = f"{who} sent no sign of life for {self.limit:.0f}s while the ranks loaded their shards"
+        return f"{what}: it died ({oom}) or hangs (--load-silence)" if self.rank == 0 else f"{what}: it died or hangs"
 
     def _send(self, kind: int) -> None:
         msg = np.zeros(BEAT_BYTES, np.uint8)
@@ -273,7 +284,14 @@ def _fit(record: dict) -> bytes:
 def _wait(request, watch: LoadWatch | None = None) -> None:
     """Wait for a non-blocking collective, asleep: Open MPI's blocking ones poll without pause, so ranks
     that loaded first spun a core each, which the ranks still loading on the same host needed."""
-    while not request.Test():
+    while True:
+        try:
+            if request.Test():
+                return
+        except Exception as err:     # MPI's: a rank's process ended (ULFM) while the others waited for it
+            if watch is not None:
+                watch.failed(err)    # ends the process with a message naming it
+            raise
         if watch is not None:
             watch.poll()
         time.sleep(0.05)

@@ -41,18 +41,37 @@ PAYLOAD_DTYPE = {FORWARD: np.float32, STATS: np.float64}
 # keepalives after 3 s idle, 2 s apart, 3 missed: mpirun ends the job about 9 s after the cut (an
 # idle ring too), and a daemon on a board cut off from the head ends its ranks the same way. (A
 # keepalive probe is answered by the peer's kernel, so a board busy computing is never taken for lost.)
+# A rank that dies on a board that stays up (the OOM killer) closes its TCP connections, and Open MPI's
+# default answer to the closed socket is MPI_ERRORS_ARE_FATAL: its neighbour (rank 0 too) aborted at
+# once, and rank 0's waiting clients lost their connections without an answer (measured: 0.1 s after
+# the kill, "An error occurred in Socket closed"). With mpi_ft_enable (ULFM, with mpirun's
+# --enable-recovery) the neighbour's next MPI call raises MPI_ERR_PROC_FAILED instead, and
+# Comm.Get_failed() names the rank: rank 0 answers its clients with that (failed_ranks) within a second.
 TCP_MCA = (
     ("btl", "tcp,self"),
     ("btl_tcp_progress_thread", "1"),
     ("oob_tcp_keepalive_time", "3"),
     ("oob_tcp_keepalive_intvl", "2"),
     ("oob_tcp_keepalive_probes", "3"),
+    ("mpi_ft_enable", "1"),
 )
 
 
 def mca_args(mca=TCP_MCA) -> list[str]:
     """TCP_MCA as mpirun arguments: ['--mca', name, value, ...]."""
     return [a for name, value in mca for a in ("--mca", name, value)]
+
+
+def failed_ranks(comm) -> list[int]:
+    """The ranks of comm that MPI knows to have failed (ULFM, mpi_ft_enable: see TCP_MCA); [] where it
+    knows none, or cannot tell."""
+    try:
+        from mpi4py import MPI
+        group = comm.Get_failed()
+        return sorted(r for r in MPI.Group.Translate_ranks(group, list(range(group.Get_size())), comm.Get_group())
+                      if r != MPI.UNDEFINED)
+    except Exception:  # noqa: BLE001 - an MPI without ULFM, or a comm that is gone: no names
+        return []
 
 
 def payload_dtype(msg) -> type:
@@ -179,6 +198,7 @@ class Probe:
         self.req = link.comm.Irecv(self.buf, source=link.MPI.ANY_SOURCE, tag=TAG_ANSWER)
         self.round, self.asked_at = 0, None
         self.answered: set[int] = set()
+        self.sends: list = []      # its own: a send to a dead rank fails here, not in the ring's link
 
     def ask(self) -> None:
         """A new round: the question goes to every worker (one that cannot be reached will not answer)."""
@@ -188,26 +208,45 @@ class Probe:
             for r in self.workers:
                 question = np.array([self.round], np.int64)
                 try:
-                    self.link.pending.append((self.link.comm.Isend(question, dest=r, tag=TAG_PROBE), (question,)))
+                    self.sends.append(self.link.comm.Isend(question, dest=r, tag=TAG_PROBE))
                 except self.link.MPI.Exception:     # a TCP link to a board that died
                     pass
 
     def poll(self) -> None:
+        """Take the answers that came (an MPI error here leaves the answers so far: the caller names
+        the silent ones from those)."""
         with self.link.lock:
-            while self.req.Test(self.status):
-                if int(self.buf[0]) == self.round:
-                    self.answered.add(self.status.Get_source())
-                self.req = self.link.comm.Irecv(self.buf, source=self.link.MPI.ANY_SOURCE, tag=TAG_ANSWER)
+            try:
+                while self.req.Test(self.status):
+                    if int(self.buf[0]) == self.round:
+                        self.answered.add(self.status.Get_source())
+                    self.req = self.link.comm.Irecv(self.buf, source=self.link.MPI.ANY_SOURCE, tag=TAG_ANSWER)
+            except self.link.MPI.Exception:
+                pass
+            left = []
+            for req in self.sends:
+                try:
+                    if not req.Test():
+                        left.append(req)
+                except self.link.MPI.Exception:     # that worker is gone: it will not answer
+                    pass
+            self.sends = left
 
     def asked_since(self, t: float) -> bool:
         return self.asked_at is not None and self.asked_at > t
 
-    def silent(self, since: float) -> list[int] | None:
-        """The workers that have not answered a round asked after `since` (None: no such round yet)."""
+    def silent(self, since: float, grace: float = 1.0) -> list[int] | None:
+        """The workers that have not answered a round asked after `since` (None: no such round yet).
+        A round younger than `grace` seconds (asked just now, by a check that came late: rank 0 was busy
+        with a long step) is waited for until it is that old, so live workers have had time to answer."""
         if not self.asked_since(since):
             return None
-        self.poll()
-        return [r for r in self.workers if r not in self.answered]
+        while True:
+            self.poll()
+            silent = [r for r in self.workers if r not in self.answered]
+            if not silent or time.monotonic() - self.asked_at >= grace:
+                return silent
+            time.sleep(0.01)
 
 
 class Keepalive:

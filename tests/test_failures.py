@@ -308,12 +308,16 @@ class Slowed:
     (slow_load) slowed down, as on a board much slower than this host (tests/slow_main.py)."""
 
     def __init__(self, parts: Path, log: Path, slow: str | None, *args: str, slow_load: str | None = None,
-                 slow_start: float | None = None, marks: Path | None = None, wait: bool = True):
+                 slow_start: float | None = None, marks: Path | None = None, wait: bool = True, tcp: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path, self.log = log, open(log, "w")
         cmd = launch_cmd(3, str(ROOT / "tests" / "slow_main.py"), "--model-dir", str(parts), "--port",
                          str(self.port), *args)
+        if tcp:    # as between boards: Open MPI's TCP transport with the project's settings
+            from shardline.wire import mca_args
+            at = cmd.index("--enable-recovery") + 1
+            cmd[at:at] = mca_args()
         env = dict(mpi_env(), **({"SHARDLINE_TEST_SLOW": slow} if slow else {}),
                    **({"SHARDLINE_TEST_SLOW_LOAD": slow_load} if slow_load else {}),
                    **({"SHARDLINE_TEST_SLOW_START": str(slow_start)} if slow_start else {}),
@@ -529,9 +533,9 @@ def test_ranks_waiting_for_a_slow_board_to_load_use_no_cpu(long_parts, tmp_path)
         job.stop()
 
 
-@pytest.mark.parametrize("slow,rank", [(2, 2), (0, 0), (2, 1)], ids=["worker-loading", "rank0-loading",
-                                                                     "worker-waiting-in-roll-call"])
-def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp_path, slow, rank):
+@pytest.mark.parametrize("slow,rank,tcp", [(2, 2, False), (0, 0, False), (2, 1, False), (2, 2, True)],
+                         ids=["worker-loading", "rank0-loading", "worker-waiting-in-roll-call", "worker-loading-tcp"])
+def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp_path, slow, rank, tcp):
     """A rank killed while the ranks load their shards (the OOM killer, on a board its shard does not
     fit; it may pick a rank that has loaded and waits in the roll call beside one still loading): the
     others waited in the roll call for good, or for the supervisor's --start-timeout (600 s), and the
@@ -541,7 +545,7 @@ def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp
     marks.mkdir()
     others = [r for r in (0, 1, 2) if r != slow]
     job = Slowed(long_parts, tmp_path / "job.log", None, "--load-silence", "3", slow_load=f"{slow}:120",
-                 marks=marks, wait=False)
+                 marks=marks, wait=False, tcp=tcp)
     try:
         deadline = time.monotonic() + 120
         while not all((marks / f"rank{r}").exists() for r in others):
@@ -555,10 +559,34 @@ def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp
         took = time.monotonic() - killed
         log = job.log_path.read_text()
         assert code != 0 and not (marks / f"rank{slow}").exists(), (code, log)
-        assert f"rank {rank} on {socket.gethostname()} sent no sign of life for 3s while the ranks loaded" in log, log
+        # over TCP, MPI itself reports the process failed (ULFM, wire.TCP_MCA); over shared memory, silence
+        said = "died while the ranks loaded" if tcp else "sent no sign of life for 3s while the ranks loaded"
+        assert f"rank {rank} on {socket.gethostname()} {said}" in log, log
         if rank:
             assert "journalctl -k" in log and "ending the job" in log, log
         assert took < 30, (took, log)      # 3 s of silence, then MPI's abort; before: never
+    finally:
+        job.stop()
+
+
+def test_a_rank_killed_over_tcp_is_named_to_the_waiting_clients(long_parts, tmp_path):
+    """Between boards (TCP), a rank killed on a board that stays up (the OOM killer) closes its
+    connections, and Open MPI's default answer was to abort its neighbours at once: rank 0 died too,
+    and its streaming clients lost their connections without a word. With wire.TCP_MCA (mpi_ft_enable)
+    rank 0 answers every waiting client with an error naming the rank, within a second or two."""
+    job = Slowed(long_parts, tmp_path / "job.log", None, tcp=True)
+    try:
+        results, first = stream_clients(job.url, 3, 1000)
+        assert first.wait(30), ("no token arrived", job.log_path.read_text())
+        rank_processes(job.proc.pid)[2].kill()
+        t_kill = time.monotonic()
+        wait_ended(results, 15)
+        log = job.log_path.read_text()
+        for r in results:
+            assert r["outcome"] is not None and r["outcome"].startswith("error"), (r, log)
+            assert f"rank 2 ({socket.gethostname()}) has died" in r["outcome"], (r, log)
+            assert r["t_end"] - t_kill < 5, (r, log)
+        assert job.proc.wait(30) != 0
     finally:
         job.stop()
 
