@@ -192,12 +192,20 @@ def _serve_worker(args, node) -> int:
         print(f"[rank {rank} on {socket.gethostname()}] {err}: the job is broken, exiting", file=sys.stderr, flush=True)
         os._exit(1)
     except MPIError as err:
-        # a neighbour's process ended (ULFM: wire.TCP_MCA). Exit without MPI_Abort, which would end rank 0
-        # too before it has answered its clients: it sees the failure itself, or its silence timeout does.
+        # A neighbour's process ended (ULFM: wire.TCP_MCA). No MPI_Abort, which would end rank 0 before it
+        # has answered its clients. Nor an exit at once, unless rank 0 is the one gone: over TCP that exit
+        # is a failure of its own, which rank 0 would report instead of the rank really gone (they spread
+        # along the ring). Rank 0 names that one and ends the job (MPI_Abort); this wait is bounded.
+        import traceback
+
         from shardline.wire import failed_ranks
         gone = failed_ranks(node.comm)
         print(f"[rank {rank} on {socket.gethostname()}] {'rank ' + ', '.join(map(str, gone)) + ' died' if gone else err}"
-              ": the job is broken, exiting", file=sys.stderr, flush=True)
+              ": the job is broken", file=sys.stderr, flush=True)
+        if not gone:
+            traceback.print_exc()        # not a failed process: a bug, or an MPI error of another kind
+        if 0 not in gone:
+            time.sleep(silence(args.step_timeout) + 10)
         os._exit(1)
     except Exception as err:
         print(f"[rank {rank} on {socket.gethostname()}] {type(err).__name__}: {err}", file=sys.stderr, flush=True)

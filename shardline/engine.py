@@ -239,14 +239,9 @@ class Engine:
                     else:
                         wire.idle_sleep(time.monotonic() - (self.link.last_traffic if self.link else 0))
         except Exception as err:  # an MPI error (a peer's connection dropped) or a bug: never leave clients hanging
-            gone = wire.failed_ranks(self.link.comm) if isinstance(self.link, wire.Link) else []
-            if gone:      # ULFM (wire.TCP_MCA) says which rank's process ended
-                names = ", ".join(f"rank {r} ({self.hosts[r]})" for r in gone)
-                self.failed = (f"{names} {'has' if len(gone) == 1 else 'have'} died (MPI reports the process "
-                               "failed: killed? out of memory? see the board's journalctl -k); the job stops so a "
-                               "supervisor can restart it")
-            else:
-                self.failed = f"the pipeline failed: {type(err).__name__}: {err}"
+            gone = self._failed_ranks()
+            self.failed = (f"{self._died(gone)}; the job stops so a supervisor can restart it" if gone else
+                           f"the pipeline failed: {type(err).__name__}: {err}")
             self._fail_all(self.failed)
             import traceback
             traceback.print_exc()
@@ -576,10 +571,28 @@ class Engine:
         time.sleep(0.5)        # let the error responses go out
         os._exit(1)
 
+    def _failed_ranks(self) -> list[int]:
+        """The ranks MPI knows to have failed (ULFM, between boards: wire.TCP_MCA), asked under the link's
+        lock (a Keepalive may be in an MPI call)."""
+        if not isinstance(self.link, wire.Link) or not self.link.lock.acquire(timeout=1.0):
+            return []
+        try:
+            return wire.failed_ranks(self.link.comm)
+        finally:
+            self.link.lock.release()
+
+    def _died(self, gone: list[int]) -> str:
+        names = ", ".join(f"rank {r} ({self.hosts[r]})" for r in gone)
+        return (f"{names} {'has' if len(gone) == 1 else 'have'} died (MPI reports the process failed: killed? out of "
+                "memory? see the board's journalctl -k)")
+
     def _fail(self, what: str, dead: bool = True, silent: list[int] | None = None) -> bool:
         """silent: the workers that did not answer rank 0 directly (wire.Probe); None when not asked."""
         ranks = f"ranks 1..{self.size - 1} on {', '.join(self.hosts[1:])}"
-        if not dead:
+        gone = self._failed_ranks() if dead else []
+        if gone:        # MPI knows (ULFM): better than who did not answer, which the dead rank's neighbours,
+            cause = self._died(gone)     # waiting for rank 0 to end the job, no longer do
+        elif not dead:
             cause = ("a rank is alive but its step does not end; raise --compute-timeout if the boards are just "
                      "that slow, or lower --max-batch-tokens for shorter steps")
         elif silent:

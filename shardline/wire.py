@@ -48,6 +48,7 @@ PAYLOAD_DTYPE = {FORWARD: np.float32, STATS: np.float64}
 # --enable-recovery) the neighbour's next MPI call raises MPI_ERR_PROC_FAILED instead, and
 # Comm.Get_failed() names the rank: rank 0 answers its clients with that (failed_ranks) within a second.
 TCP_MCA = (
+    ("pml", "ob1"),          # the messaging layer ULFM fully supports (and what btl tcp runs under anyway)
     ("btl", "tcp,self"),
     ("btl_tcp_progress_thread", "1"),
     ("oob_tcp_keepalive_time", "3"),
