@@ -255,7 +255,7 @@ class Engine:
             try:
                 req = self.inbox.get_nowait()
             except queue.Empty:
-                return
+                break          # (not return: the gauges below must see what was admitted)
             if req.cancelled:
                 self._finish(req, "cancelled")
                 continue
@@ -478,6 +478,7 @@ class Engine:
         if r.slot is not None:
             self.free_slots.append(r.slot)
             r.slot = None
+        self._gauges()     # a request cancelled with nothing else in flight: no later step would update them
         r.done.set()
         if r.on_finish:
             r.on_finish(r)

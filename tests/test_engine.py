@@ -331,3 +331,19 @@ def test_one_rank_with_several_micro_batches_stops_at_the_token_that_completes_a
     finally:
         engine.stop(grace=0)
         loop.join(10)
+
+
+def test_the_active_gauge_follows_admission_and_a_cancel_between_steps(tiny_model_dir):
+    """shardline_active_sequences must say what /health says. Admission updated the gauge only when it
+    ran out of slots, and a request cancelled between steps (its client gone) was finished where no
+    gauge was set: with nothing else in flight, /metrics showed it active for good."""
+    engine = two_stages(tiny_model_dir, slots=4)
+    gauge = lambda: engine.metrics.active._value.get()
+    tok = engine.tok
+    req = engine.submit(Request(tok("hello there").input_ids, 50, SamplingParams(temperature=0), ()))
+    engine._admit()
+    assert len(engine.active) == 1 and gauge() == 1
+    engine.cancel(req)
+    engine._launch()          # not in flight: finished here, between steps
+    assert req.finish_reason == "cancelled" and not engine.active
+    assert gauge() == 0
