@@ -468,6 +468,43 @@ def test_a_board_that_drops_off_ends_the_job_and_the_api_comes_back_with_it(
         launched.stop()
 
 
+def test_a_rank_killed_on_a_board_that_stays_up_is_named_to_the_clients_and_the_job_comes_back(
+    hosts, extra_vars, provisioned, tiny_model_dir
+):
+    """The OOM killer's case: the rank's process on a board dies, the board and its network stay up, so
+    its TCP connections close. Open MPI's default answer to that was to abort rank 0 at once, and its
+    streaming clients lost their connections without an answer. With launch.sh's settings
+    (shardline_mpi_mca: mpi_ft_enable) the client gets an error naming the rank, and the supervisor
+    starts the job again."""
+    import psutil
+    victim = hosts.hosts[2]
+    launched = Launched(hosts, extra_vars["shardline_dir"], hosts.workdir / "rank-kill.log")
+    stop = threading.Event()
+    try:
+        launched.wait_for(_is_up, 120, "the API up")
+        seen = _keep_generating(launched.api, stop)
+        assert seen["first"].wait(30), f"no token arrived: {seen}\n{launched.log()}"
+        ranks = [pid for pid in hosts.pids()[victim.name]
+                 if "mpi4py" in " ".join(psutil.Process(pid).cmdline()) and "main.py" in " ".join(psutil.Process(pid).cmdline())]
+        assert len(ranks) == 1, ranks
+        psutil.Process(ranks[0]).kill()
+        t_kill = time.monotonic()
+        while seen["t_end"] is None and time.monotonic() - t_kill < CLIENT_ERROR_S + 5:
+            time.sleep(0.05)
+        assert seen["t_end"] is not None and seen["t_end"] - t_kill <= CLIENT_ERROR_S, (seen, launched.log())
+        assert seen["outcome"].startswith("error event") and "rank 2 (" in seen["outcome"] and \
+            "has died" in seen["outcome"], (seen, launched.log())
+        launched.wait_for(lambda status, body: status != 200, JOB_GONE_S, "the job down", since=t_kill)
+        back = launched.wait_for(_is_up, JOB_GONE_S + BACK_S, "the API back after the restart", since=t_kill)
+        status, _, body = launched.request("POST", "/generate",
+                                           {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0})
+        assert status == 200 and body["text"] == hf_greedy(tiny_model_dir, PROMPT, MAX_NEW_TOKENS), body
+        print(f"rank kill: client error {seen['t_end'] - t_kill:.1f}s after the kill, API back {back:.1f}s")
+    finally:
+        stop.set()
+        launched.stop()
+
+
 def test_a_board_missing_at_the_start_is_waited_for_with_503s(hosts, inventory, extra_vars, provisioned,
                                                              tiny_model_dir):
     lost = hosts.hosts[1]
