@@ -164,7 +164,7 @@ def _end_start(args, message: str) -> None:
     rank = omp.world_rank()
     say(f"shardline: rank {rank} on {socket.gethostname()}: {message}: ending the job", file=sys.stderr)
     if rank == 0:
-        exit_status(args.pid_file, 1)
+        exit_status(args.pid_file, 1, message)
     give_up = threading.Timer(5.0, os._exit, (1,))   # MPI_Abort waits for mpirun, which may wait on a lost board
     give_up.daemon = True
     give_up.start()
@@ -302,7 +302,8 @@ def _serve_head(args, node) -> int:
         # mpirun is gone, and with it the job: MPI_Finalize or mpi4py's MPI_Abort for a non-zero status
         # would wait on it. The clients have their answers; exit at once, non-zero.
         os._exit(1)
-    exit_status(args.pid_file, code)
+    from shardline.engine import RESTART
+    exit_status(args.pid_file, code, (engine.failed or "").removesuffix(RESTART) if code and not refused else None)
     if code and link is not None:
         # A hung rank would block a clean exit: end the job for the supervisor. MPI_Abort waits for mpirun,
         # which may wait for the daemon of a board that vanished: exit regardless after a few seconds
@@ -315,11 +316,16 @@ def _serve_head(args, node) -> int:
     return code
 
 
-def exit_status(pid_file: str | None, code: int) -> None:
+def exit_status(pid_file: str | None, code: int, why: str | None = None) -> None:
     """Tell the supervisor rank 0's exit status (in its PID file's name + ".exit") before the MPI exit:
     MPI_Abort and MPI_Finalize can hang in mpirun (Open MPI 5 does, now and then, when every rank aborts
-    at once), and then the supervisor ends the job and still reports this status (78: not restarted)."""
+    at once), and then the supervisor ends the job and still reports this status (78: not restarted).
+    why: what failed, in ".why" (written first), which the supervisor's log and its 503s while the job
+    restarts repeat, so a client hears why the model is down, not only that it is."""
     if pid_file:
+        if why:
+            with open(f"{pid_file}.why", "w") as f:
+                f.write(f"{why}\n")
         with open(f"{pid_file}.exit", "w") as f:
             f.write(f"{code}\n")
 

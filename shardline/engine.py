@@ -109,6 +109,9 @@ class Flight:
     compute: float
 
 
+RESTART = "; the job stops so a supervisor can restart it"   # how every failure's message ends
+
+
 class Engine:
     def __init__(self, stage: Stage, tokenizer, link: wire.Link | None, size: int, hosts: list[str],
                  slots: int, queue_size: int = 64, max_batch_tokens: int = 256, step_timeout: float = 8.0,
@@ -240,7 +243,7 @@ class Engine:
                         wire.idle_sleep(time.monotonic() - (self.link.last_traffic if self.link else 0))
         except Exception as err:  # an MPI error (a peer's connection dropped) or a bug: never leave clients hanging
             gone = self._failed_ranks()
-            self.failed = (f"{self._died(gone)}; the job stops so a supervisor can restart it" if gone else
+            self.failed = (f"{self._died(gone)}{RESTART}" if gone else
                            f"the pipeline failed: {type(err).__name__}: {err}")
             self._fail_all(self.failed)
             import traceback
@@ -559,11 +562,10 @@ class Engine:
         import sys
         if self.running:
             self.failed = (f"rank 0 ({self.hosts[0]}) has been computing one step for {busy:.0f}s (--compute-timeout "
-                           f"{self.compute_timeout:g}): its step does not end; the job stops so a supervisor can "
-                           "restart it")
+                           f"{self.compute_timeout:g}): its step does not end{RESTART}")
         else:
             self.failed = (f"rank 0 ({self.hosts[0]}) has been starting its HTTP server for {busy:.0f}s: its start "
-                           "does not end; the job stops so a supervisor can restart it")
+                           f"does not end{RESTART}")
         print(f"shardline: {self.failed}", file=sys.stderr, flush=True)
         try:
             self._fail_all(self.failed)
@@ -605,7 +607,7 @@ class Engine:
                      "down, or a message between them was lost")
         else:
             cause = f"a rank is dead or hung ({ranks}), or the network between them is down"
-        self.failed = f"{what}: {cause}; the job stops so a supervisor can restart it"
+        self.failed = f"{what}: {cause}{RESTART}"
         self._fail_all(self.failed)
         return True
 

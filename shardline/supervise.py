@@ -319,6 +319,7 @@ class Supervisor:
         self.stopping: float | None = None
         self.proc: subprocess.Popen | None = None
         self.segments: set[str] = set()      # the running job's shared-memory files (shm_segments)
+        self.last_why: str | None = None      # what rank 0 said failed in the last job (its ".why" file)
         from shardline.unavailable import Responder
         self.responder = Responder(job.api_host, job.api_port, log) if args.answer_while_down else None
 
@@ -371,7 +372,7 @@ class Supervisor:
                     return code
                 if ran_for > 60:
                     backoff = 1.0
-                why = (f"it ended with status {code}" if code else
+                why = (f"it ended with status {code}" + (f": {self.last_why}" if self.last_why else "") if code else
                        "it ended by itself with status 0, without a stop request: Open MPI does that when it "
                        "loses a board's daemon")
                 log(f"job failed ({why}); restarting in {backoff:.0f}s"
@@ -393,7 +394,7 @@ class Supervisor:
             time.sleep(0.1)
 
     def _run_job(self) -> tuple[int, float]:
-        for path in (self.pid_file, self.pid_file + ".bind", self.pid_file + ".exit"):
+        for path in (self.pid_file, self.pid_file + ".bind", self.pid_file + ".exit", self.pid_file + ".why"):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -403,6 +404,11 @@ class Supervisor:
         self.proc = subprocess.Popen(self.job.command, env=env, start_new_session=True)
         rank0 = Rank0(self.pid_file)
         code = self._wait(self.proc, rank0)
+        try:      # what rank 0 said failed (main.exit_status), if it said
+            with open(self.pid_file + ".why") as f:
+                self.last_why = " ".join(f.read().split())[:600] or None
+        except OSError:
+            self.last_why = None
         if self.stopping is None and rank0.gone_for() is None and rank0.proc is not None:
             # mpirun ended the job under a running rank 0 (Open MPI lost a board's daemon): rank 0 tells
             # its waiting clients so, then exits; what remains after --exit-grace is ended below.

@@ -338,6 +338,9 @@ def test_the_active_gauge_follows_admission_and_a_cancel_between_steps(tiny_mode
     ran out of slots, and a request cancelled between steps (its client gone) was finished where no
     gauge was set: with nothing else in flight, /metrics showed it active for good."""
     engine = two_stages(tiny_model_dir, slots=4)
+    # never run(): its Keepalive must not go on taking it for a start-up that never ends (that gives up
+    # after STARTUP_LIMIT with os._exit, which ended the whole test session 10 minutes later)
+    engine.keepalive.end()
     gauge = lambda: engine.metrics.active._value.get()
     tok = engine.tok
     req = engine.submit(Request(tok("hello there").input_ids, 50, SamplingParams(temperature=0), ()))

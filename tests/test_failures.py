@@ -150,8 +150,11 @@ def test_a_dead_or_hung_worker_fails_clients_fast_and_the_job_comes_back(long_pa
         assert time.monotonic() - t_break < 30
         log = job.log_path.read_text()
         assert "job failed (it ended with status" in log and "restarting" in log, log
-        # the ring only says a message did not come home; rank 0's direct question names the rank gone
+        # the ring only says a message did not come home; rank 0's direct question names the rank gone,
+        # and the supervisor's log (and its 503s until the restart) say so too
         assert f"rank 1 ({socket.gethostname()}) did not answer rank 0 directly either" in log, log
+        failed = next(line for line in log.splitlines() if "job failed (it ended with status" in line)
+        assert f"rank 1 ({socket.gethostname()}) did not answer rank 0 directly" in failed, failed
         assert "rank 2 (" not in log.split("did not answer")[0].rsplit("shardline:", 1)[-1], log
         status, body = http("POST", job.url + "/generate", {"prompt": "again", "max_new_tokens": 4})
         assert status == 200 and body["tokens"] == 4
