@@ -163,8 +163,11 @@ def _end_start(args, message: str) -> None:
     from shardline import omp
     rank = omp.world_rank()
     say(f"shardline: rank {rank} on {socket.gethostname()}: {message}: ending the job", file=sys.stderr)
-    if rank == 0:
-        exit_status(args.pid_file, 1, message)
+    if rank:
+        # rank 0 is gone: the workers just exit, and mpirun with them. Each calling MPI_Abort at once is
+        # what makes Open MPI 5's exit hang now and then (the job outlived a 60 s wait in a test run).
+        os._exit(1)
+    exit_status(args.pid_file, 1, message)
     give_up = threading.Timer(5.0, os._exit, (1,))   # MPI_Abort waits for mpirun, which may wait on a lost board
     give_up.daemon = True
     give_up.start()
