@@ -584,8 +584,11 @@ class Engine:
         finally:
             self.link.lock.release()
 
+    def _names(self, ranks: list[int]) -> str:
+        return ", ".join(f"rank {r} ({self.hosts[r]})" for r in ranks)
+
     def _died(self, gone: list[int]) -> str:
-        names = ", ".join(f"rank {r} ({self.hosts[r]})" for r in gone)
+        names = self._names(gone)
         return (f"{names} {'has' if len(gone) == 1 else 'have'} died (MPI reports the process failed: killed? out of "
                 "memory? see the board's journalctl -k)")
 
@@ -599,8 +602,7 @@ class Engine:
             cause = ("a rank is alive but its step does not end; raise --compute-timeout if the boards are just "
                      "that slow, or lower --max-batch-tokens for shorter steps")
         elif silent:
-            names = ", ".join(f"rank {r} ({self.hosts[r]})" for r in silent)
-            cause = (f"{names} did not answer rank 0 directly either: dead (killed? out of memory? see its "
+            cause = (f"{self._names(silent)} did not answer rank 0 directly either: dead (killed? out of memory? see its "
                      "board's journalctl -k), stopped or hung, or cut off from the network")
         elif silent == []:
             cause = (f"every rank ({ranks}) answered rank 0 directly, so the network between two of them is "
