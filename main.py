@@ -139,6 +139,11 @@ def main(argv=None) -> int:
             exit_status(pre.parse_known_args(argv)[0].pid_file, EX_CONFIG)
         return EX_CONFIG
     from shardline import EX_CONFIG, omp
+    if omp.world_rank() == 0 and args.pid_file:
+        # rank 0's PID while it loads: the supervisor sees at once that it died (the OOM killer on the head)
+        # rather than when the workers' --load-silence ends the start, or its --start-timeout
+        with open(f"{args.pid_file}.load", "w") as f:
+            f.write(f"{os.getpid()}\n")
     # This rank's OpenMP threads (how many, pinned where, spinning or sleeping) are set up before
     # torch loads, since it reads them once: see shardline/omp.py.
     threads = omp.configure(args.model_dir, args.threads, args.microbatches)

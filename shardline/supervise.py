@@ -6,8 +6,11 @@ Four things mpirun alone does badly:
   (its PID comes through SHARDLINE_PID_FILE), which answers the waiting clients and shuts the ring
   down; mpirun is killed only if that takes over --stop-timeout seconds.
 - Failures: when the job ends with an error (a board died or hung, and rank 0 gave up on it), the
-  supervisor starts it again with a backoff. Exit status 78 (a refused start: a bad shard, a wrong
-  rank count) is not retried: it would fail the same way.
+  supervisor starts it again with a backoff (1, 2, 4 ... --max-backoff s). A job that fails again and
+  again before it comes up (a shard the OOM killer ends as it loads, each time) waits longer between
+  tries, up to --max-start-backoff (each try reads every shard again, from an SD card: minutes of it),
+  saying how many starts failed in a row. Exit status 78 (a refused start: a bad shard, a wrong rank
+  count) is not retried: it would fail the same way.
 - A board that vanishes (power, cable, Wi-Fi) sends no FIN or RST: mpirun waits for its daemon there
   for good (measured: still running 90 s after the cut, every rank long gone), and Open MPI 5's exit
   can hang now and then when every rank aborts at once. Once rank 0 has exited, or written its exit
@@ -281,14 +284,18 @@ class Rank0:
             return since if gone is None else max(gone, since)
         return gone
 
+    def came_up(self) -> bool:
+        """Whether rank 0 got past the roll call (every rank loaded): it asked for the port, or serves."""
+        return any(os.path.exists(self.pid_file + ext) for ext in ("", ".bind"))
+
     def gone_for(self) -> float | None:
-        """Seconds since rank 0 exited; None while it runs or before it wrote its PID (in the PID file,
-        or in ".bind" when it asked for the port: it may die between the two)."""
+        """Seconds since rank 0 exited; None while it runs or before it wrote its PID (in ".load" as it
+        starts loading, in ".bind" when it asks for the port, in the PID file once it serves)."""
         import psutil
         now = time.monotonic()
         if self.gone_at is None:
             if self.proc is None:
-                for path in (self.pid_file, self.pid_file + ".bind"):
+                for path in (self.pid_file, self.pid_file + ".bind", self.pid_file + ".load"):
                     try:
                         pid = int(open(path).read().strip())
                         break
@@ -333,6 +340,7 @@ class Supervisor:
     def run(self) -> int:
         from shardline.unavailable import Down
         backoff, check_wait, last_unreachable = 1.0, 1.0, None
+        failed_starts = 0          # jobs in a row that ended before they came up
         start_at, why = time.monotonic(), None      # when the job may start; why it is down meanwhile
         try:
             while self.stopping is None:
@@ -359,7 +367,7 @@ class Supervisor:
                 # 503 while the job starts too, until rank 0 asks for the port (its PID file + ".bind")
                 self._down(Down("the model's job is starting: every board is loading its shard; retry shortly",
                                 "job_starting", time.monotonic() + 2))
-                code, ran_for = self._run_job()
+                code, ran_for, came_up = self._run_job()
                 if self.stopping is not None:
                     # asked to stop: whatever status mpirun ends with under that (1, when it was signalled
                     # before rank 0 was up), the stop went as asked, unless the job had refused to start
@@ -370,15 +378,23 @@ class Supervisor:
                     return code
                 if not self.args.restart:
                     return code
-                if ran_for > 60:
-                    backoff = 1.0
+                if came_up:
+                    failed_starts = 0
+                    if ran_for > 60:
+                        backoff = 1.0
+                else:
+                    failed_starts += 1
                 why = (f"it ended with status {code}" + (f": {self.last_why}" if self.last_why else "") if code else
                        "it ended by itself with status 0, without a stop request: Open MPI does that when it "
                        "loses a board's daemon")
-                log(f"job failed ({why}); restarting in {backoff:.0f}s"
+                if failed_starts > 1:
+                    why = f"{failed_starts} starts in a row failed before the model was up; the last: {why}"
+                log(f"job failed ({why}); restarting in {backoff:.3g}s"
                     + (" once every board answers" if self.job.boards else ""))
                 start_at = time.monotonic() + backoff
-                backoff = min(backoff * 2, self.args.max_backoff)
+                # failing before it is up, again and again, is no passing fault: space the tries further
+                cap = max(self.args.max_backoff, self.args.max_start_backoff) if failed_starts >= 3 else self.args.max_backoff
+                backoff = min(backoff * 2, cap)
             return 0
         finally:
             if self.responder:
@@ -393,8 +409,9 @@ class Supervisor:
         while time.monotonic() < end and self.stopping is None:
             time.sleep(0.1)
 
-    def _run_job(self) -> tuple[int, float]:
-        for path in (self.pid_file, self.pid_file + ".bind", self.pid_file + ".exit", self.pid_file + ".why"):
+    def _run_job(self) -> tuple[int, float, bool]:
+        """(mpirun's status, or rank 0's; seconds it ran; whether rank 0 got past the roll call)"""
+        for path in (self.pid_file, *(self.pid_file + ext for ext in (".load", ".bind", ".exit", ".why"))):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -427,7 +444,7 @@ class Supervisor:
             log(f"removed the {sum(size for _, size in removed) / 2**20:.0f} MiB of shared-memory files the job "
                 f"left in {', '.join(sorted({os.path.dirname(path) for path, _ in removed}))}")
         self.segments = set()
-        return code, time.monotonic() - started
+        return code, time.monotonic() - started, rank0.came_up()
 
     def _signal_rank0(self) -> None:
         try:
@@ -474,7 +491,8 @@ class Supervisor:
                 killed = rank0.gone_at is not None and rank0.status is None   # it wrote no exit status
                 if killed or (gone is not None and gone > self.args.exit_grace):
                     if killed:   # (a signal, the OOM killer): the workers would wait out their silence timeout
-                        log("rank 0 died without an exit status (killed?): ending the job")
+                        log("rank 0 died without an exit status (killed? the OOM killer: `journalctl -k`)"
+                            + ("" if rank0.came_up() else " while loading its shard") + ": ending the job")
                     else:
                         said = "" if rank0.status is None else f" with status {rank0.status}"
                         log(f"rank 0 exited{said} {gone:.0f}s ago and mpirun is still running (it waits for a "
@@ -507,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--restart", action="store_true", help="start the job again when it fails")
     ap.add_argument("--max-backoff", type=float, default=10.0, help="longest wait between restarts, seconds")
+    ap.add_argument("--max-start-backoff", type=float, default=300.0,
+                    help="longest wait between restarts once three or more starts in a row failed before the "
+                         "model came up (a rank that dies loading its shard each time), seconds")
     ap.add_argument("--stop-timeout", type=float, default=8.0, help="seconds rank 0 gets to stop the job")
     ap.add_argument("--start-timeout", type=float, default=600.0,
                     help="seconds the job gets to come up (every rank loaded, rank 0 serving) before it is "

@@ -499,7 +499,8 @@ def test_a_killed_rank_0_leaves_a_503_on_its_port_not_a_refused_connection(long_
             pytest.fail(f"connections refused {late[0]:.1f}-{late[-1]:.1f}s after the kill; {story}")
         # and the job is ended at once (the workers would wait out their silence timeout), not after
         # --exit-grace: rank 0 left no exit status, so there is nothing to wait for
-        assert "rank 0 died without an exit status (killed?): ending the job" in job.log_path.read_text()
+        assert "rank 0 died without an exit status (killed? the OOM killer: `journalctl -k`): ending the job" \
+            in job.log_path.read_text()
         # the killed rank's Open MPI segment (16 MiB of RAM in /dev/shm) is not left behind
         assert len(segments) == 3 and not [s for s in segments if os.path.exists(s)], (segments, story)
     finally:
@@ -547,8 +548,9 @@ def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp
     marks = tmp_path / "marks"
     marks.mkdir()
     others = [r for r in (0, 1, 2) if r != slow]
-    job = Slowed(long_parts, tmp_path / "job.log", None, "--load-silence", "3", slow_load=f"{slow}:120",
-                 marks=marks, wait=False, tcp=tcp)
+    pid_file = tmp_path / "rank0.pid"
+    job = Slowed(long_parts, tmp_path / "job.log", None, "--load-silence", "3", "--pid-file", str(pid_file),
+                 slow_load=f"{slow}:120", marks=marks, wait=False, tcp=tcp)
     try:
         deadline = time.monotonic() + 120
         while not all((marks / f"rank{r}").exists() for r in others):
@@ -556,7 +558,10 @@ def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp
             time.sleep(0.2)
         time.sleep(4.0)           # longer than --load-silence: the slow rank is loading, not dead
         assert job.proc.poll() is None, job.log_path.read_text()
-        rank_processes(job.proc.pid)[rank].kill()
+        victim = rank_processes(job.proc.pid)[rank]
+        # rank 0 wrote its PID as it began loading: a supervisor sees its death at once (test_supervise.py)
+        assert int((tmp_path / "rank0.pid.load").read_text()) == rank_processes(job.proc.pid)[0].pid
+        victim.kill()
         killed = time.monotonic()
         code = job.proc.wait(60)
         took = time.monotonic() - killed

@@ -309,6 +309,76 @@ def test_a_job_that_never_comes_up_is_ended_after_the_start_timeout(tmp_path):
     assert took < 2 + 3 + 3 + 5, f"{took:.1f}s"
 
 
+# An mpirun whose rank 0 is killed while it loads its shard (the OOM killer on the head): it wrote only its
+# ".load" PID, as main.py does first; the workers would wait out --load-silence, mpirun with them.
+RANK0_KILLED_LOADING = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+rank0 = subprocess.Popen([sys.executable, "-c", "import os, signal, time; open(os.environ['SHARDLINE_PID_FILE'] + '.load', 'w').write(str(os.getpid())); time.sleep(1); os.kill(os.getpid(), signal.SIGKILL)"])
+print("stand-in mpirun", os.getpid(), "rank0", rank0.pid, flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_rank_0_killed_while_loading_ends_the_job_at_once(tmp_path):
+    """Before, the supervisor knew rank 0's PID only once it asked for the port: it waited for the
+    workers' --load-silence (60 s) or, if mpirun hung, its --start-timeout (600 s)."""
+    code, text, took = _supervise_stuck(tmp_path, RANK0_KILLED_LOADING, "--start-timeout", "60")
+    assert "rank 0 died without an exit status (killed? the OOM killer" in text, text
+    assert "while loading its shard: ending the job" in text, text
+    assert code != 0, text
+    assert took < 1 + 3 + 3 + 5, f"{took:.1f}s"      # rank 0's second, SIGTERM's 3 s, clearing, start-up
+
+
+# An mpirun that fails, each time, before its rank 0 comes up (a shard the OOM killer ends as it loads),
+# or after it came up (writes the PID file, as rank 0 does once it serves): it prints when it started.
+FAILS = """
+import os, sys, time
+print("stand-in mpirun started at", time.monotonic(), flush=True)
+if sys.argv[1] == "up":
+    open(os.environ["SHARDLINE_PID_FILE"], "w").write(str(os.getpid()))
+time.sleep(0.1)
+raise SystemExit(1)
+"""
+
+
+@pytest.mark.parametrize("up", [False, True], ids=["before-it-is-up", "after-it-came-up"])
+def test_a_job_failing_before_it_is_up_again_and_again_is_retried_ever_less_often(tmp_path, up):
+    """A rank that dies loading its shard at every start would have the job reloaded every --max-backoff
+    seconds for good (every shard read again: minutes of an SD card, each time). From the third such
+    failure in a row the waits double up to --max-start-backoff, and the log and the 503s say how many
+    starts failed. A job that came up and failed is a passing fault: its waits stay at --max-backoff."""
+    log_path = tmp_path / "supervise.log"
+    with open(log_path, "w") as log:
+        sup = subprocess.Popen([PY, "-m", "shardline.supervise", "--restart", "--max-backoff", "0.2",
+                                "--max-start-backoff", "1.6", "--no-answer-while-down", "--", PY, "-c", FAILS,
+                                "up" if up else "down"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, SHARDLINE_PID_FILE=str(tmp_path / "rank0.pid")))
+        try:
+            deadline = time.monotonic() + 60
+            while log_path.read_text().count("stand-in mpirun started") < 7:
+                assert sup.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+        finally:
+            sup.send_signal(signal.SIGTERM)
+            sup.wait(30)
+    text = log_path.read_text()
+    starts = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("stand-in mpirun started")]
+    waits = [float(line.rsplit("restarting in ", 1)[1].split("s")[0]) for line in text.splitlines()
+             if "restarting in " in line]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    if up:
+        assert waits[:6] == [1, 0.2, 0.2, 0.2, 0.2, 0.2], text
+        assert "in a row" not in text, text
+    else:
+        # 1 (the first backoff), then --max-backoff; from the third failure in a row doubling, to 1.6
+        assert waits[:6] == [1, 0.2, 0.2, 0.4, 0.8, 1.6], text
+        assert "job failed (6 starts in a row failed before the model was up; the last: it ended with status 1)" \
+            in text, text
+    assert all(gap >= wait for gap, wait in zip(gaps, waits)), (gaps, waits, text)
+
+
 # An mpirun whose rank maps a shared-memory segment as Open MPI's btl/sm does, then never comes up and
 # ignores SIGTERM: the supervisor ends the job with SIGKILL, so Open MPI removes nothing.
 SEGMENT_LEFT = """
