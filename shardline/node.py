@@ -181,16 +181,8 @@ class LoadWatch:
                 pass
 
     def _reap(self) -> None:
-        """Forget completed sends; a send that failed (its peer's TCP link is gone) is dropped: that
-        peer's silence tells."""
-        left = []
-        for r in self.sends:
-            try:
-                if not r.Test():
-                    left.append(r)
-            except self.MPI.Exception:
-                pass
-        self.sends = left
+        from shardline.wire import unfinished
+        self.sends = unfinished(self.sends, self.MPI.Exception)
 
     def _receive(self) -> None:
         while self.req is not None and self.req.Test(self.status):

@@ -75,6 +75,19 @@ def failed_ranks(comm) -> list[int]:
         return []
 
 
+def unfinished(sends: list, mpi_error) -> list:
+    """The requests of `sends` still in flight. A send that failed (ULFM: its peer's process or TCP link
+    is gone) is dropped: that peer's silence tells, wherever the caller watches for it."""
+    left = []
+    for req in sends:
+        try:
+            if not req.Test():
+                left.append(req)
+        except mpi_error:
+            pass
+    return left
+
+
 def payload_dtype(msg) -> type:
     """A FORWARD payload travels in the --wire-dtype its header's flags name (shardline/wiredtype.py)."""
     return wiredtype.numpy_dtype(msg.flags) if msg.kind == FORWARD else PAYLOAD_DTYPE[msg.kind]
@@ -224,14 +237,7 @@ class Probe:
                     self.req = self.link.comm.Irecv(self.buf, source=self.link.MPI.ANY_SOURCE, tag=TAG_ANSWER)
             except self.link.MPI.Exception:
                 pass
-            left = []
-            for req in self.sends:
-                try:
-                    if not req.Test():
-                        left.append(req)
-                except self.link.MPI.Exception:     # that worker is gone: it will not answer
-                    pass
-            self.sends = left
+            self.sends = unfinished(self.sends, self.link.MPI.Exception)   # a worker gone will not answer
 
     def asked_since(self, t: float) -> bool:
         return self.asked_at is not None and self.asked_at > t
