@@ -360,8 +360,9 @@ class Supervisor:
                     log(f"every board answers again ({', '.join(last_unreachable)} is back): starting the job")
                 check_wait, last_unreachable = 1.0, None
                 if time.monotonic() < start_at:         # a restart's backoff
-                    self._down(Down(f"the model's job failed ({why}) and restarts in "
-                                    f"{start_at - time.monotonic():.0f}s; retry shortly", "job_restarting", start_at))
+                    wait = start_at - time.monotonic()
+                    self._down(Down(f"the model's job failed ({why}) and restarts in {wait:.0f}s; retry "
+                                    + ("shortly" if wait < 30 else "then (see Retry-After)"), "job_restarting", start_at))
                     self._sleep(min(start_at - time.monotonic(), self.args.max_check_interval))
                     continue
                 # 503 while the job starts too, until rank 0 asks for the port (its PID file + ".bind")

@@ -350,16 +350,24 @@ def test_a_job_failing_before_it_is_up_again_and_again_is_retried_ever_less_ofte
     failure in a row the waits double up to --max-start-backoff, and the log and the 503s say how many
     starts failed. A job that came up and failed is a passing fault: its waits stay at --max-backoff."""
     log_path = tmp_path / "supervise.log"
+    port = free_port()
+    said = set()           # what the port answered meanwhile: (code, message)
     with open(log_path, "w") as log:
         sup = subprocess.Popen([PY, "-m", "shardline.supervise", "--restart", "--max-backoff", "0.2",
-                                "--max-start-backoff", "1.6", "--no-answer-while-down", "--", PY, "-c", FAILS,
-                                "up" if up else "down"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, SHARDLINE_PID_FILE=str(tmp_path / "rank0.pid")))
+                                "--max-start-backoff", "1.6", "--", PY, "-c", FAILS, "up" if up else "down"],
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, SHARDLINE_PID_FILE=str(tmp_path / "rank0.pid"),
+                                        SHARDLINE_PORT=str(port)))
         try:
             deadline = time.monotonic() + 60
             while log_path.read_text().count("stand-in mpirun started") < 7:
                 assert sup.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.1)
+                try:
+                    status, body = http("GET", f"http://127.0.0.1:{port}/health", timeout=2)
+                    said.add((status, body.get("code"), body.get("error")))
+                except OSError:     # between the responder's stops and starts
+                    pass
+                time.sleep(0.05)
         finally:
             sup.send_signal(signal.SIGTERM)
             sup.wait(30)
@@ -370,12 +378,15 @@ def test_a_job_failing_before_it_is_up_again_and_again_is_retried_ever_less_ofte
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     if up:
         assert waits[:6] == [1, 0.2, 0.2, 0.2, 0.2, 0.2], text
-        assert "in a row" not in text, text
+        assert "in a row" not in text and not [e for *_, e in said if "in a row" in e], text
     else:
         # 1 (the first backoff), then --max-backoff; from the third failure in a row doubling, to 1.6
         assert waits[:6] == [1, 0.2, 0.2, 0.4, 0.8, 1.6], text
         assert "job failed (6 starts in a row failed before the model was up; the last: it ended with status 1)" \
             in text, text
+        # and the clients hear it, with when to come back
+        assert [e for status, code, e in said if status == 503 and code == "job_restarting"
+                and "starts in a row failed before the model was up" in e and "restarts in" in e], said
     assert all(gap >= wait for gap, wait in zip(gaps, waits)), (gaps, waits, text)
 
 
