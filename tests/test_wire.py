@@ -6,6 +6,13 @@ import subprocess
 
 from tests.helpers import PY, ROOT, mpi_env
 
+
+def singleton_env() -> dict:
+    """A singleton MPI process (no mpirun) maps Open MPI's 16 MiB shared-memory segment in /dev/shm and
+    nothing removes it when it exits (mpirun would): RAM lost until a reboot, per run. COMM_SELF needs
+    only the self transport."""
+    return dict(mpi_env(), OMPI_MCA_btl="self")
+
 SCRIPT = r"""
 import time
 import numpy as np
@@ -31,7 +38,7 @@ def test_a_payload_of_no_rows_does_not_shift_the_payloads_after_it():
     """The receiver takes a payload only when the header announces rows; a sender that sent an empty
     one anyway left it queued, and the next message's Recv matched it: that message's payload was
     never filled (garbage activations for the next hop)."""
-    out = subprocess.run([str(PY), "-c", SCRIPT], cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
+    out = subprocess.run([str(PY), "-c", SCRIPT], cwd=ROOT, env=singleton_env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
     sent, recv = map(int, out.stdout.split()[1:])
@@ -67,6 +74,6 @@ def test_rank_0s_direct_probe_counts_only_answers_to_its_own_round():
     """wire.Probe: when the ring goes quiet, rank 0 asks every worker directly so that its error can name
     the rank that is gone; a worker answers wherever it polls its link. An answer to an earlier round
     must not make a now-dead worker look alive."""
-    out = subprocess.run([str(PY), "-c", PROBE_SCRIPT], cwd=ROOT, env=mpi_env(), capture_output=True, text=True,
+    out = subprocess.run([str(PY), "-c", PROBE_SCRIPT], cwd=ROOT, env=singleton_env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
