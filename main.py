@@ -139,18 +139,28 @@ def main(argv=None) -> int:
             exit_status(pre.parse_known_args(argv)[0].pid_file, EX_CONFIG)
         return EX_CONFIG
     from shardline import EX_CONFIG, omp
-    if omp.world_rank() == 0 and args.pid_file:
-        # rank 0's PID while it loads: the supervisor sees at once that it died (the OOM killer on the head)
-        # rather than when the workers' --load-silence ends the start, or its --start-timeout
-        with open(f"{args.pid_file}.load", "w") as f:
-            f.write(f"{os.getpid()}\n")
-    # This rank's OpenMP threads (how many, pinned where, spinning or sleeping) are set up before
-    # torch loads, since it reads them once: see shardline/omp.py.
-    threads = omp.configure(args.model_dir, args.threads, args.microbatches)
-    from shardline.node import start
-    node = start(args.model_dir, args.slots, args.max_context, threads, args.microbatches,
-                 device=args.device, wire_dtype=args.wire_dtype, load_tokenizer=load_tokenizer,
-                 load_silence=args.load_silence, on_silent=lambda message: _end_start(args, message))
+    try:
+        if omp.world_rank() == 0 and args.pid_file:
+            # rank 0's PID while it loads: the supervisor sees at once that it died (the OOM killer on the
+            # head) rather than when the workers' --load-silence ends the start, or its --start-timeout
+            with open(f"{args.pid_file}.load", "w") as f:
+                f.write(f"{os.getpid()}\n")
+        # This rank's OpenMP threads (how many, pinned where, spinning or sleeping) are set up before
+        # torch loads, since it reads them once: see shardline/omp.py.
+        threads = omp.configure(args.model_dir, args.threads, args.microbatches)
+        from shardline.node import start
+        node = start(args.model_dir, args.slots, args.max_context, threads, args.microbatches,
+                     device=args.device, wire_dtype=args.wire_dtype, load_tokenizer=load_tokenizer,
+                     load_silence=args.load_silence, on_silent=lambda message: _end_start(args, message))
+    except Exception as err:
+        # an error no check foresaw (mpi4py prints it and aborts the job): say so with the exit status,
+        # or the supervisor, which knows rank 0's PID by now, would take it for a kill (the OOM killer)
+        if omp.world_rank() == 0:
+            try:
+                exit_status(args.pid_file, 1, f"rank 0 failed while starting: {type(err).__name__}: {err}")
+            except OSError:
+                pass
+        raise
     if node is None:
         if omp.world_rank() == 0:
             exit_status(args.pid_file, EX_CONFIG)

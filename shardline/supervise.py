@@ -380,9 +380,9 @@ class Supervisor:
                 if not self.args.restart:
                     return code
                 if came_up:
+                    # a passing fault: back to the short waits, whatever a run of failed starts before grew
                     failed_starts = 0
-                    if ran_for > 60:
-                        backoff = 1.0
+                    backoff = 1.0 if ran_for > 60 else min(backoff, self.args.max_backoff)
                 else:
                     failed_starts += 1
                 why = (f"it ended with status {code}" + (f": {self.last_why}" if self.last_why else "") if code else
@@ -390,7 +390,7 @@ class Supervisor:
                        "loses a board's daemon")
                 if failed_starts > 1:
                     why = f"{failed_starts} starts in a row failed before the model was up; the last: {why}"
-                log(f"job failed ({why}); restarting in {backoff:.3g}s"
+                log(f"job failed ({why}); restarting in {backoff:g}s"
                     + (" once every board answers" if self.job.boards else ""))
                 start_at = time.monotonic() + backoff
                 # failing before it is up, again and again, is no passing fault: space the tries further

@@ -287,6 +287,24 @@ def test_a_bad_option_is_refused_naming_it(option, message, capsys):
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_an_unforeseen_error_while_starting_is_rank_0s_exit_status_not_a_kill(tmp_path, monkeypatch):
+    """Rank 0 writes its PID as it starts (".load"), so the supervisor sees it die while loading; an error
+    that no check foresaw (mpi4py prints it and aborts) must then be told by its exit status and reason,
+    or the supervisor would take it for the OOM killer."""
+    import main
+    from shardline import omp
+
+    def boom(*_args):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(omp, "configure", boom)
+    pid_file = tmp_path / "rank0.pid"
+    with pytest.raises(RuntimeError, match="boom"):
+        main.main(["--model-dir", str(tmp_path), "--pid-file", str(pid_file)])
+    assert int((tmp_path / "rank0.pid.load").read_text()) == os.getpid()
+    assert (tmp_path / "rank0.pid.exit").read_text().strip() == "1"
+    assert (tmp_path / "rank0.pid.why").read_text().strip() == "rank 0 failed while starting: RuntimeError: boom"
+
+
 def test_a_bad_option_is_a_refused_start_not_restarted(long_parts, tmp_path):
     option, message = BAD_OPTIONS[0]
     job = Supervised(long_parts, tmp_path / "job.log", *option)

@@ -332,29 +332,35 @@ def test_rank_0_killed_while_loading_ends_the_job_at_once(tmp_path):
 
 
 # An mpirun that fails, each time, before its rank 0 comes up (a shard the OOM killer ends as it loads),
-# or after it came up (writes the PID file, as rank 0 does once it serves): it prints when it started.
+# or after it came up (writes the PID file, as rank 0 does once it serves), or ("streak") comes up only
+# at its fifth start: it prints when it started.
 FAILS = """
 import os, sys, time
 print("stand-in mpirun started at", time.monotonic(), flush=True)
-if sys.argv[1] == "up":
+count = os.environ["SHARDLINE_PID_FILE"] + ".count"
+n = int(open(count).read()) + 1 if os.path.exists(count) else 1
+open(count, "w").write(str(n))
+if sys.argv[1] == "up" or (sys.argv[1] == "streak" and n == 5):
     open(os.environ["SHARDLINE_PID_FILE"], "w").write(str(os.getpid()))
 time.sleep(0.1)
 raise SystemExit(1)
 """
 
 
-@pytest.mark.parametrize("up", [False, True], ids=["before-it-is-up", "after-it-came-up"])
+@pytest.mark.parametrize("up", ["down", "up", "streak"], ids=["before-it-is-up", "after-it-came-up",
+                                                             "up-after-a-streak"])
 def test_a_job_failing_before_it_is_up_again_and_again_is_retried_ever_less_often(tmp_path, up):
     """A rank that dies loading its shard at every start would have the job reloaded every --max-backoff
     seconds for good (every shard read again: minutes of an SD card, each time). From the third such
     failure in a row the waits double up to --max-start-backoff, and the log and the 503s say how many
-    starts failed. A job that came up and failed is a passing fault: its waits stay at --max-backoff."""
+    starts failed. A job that came up and failed is a passing fault: its waits stay at --max-backoff, even
+    after a run of failed starts."""
     log_path = tmp_path / "supervise.log"
     port = free_port()
     said = set()           # what the port answered meanwhile: (code, message)
     with open(log_path, "w") as log:
         sup = subprocess.Popen([PY, "-m", "shardline.supervise", "--restart", "--max-backoff", "0.2",
-                                "--max-start-backoff", "1.6", "--", PY, "-c", FAILS, "up" if up else "down"],
+                                "--max-start-backoff", "1.6", "--", PY, "-c", FAILS, up],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                env=dict(os.environ, SHARDLINE_PID_FILE=str(tmp_path / "rank0.pid"),
                                         SHARDLINE_PORT=str(port)))
@@ -376,8 +382,13 @@ def test_a_job_failing_before_it_is_up_again_and_again_is_retried_ever_less_ofte
     waits = [float(line.rsplit("restarting in ", 1)[1].split("s")[0]) for line in text.splitlines()
              if "restarting in " in line]
     gaps = [b - a for a, b in zip(starts, starts[1:])]
-    if up:
-        assert waits[:6] == [1, 0.2, 0.2, 0.2, 0.2, 0.2], text
+    if up == "streak":
+        # four failed starts grew the wait to 0.8 s; the fifth came up: a passing fault, short waits again
+        assert waits[:6] == [1, 0.2, 0.2, 0.4, 0.2, 0.2], text
+        failed = [line for line in text.splitlines() if "job failed (" in line]
+        assert "(4 starts in a row failed" in failed[3] and "in a row" not in failed[4] + failed[5], text
+    elif up == "up":
+        assert waits[:6] == [0.2] * 6, text            # never above --max-backoff
         assert "in a row" not in text and not [e for *_, e in said if "in a row" in e], text
     else:
         # 1 (the first backoff), then --max-backoff; from the third failure in a row doubling, to 1.6
@@ -387,7 +398,7 @@ def test_a_job_failing_before_it_is_up_again_and_again_is_retried_ever_less_ofte
         # and the clients hear it, with when to come back
         assert [e for status, code, e in said if status == 503 and code == "job_restarting"
                 and "starts in a row failed before the model was up" in e and "restarts in" in e], said
-    assert all(gap >= wait for gap, wait in zip(gaps, waits)), (gaps, waits, text)
+    assert len(gaps) >= 6 and all(gap >= wait for gap, wait in zip(gaps, waits)), (gaps, waits, text)
 
 
 # An mpirun whose rank maps a shared-memory segment as Open MPI's btl/sm does, then never comes up and
