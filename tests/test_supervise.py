@@ -242,14 +242,20 @@ def test_an_mpirun_that_outlives_rank_0_is_ended_with_everything_it_started(tmp_
 # Stands in for an mpirun that hangs in the MPI exit after a refused start (Open MPI 5 does, now and then,
 # when every rank calls MPI_Abort at once): "rank 0" writes its exit status as main.py does, then sits in
 # an abort that never returns; mpirun ignores SIGTERM and never exits by itself.
-HUNG_REFUSED_START = """
+def mpirun_never_ending(rank0: str) -> str:
+    """A stand-in mpirun that starts "rank 0" (this Python code), ignores SIGTERM and never exits by itself."""
+    return f"""
 import os, signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-rank0 = subprocess.Popen([sys.executable, "-c", "import os, time; open(os.environ['SHARDLINE_PID_FILE'] + '.exit', 'w').write('78'); time.sleep(600)"])
+rank0 = subprocess.Popen([sys.executable, "-c", {rank0!r}])
 print("stand-in mpirun", os.getpid(), "rank0", rank0.pid, flush=True)
 while True:
     time.sleep(1)
 """
+
+
+HUNG_REFUSED_START = mpirun_never_ending(
+    "import os, time; open(os.environ['SHARDLINE_PID_FILE'] + '.exit', 'w').write('78'); time.sleep(600)")
 
 
 def test_a_refused_start_whose_mpi_exit_hangs_still_stops_with_status_78(tmp_path):
@@ -311,14 +317,9 @@ def test_a_job_that_never_comes_up_is_ended_after_the_start_timeout(tmp_path):
 
 # An mpirun whose rank 0 is killed while it loads its shard (the OOM killer on the head): it wrote only its
 # ".load" PID, as main.py does first; the workers would wait out --load-silence, mpirun with them.
-RANK0_KILLED_LOADING = """
-import os, signal, subprocess, sys, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-rank0 = subprocess.Popen([sys.executable, "-c", "import os, signal, time; open(os.environ['SHARDLINE_PID_FILE'] + '.load', 'w').write(str(os.getpid())); time.sleep(1); os.kill(os.getpid(), signal.SIGKILL)"])
-print("stand-in mpirun", os.getpid(), "rank0", rank0.pid, flush=True)
-while True:
-    time.sleep(1)
-"""
+RANK0_KILLED_LOADING = mpirun_never_ending(
+    "import os, signal, time; open(os.environ['SHARDLINE_PID_FILE'] + '.load', 'w').write(str(os.getpid())); "
+    "time.sleep(1); os.kill(os.getpid(), signal.SIGKILL)")
 
 
 def test_rank_0_killed_while_loading_ends_the_job_at_once(tmp_path):
