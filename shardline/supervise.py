@@ -27,7 +27,9 @@ Four things mpirun alone does badly:
   (sm_segment.*), which mpirun removes when it ends the job, even after a signal, but not when it is
   SIGKILLed. A job that had to be SIGKILLed left them, in RAM, for good (48 MiB per such restart with
   three ranks on one host). The supervisor notes the segments its job's processes map, and removes
-  those left once the job has ended. (Boards use TCP: no segments.)
+  those left once the job has ended. (Boards use TCP: no segments.) Likewise Open MPI 5's launcher
+  (prterun) keeps its session files in <TMPDIR>/ompi.<its PID> (~130 KiB, PMIx's among them), which a
+  SIGKILLed one leaves: removed too.
 The job runs in its own session, so Ctrl-C in a terminal reaches the supervisor only.
 """
 from __future__ import annotations
@@ -221,6 +223,25 @@ def shm_segments(pids) -> set[str]:
     return found
 
 
+def session_dirs(pids) -> set[str]:
+    """The session directories of these processes that are Open MPI 5 launchers: prterun (mpirun execs
+    it) keeps its files in <TMPDIR>/ompi.<its PID> (prte_tmpdir_base: TMPDIR, else /tmp), the
+    supervisor's TMPDIR too, and removes it when it ends, but not when it is SIGKILLed."""
+    return {path for path in (os.path.join(tempfile.gettempdir(), f"ompi.{pid}") for pid in pids)
+            if os.path.isdir(path) and not os.path.islink(path)}
+
+
+def remove_session_dirs(paths) -> list[str]:
+    """Remove the ended job's launcher session directories that are left; those removed."""
+    import shutil
+    removed = []
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def remove_segments(paths) -> list[tuple[str, int]]:
     """Remove the ended job's leftover segments; those removed, with their sizes."""
     removed = []
@@ -321,11 +342,13 @@ class Rank0:
 class Supervisor:
     def __init__(self, job: Job, args):
         self.job, self.args = job, args
-        self.pid_file = os.environ.get("SHARDLINE_PID_FILE") or os.path.join(
-            tempfile.mkdtemp(prefix="shardline-"), "rank0.pid")
+        # rank 0's PID file and its companions, in a directory of our own unless given (removed at the end)
+        self.own_dir = None if os.environ.get("SHARDLINE_PID_FILE") else tempfile.mkdtemp(prefix="shardline-")
+        self.pid_file = os.environ.get("SHARDLINE_PID_FILE") or os.path.join(self.own_dir, "rank0.pid")
         self.stopping: float | None = None
         self.proc: subprocess.Popen | None = None
         self.segments: set[str] = set()      # the running job's shared-memory files (shm_segments)
+        self.session_dirs: set[str] = set()  # its launcher's session directory (session_dirs)
         self.last_why: str | None = None      # what rank 0 said failed in the last job (its ".why" file)
         from shardline.unavailable import Responder
         self.responder = Responder(job.api_host, job.api_port, log) if args.answer_while_down else None
@@ -400,6 +423,9 @@ class Supervisor:
         finally:
             if self.responder:
                 self.responder.hide()
+            if self.own_dir:
+                import shutil
+                shutil.rmtree(self.own_dir, ignore_errors=True)
 
     def _down(self, down, wait_for_port: float = 0.0) -> None:
         if self.responder:
@@ -445,6 +471,10 @@ class Supervisor:
             log(f"removed the {sum(size for _, size in removed) / 2**20:.0f} MiB of shared-memory files the job "
                 f"left in {', '.join(sorted({os.path.dirname(path) for path, _ in removed}))}")
         self.segments = set()
+        left = remove_session_dirs(self.session_dirs)
+        if left:
+            log(f"removed the session files Open MPI's launcher left in {', '.join(sorted(left))}")
+        self.session_dirs = set()
         return code, time.monotonic() - started, rank0.came_up()
 
     def _signal_rank0(self) -> None:
@@ -470,7 +500,9 @@ class Supervisor:
                 pass
             if looking and time.monotonic() - looked > 1.0:      # each rank maps its segment as MPI starts
                 looking = not rank0.started()
-                self.segments |= shm_segments(p.pid for p in session_processes(job.pid))
+                procs = session_processes(job.pid)
+                self.segments |= shm_segments(p.pid for p in procs)
+                self.session_dirs |= session_dirs([job.pid, *(p.pid for p in procs if _is_launcher(p))])
                 looked = time.monotonic()
             if self.responder and self.responder.shown and rank0.gone_at is None and (
                     os.path.exists(self.pid_file + ".bind") or os.path.exists(self.pid_file)):
@@ -512,6 +544,14 @@ class Supervisor:
             if escalated == 1 and time.monotonic() - since > 3:
                 signal_session(job, signal.SIGKILL)
                 escalated = 2
+
+
+def _is_launcher(proc) -> bool:
+    import psutil
+    try:
+        return proc.name() in ("prterun", "mpirun", "prte")
+    except psutil.Error:
+        return False
 
 
 def _kill_group(job: subprocess.Popen, sig: int) -> None:

@@ -216,7 +216,7 @@ while True:
 """
 
 
-def _supervise_stuck(tmp_path, stand_in: str, *options: str) -> tuple[int, str, float]:
+def _supervise_stuck(tmp_path, stand_in: str, *options: str, env: dict | None = None) -> tuple[int, str, float]:
     """Supervise a stand-in mpirun that never exits (--exit-grace 1): (status, log, seconds taken), after
     checking that every process the stand-in started (the PIDs it prints) is gone."""
     log_path = tmp_path / "supervise.log"
@@ -224,7 +224,7 @@ def _supervise_stuck(tmp_path, stand_in: str, *options: str) -> tuple[int, str, 
     with open(log_path, "w") as log:
         sup = subprocess.run([PY, "-m", "shardline.supervise", *options, "--exit-grace", "1", "--no-answer-while-down",
                               "--", PY, "-c", stand_in], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=30,
-                             check=False)
+                             check=False, env=env)
     took = time.monotonic() - t0
     text = log_path.read_text()
     pids = [int(w) for w in text.split("stand-in mpirun", 1)[1].splitlines()[0].split() if w.isdigit()]
@@ -403,9 +403,13 @@ def test_a_job_failing_before_it_is_up_again_and_again_is_retried_ever_less_ofte
 
 
 # An mpirun whose rank maps a shared-memory segment as Open MPI's btl/sm does, then never comes up and
-# ignores SIGTERM: the supervisor ends the job with SIGKILL, so Open MPI removes nothing.
+# ignores SIGTERM: the supervisor ends the job with SIGKILL, so Open MPI removes nothing. The stand-in
+# keeps its session files where prterun does (<TMPDIR>/ompi.<its PID>).
 SEGMENT_LEFT = """
-import os, subprocess, sys, time
+import os, subprocess, sys, tempfile, time
+session = os.path.join(tempfile.gettempdir(), f"ompi.{os.getpid()}", "1")
+os.makedirs(session)
+open(os.path.join(session, "pmix-gds-shmem2.session"), "wb").write(bytes(4096))
 rank0 = subprocess.Popen([sys.executable, "-c", '''
 import mmap, os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -421,18 +425,24 @@ time.sleep(600)
 
 
 def test_a_killed_job_s_shared_memory_segments_are_removed(tmp_path):
-    """A job ended with SIGKILL left each rank's 16 MiB Open MPI segment in /dev/shm (RAM) for good."""
-    shm = tmp_path / "shm"
+    """A job ended with SIGKILL left each rank's 16 MiB Open MPI segment in /dev/shm (RAM) for good, and
+    its launcher's session directory in /tmp."""
+    shm, tmp = tmp_path / "shm", tmp_path / "tmp"
     shm.mkdir()
+    tmp.mkdir()
     theirs = shm / "sm_segment.vm.0.1234.0"             # another job's, which this job never mapped
     theirs.write_bytes(b"x")
+    (tmp / "ompi.1").mkdir()                            # another launcher's session
     ours = shm / "sm_segment.vm.0.5678.0"
     _, text, _ = _supervise_stuck(tmp_path, SEGMENT_LEFT.replace("SEGMENT", repr(str(ours))),
-                                     "--start-timeout", "3")
+                                     "--start-timeout", "3", env=dict(os.environ, TMPDIR=str(tmp)))
     assert "has not come up in 3s" in text, text
     assert not ours.exists(), text
     assert theirs.exists()
     assert f"removed the 2 MiB of shared-memory files the job left in {shm}" in text, text
+    mpirun = text.split("stand-in mpirun", 1)[1].split()[0]
+    assert f"removed the session files Open MPI's launcher left in {tmp}/ompi.{mpirun}" in text, text
+    assert sorted(p.name for p in tmp.iterdir()) == ["ompi.1"], text    # and the supervisor's own, for the PID file
 
 
 def test_the_segments_are_read_from_the_processes_maps(tmp_path):
