@@ -196,10 +196,13 @@ def alive(p: psutil.Process) -> bool:
 def end_job(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 15) -> None:
     """End an mpirun started in a session of its own (sig to its process group, SIGKILL after timeout)
     and everything else of that session: each rank has a process group of its own, so a SIGKILLed
-    mpirun left them behind, and their Open MPI segments in /dev/shm (a clean end removes those)."""
-    from shardline.supervise import remove_segments, session_processes, shm_segments
+    mpirun left them behind, their Open MPI segments in /dev/shm and its session directory in /tmp (a
+    clean end removes those)."""
+    from shardline.supervise import (remove_segments, remove_session_dirs, session_dirs, session_processes,
+                                     shm_segments)
     left = session_processes(proc.pid)    # the ranks too, even once mpirun is gone
     segments = shm_segments(p.pid for p in left)
+    launcher = session_dirs([proc.pid])
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, sig)
@@ -216,6 +219,7 @@ def end_job(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 
             pass
     psutil.wait_procs(left, timeout=5)
     remove_segments(segments)
+    remove_session_dirs(launcher)
 
 
 class Server:
