@@ -224,9 +224,9 @@ def shm_segments(pids) -> set[str]:
 
 
 def session_dirs(pids) -> set[str]:
-    """The session directories of these processes that are Open MPI 5 launchers: prterun (mpirun execs
-    it) keeps its files in <TMPDIR>/ompi.<its PID> (prte_tmpdir_base: TMPDIR, else /tmp), the
-    supervisor's TMPDIR too, and removes it when it ends, but not when it is SIGKILLed."""
+    """The session directories of these Open MPI 5 launchers: prterun (mpirun execs it, keeping its PID)
+    keeps its files in <TMPDIR>/ompi.<its PID> (prte_tmpdir_base: TMPDIR, else /tmp), the supervisor's
+    TMPDIR too, and removes it when it ends, but not when it is SIGKILLed."""
     return {path for path in (os.path.join(tempfile.gettempdir(), f"ompi.{pid}") for pid in pids)
             if os.path.isdir(path) and not os.path.islink(path)}
 
@@ -288,7 +288,7 @@ class Rank0:
     def started(self) -> bool:
         """Whether the job came up: rank 0 passed the roll call (it asks for the port: ".bind"), serves
         (its PID file), or is exiting by itself (".exit")."""
-        return any(os.path.exists(self.pid_file + ext) for ext in ("", ".bind", ".exit"))
+        return self.came_up() or os.path.exists(self.pid_file + ".exit")
 
     def exiting_for(self) -> float | None:
         """Seconds since rank 0 exited or wrote its exit status (a refused start writes only that)."""
@@ -343,8 +343,9 @@ class Supervisor:
     def __init__(self, job: Job, args):
         self.job, self.args = job, args
         # rank 0's PID file and its companions, in a directory of our own unless given (removed at the end)
-        self.own_dir = None if os.environ.get("SHARDLINE_PID_FILE") else tempfile.mkdtemp(prefix="shardline-")
-        self.pid_file = os.environ.get("SHARDLINE_PID_FILE") or os.path.join(self.own_dir, "rank0.pid")
+        given = os.environ.get("SHARDLINE_PID_FILE")
+        self.own_dir = None if given else tempfile.mkdtemp(prefix="shardline-")
+        self.pid_file = given or os.path.join(self.own_dir, "rank0.pid")
         self.stopping: float | None = None
         self.proc: subprocess.Popen | None = None
         self.segments: set[str] = set()      # the running job's shared-memory files (shm_segments)
@@ -500,12 +501,10 @@ class Supervisor:
                 pass
             if looking and time.monotonic() - looked > 1.0:      # each rank maps its segment as MPI starts
                 looking = not rank0.started()
-                procs = session_processes(job.pid)
-                self.segments |= shm_segments(p.pid for p in procs)
-                self.session_dirs |= session_dirs([job.pid, *(p.pid for p in procs if _is_launcher(p))])
+                self.segments |= shm_segments(p.pid for p in session_processes(job.pid))
+                self.session_dirs |= session_dirs([job.pid])      # mpirun execs prterun: the same PID
                 looked = time.monotonic()
-            if self.responder and self.responder.shown and rank0.gone_at is None and (
-                    os.path.exists(self.pid_file + ".bind") or os.path.exists(self.pid_file)):
+            if self.responder and self.responder.shown and rank0.gone_at is None and rank0.came_up():
                 self.responder.hide()    # rank 0 is ready to listen: the port is its
             if self.stopping is not None:
                 since = self.stopping
@@ -544,14 +543,6 @@ class Supervisor:
             if escalated == 1 and time.monotonic() - since > 3:
                 signal_session(job, signal.SIGKILL)
                 escalated = 2
-
-
-def _is_launcher(proc) -> bool:
-    import psutil
-    try:
-        return proc.name() in ("prterun", "mpirun", "prte")
-    except psutil.Error:
-        return False
 
 
 def _kill_group(job: subprocess.Popen, sig: int) -> None:
