@@ -439,7 +439,7 @@ def test_a_board_that_drops_off_ends_the_job_and_the_api_comes_back_with_it(
         while seen["t_end"] is None and time.monotonic() - t_cut < CLIENT_ERROR_S + 5:
             time.sleep(0.05)
         assert seen["t_end"] is not None and seen["t_end"] - t_cut <= CLIENT_ERROR_S, (seen, launched.log())
-        assert seen["outcome"].startswith(("http 503", "error event")), seen    # an answer, not a dropped connection
+        assert seen["outcome"].startswith(("http 503", "error event")), (seen, launched.log())  # an answer, not a dropped connection
 
         # The job ends on the head and on every board that can still be reached.
         left = _job_processes(hosts, hosts.hosts[:2])
