@@ -282,7 +282,7 @@ def _serve_head(args, node) -> int:
     def on_signal(signum, _frame):
         if signum == LOST_BOARD_SIGNAL:
             lost_board.append(signum)
-            engine.stop(grace=0, reason=LOST_BOARD)
+            engine.stop(grace=0, reason=LOST_BOARD, ring_gone=True)
             say("shardline: mpirun has ended the job under rank 0 (it lost a board): stopping")
         else:
             engine.stop(grace=args.shutdown_grace)

@@ -149,6 +149,7 @@ class Engine:
         self.stopping = threading.Event()
         self.stop_deadline = math.inf
         self.stop_reason = "the server is shutting down; retry shortly"   # what stop() tells the waiting clients
+        self.ring_gone = False          # stop(ring_gone=True): the other ranks are gone, no SHUTDOWN for them
         self.failed: str | None = None
         self.compute_seconds, self.steps_done = 0.0, 0
         self.rank_stats: np.ndarray = np.zeros((0, len(STAT_FIELDS)))
@@ -203,10 +204,13 @@ class Engine:
         req.cancelled = True
         self.wake.set()
 
-    def stop(self, grace: float = 5.0, reason: str | None = None) -> None:
-        """Finish what is running for up to grace seconds, fail the rest (with reason), shut the ring down."""
+    def stop(self, grace: float = 5.0, reason: str | None = None, ring_gone: bool = False) -> None:
+        """Finish what is running for up to grace seconds, fail the rest (with reason), shut the ring down
+        (unless ring_gone: mpirun has ended the job, and a SHUTDOWN could only wait for a ring that is not
+        there)."""
         if reason:
             self.stop_reason = reason
+        self.ring_gone = self.ring_gone or ring_gone
         self.stop_deadline = min(self.stop_deadline, time.monotonic() + grace)
         self.stopping.set()
         self.wake.set()
@@ -252,7 +256,8 @@ class Engine:
             return 1
         self._fail_all(self.stop_reason)
         try:
-            self._shutdown_ring()
+            if not self.ring_gone:
+                self._shutdown_ring()
         except Exception as err:  # noqa: BLE001 - the ring is broken (a neighbour gone with a lost board)
             # Its clients have their answers, which the HTTP thread is still writing: an exception from
             # here would end rank 0 at once (mpi4py aborts on one) and cut their streams short.

@@ -252,9 +252,13 @@ def test_a_prompt_id_beyond_the_models_vocabulary_is_refused(ring):
 
 def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir):
     """What the supervisor's LOST_BOARD_SIGNAL does on rank 0: the requests in flight and those still
-    queued end with that reason (main.LOST_BOARD), not a generic shutdown."""
+    queued end with that reason (main.LOST_BOARD), not a generic shutdown; and, mpirun having ended the
+    job already, no SHUTDOWN goes round (it would wait 4 s for a ring that is not there, while the
+    supervisor gives rank 0 --exit-grace 5 s)."""
     engine = two_stages(tiny_model_dir, 1)
     tok = engine.tok
+    sent, send = [], engine.link.send
+    engine.link.send = lambda msg: (sent.append(msg.kind), send(msg))
     prompt = tok("the cat sat on")["input_ids"]
     first = threading.Event()
     running = engine.submit(Request(prompt, 100, SamplingParams(temperature=0), on_text=lambda r, d: first.set()))
@@ -263,11 +267,12 @@ def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir):
     loop.start()
     assert first.wait(30)
     reason = "the job has ended: Open MPI lost contact with one of the boards"
-    engine.stop(grace=0, reason=reason)
+    engine.stop(grace=0, reason=reason, ring_gone=True)
     loop.join(10)
     assert not loop.is_alive()
     for req in (running, queued):
         assert req.done.is_set() and req.finish_reason == "error" and req.error == reason, vars(req)
+    assert wire.FORWARD in sent and wire.SHUTDOWN not in sent, sent
 
 
 def test_a_stop_on_a_ring_already_broken_returns_and_leaves_the_answers_to_be_sent(tiny_model_dir):
@@ -277,10 +282,11 @@ def test_a_stop_on_a_ring_already_broken_returns_and_leaves_the_answers_to_be_se
     event the HTTP thread had not yet written lost its connection without an answer (a cluster test
     run under load saw it)."""
     engine = two_stages(tiny_model_dir, 1)
-    send = engine.link.send
+    send, tried = engine.link.send, []
 
     def broken_ring(msg):
         if msg.kind == wire.SHUTDOWN:
+            tried.append(msg.kind)
             raise RuntimeError("MPI_ERR_PROC_FAILED: process failure")
         send(msg)
     engine.link.send = broken_ring
@@ -299,7 +305,7 @@ def test_a_stop_on_a_ring_already_broken_returns_and_leaves_the_answers_to_be_se
     assert first.wait(30)
     engine.stop(grace=0, reason="the job has ended: Open MPI lost contact with one of the boards")
     loop.join(10)
-    assert out == {"code": 0}, out
+    assert tried and out == {"code": 0}, out       # SHUTDOWN was sent, and failed
     assert req.done.is_set() and req.error == "the job has ended: Open MPI lost contact with one of the boards"
 
 
