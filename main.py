@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+from shardline import say, say_traceback
+
 STATS_INTERVAL = 2.0  # rank 0's heartbeat through the ring, seconds (less with a short --step-timeout)
 
 
@@ -35,15 +37,6 @@ def silence(step_timeout: float) -> float:
 # What rank 0's waiting clients hear when the supervisor signals it with LOST_BOARD_SIGNAL.
 LOST_BOARD = ("the job has ended: Open MPI lost contact with one of the boards (power or network); the service "
               "comes back once every board answers again (GET /health names the missing one); retry shortly")
-
-
-def say(text: str, file=None) -> None:
-    """print, for a signal handler: once mpirun is gone, rank 0's stdout is a broken pipe, and an exception
-    raised in a handler would unwind the engine loop it interrupted before the clients got their errors."""
-    try:
-        print(text, file=file or sys.stdout, flush=True)
-    except OSError:
-        pass
 
 
 def at_least(lo, kind=int, hi=None, why=""):
@@ -306,7 +299,16 @@ def _serve_head(args, node) -> int:
         if args.pid_file:
             with open(args.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
-    code = engine.run()
+    try:
+        code = engine.run()
+    except BaseException as err:  # noqa: BLE001 - a bug: never let it end rank 0 before the clients hear
+        say_traceback()
+        engine.failed = engine.failed or f"rank 0's engine failed: {type(err).__name__}: {err}"
+        try:
+            engine._fail_all(engine.failed)
+        except Exception:  # noqa: BLE001 - what could be told is told; the exit follows
+            say_traceback()
+        code = 1
     if refused and not code:
         from shardline import EX_CONFIG
         code = EX_CONFIG

@@ -8,6 +8,24 @@ EX_CONFIG = 78  # exit status of a refused start (bad shard, wrong rank count): 
 LOST_BOARD_SIGNAL = signal.SIGUSR1
 
 
+def say(text: str, file=None) -> None:
+    """print, for rank 0 once its job may be ending: when mpirun is gone, rank 0's stdout and stderr are
+    broken pipes, and the exception a print raises there (in a signal handler, or in the engine's loop
+    as it fails its requests) would end rank 0 before its HTTP thread wrote the clients their errors."""
+    import sys
+    try:
+        print(text, file=file or sys.stdout, flush=True)
+    except OSError:
+        pass
+
+
+def say_traceback() -> None:
+    """The exception being handled, on stderr, as say() prints."""
+    import sys
+    import traceback
+    say(traceback.format_exc().rstrip("\n"), file=sys.stderr)
+
+
 def bound_socket(host: str, port: int, wait: float = 0.0):
     """(a TCP socket bound to host:port for uvicorn to listen on, None) or (None, the OSError) once the
     port is still taken after `wait` seconds (bind retried meanwhile: a process on its way out, or a

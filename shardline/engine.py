@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from shardline import omp, wire, wiredtype
+from shardline import omp, say, say_traceback, wire, wiredtype
 from shardline.detok import TextStream, added_text
 from shardline.metrics import STAT_FIELDS, Metrics, rss_bytes
 from shardline.sampling import SamplingParams, sample
@@ -251,8 +251,7 @@ class Engine:
             self.failed = (f"{self._died(gone)}{RESTART}" if gone else
                            f"the pipeline failed: {type(err).__name__}: {err}")
             self._fail_all(self.failed)
-            import traceback
-            traceback.print_exc()
+            say_traceback()
             return 1
         self._fail_all(self.stop_reason)
         try:
@@ -261,8 +260,8 @@ class Engine:
         except Exception as err:  # noqa: BLE001 - the ring is broken (a neighbour gone with a lost board)
             # Its clients have their answers, which the HTTP thread is still writing: an exception from
             # here would end rank 0 at once (mpi4py aborts on one) and cut their streams short.
-            print(f"shardline: the ring could not be shut down ({type(err).__name__}: {err}); a rank is gone",
-                  file=sys.stderr, flush=True)
+            say(f"shardline: the ring could not be shut down ({type(err).__name__}: {err}); a rank is gone",
+                file=sys.stderr)
         return 0
 
     def _admit(self) -> None:
@@ -399,9 +398,9 @@ class Engine:
         if self.log_steps:
             sent = self.link.bytes_sent if self.link else 0
             recv = self.link.bytes_recv if self.link else 0
-            print(f"step {step:6d} seqs {len(f.batch):3d} tokens {sum(counts):4d} | Pred {compute * 1e3:7.2f} ms "
-                  f"Sync {max(0.0, rtt - compute) * 1e3:7.2f} ms | Sent {sent / 1024:10.1f} kB "
-                  f"Recv {recv / 1024:10.1f} kB", flush=True)
+            say(f"step {step:6d} seqs {len(f.batch):3d} tokens {sum(counts):4d} | Pred {compute * 1e3:7.2f} ms "
+                f"Sync {max(0.0, rtt - compute) * 1e3:7.2f} ms | Sent {sent / 1024:10.1f} kB "
+                f"Recv {recv / 1024:10.1f} kB")
         self._gauges()
 
     def _accept(self, r: Request, tok: int) -> None:
@@ -443,8 +442,7 @@ class Engine:
 
     @staticmethod
     def _text_failed(err: Exception) -> str:
-        import traceback
-        traceback.print_exc()
+        say_traceback()
         return f"turning the generated tokens into text failed ({type(err).__name__}: {err}); other requests go on"
 
     def _detokenize(self, r: Request) -> bool:
@@ -578,11 +576,11 @@ class Engine:
         else:
             self.failed = (f"rank 0 ({self.hosts[0]}) has been starting its HTTP server for {busy:.0f}s: its start "
                            f"does not end{RESTART}")
-        print(f"shardline: {self.failed}", file=sys.stderr, flush=True)
+        say(f"shardline: {self.failed}", file=sys.stderr)
         try:
             self._fail_all(self.failed)
         except Exception as err:  # noqa: BLE001 - the process ends next regardless
-            print(f"shardline: while failing the requests: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            say(f"shardline: while failing the requests: {type(err).__name__}: {err}", file=sys.stderr)
         time.sleep(0.5)        # let the error responses go out
         os._exit(1)
 

@@ -309,6 +309,47 @@ def test_a_stop_on_a_ring_already_broken_returns_and_leaves_the_answers_to_be_se
     assert req.done.is_set() and req.error == "the job has ended: Open MPI lost contact with one of the boards"
 
 
+class BrokenPipe:
+    """rank 0's stderr once mpirun, which read it, has gone."""
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_ring_failure_after_mpirun_is_gone_still_answers_the_clients(tiny_model_dir, monkeypatch):
+    """A neighbour's death surfaces as an MPI error in rank 0's loop; when mpirun has already gone, the
+    traceback rank 0 prints of it meets a broken pipe. That BrokenPipeError used to escape run() (and
+    end rank 0 through mpi4py's abort) before the HTTP thread had written the clients their errors."""
+    engine = two_stages(tiny_model_dir, 1)
+    poll = engine.link.poll
+    first, gone = threading.Event(), threading.Event()
+
+    def poll_until_gone():
+        if gone.is_set():
+            raise RuntimeError("MPI_ERR_PROC_FAILED: process failure")
+        return poll()
+    engine.link.poll = engine.link._poll = poll_until_gone
+    req = engine.submit(Request(engine.tok("the cat sat on")["input_ids"], 100, SamplingParams(temperature=0),
+                                on_text=lambda r, d: first.set()))
+    out = {}
+
+    def loop_body():
+        try:
+            out["code"] = engine.run()
+        except BaseException as err:  # noqa: BLE001 - what the test is about
+            out["raised"] = err
+    loop = threading.Thread(target=loop_body, daemon=True)
+    loop.start()
+    assert first.wait(30)
+    monkeypatch.setattr("sys.stderr", BrokenPipe())
+    gone.set()
+    loop.join(10)
+    assert out == {"code": 1}, out
+    assert req.done.is_set() and req.finish_reason == "error" and "RuntimeError" in req.error, vars(req)
+
+
 def test_the_micro_batch_id_wraps_before_the_headers_int32_overflows(ring):
     """Ids grow by one per micro-batch: on a busy ring, 2**31 of them come in months; the engine used
     to die there (numpy refuses the int32 header)."""
