@@ -158,7 +158,13 @@ class Engine:
         # while this rank computes a long step, its PINGs keep the workers from taking it for dead; a step
         # of its own that never ends is given up by the Keepalive (the loop is the thing stuck)
         self.keepalive = (wire.Keepalive(link, stats_interval, ping=True, stuck_after=compute_timeout,
-                                         on_stuck=self._stuck) if link is not None else None)
+                                         on_stuck=self._stuck, on_busy=self._stop_while_busy)
+                          if link is not None else None)
+        # Held by the loop, except while its own stage computes (_launch): then a stop past its grace is
+        # answered from the Keepalive's thread (_stop_while_busy) rather than when the step ends, which
+        # on a slow board can be minutes after the supervisor has given up and killed the job.
+        self.loop_lock = threading.Lock()
+        self.stopped_while_busy = False
         self.running = False
         if self.keepalive is not None:
             # until run(): rank 0 starts its HTTP server (imports, the port hand-off), seconds on a busy
@@ -226,6 +232,13 @@ class Engine:
         self.running = True
         if self.keepalive is not None:
             self.keepalive.end()                   # started: this loop serves the link from here on
+        self.loop_lock.acquire()
+        try:
+            return self._run()
+        finally:
+            self.loop_lock.release()
+
+    def _run(self) -> int:
         try:
             while True:
                 if self.stopping.is_set():
@@ -234,6 +247,8 @@ class Engine:
                         break
                 self._admit()
                 self._launch()
+                if self.stopped_while_busy:
+                    continue                       # its requests are answered: to the stop, at the top
                 self._texts()
                 got = self._collect()
                 self._maybe_stats()
@@ -283,6 +298,8 @@ class Engine:
 
     def _launch(self) -> None:
         for _ in range(self.microbatches - len(self.flights)):
+            if self.stopping.is_set() and time.monotonic() > self.stop_deadline:
+                break                            # (a stop came during the last micro-batch's compute)
             for r in [r for r in self.active if r.cancelled and not r.in_flight]:
                 self._finish(r, "cancelled")
             ready = [r for r in self.active if not r.in_flight and r.feed]
@@ -308,8 +325,10 @@ class Engine:
                 r.in_flight = True
                 r.t_served = time.monotonic()
             t0 = time.perf_counter()
-            with torch.inference_mode(), self._busy():
+            with torch.inference_mode(), self._busy(), self._unlocked():
                 x = self.stage.forward(self.stage.embed(torch.tensor(ids), seqs), seqs)   # [T, d]
+            if self.stopped_while_busy:
+                return                           # a stop answered every request meanwhile: drop the step
             if self.link is not None:
                 self.threads.handoff()           # the next rank may need these cores
             compute = time.perf_counter() - t0
@@ -345,6 +364,30 @@ class Engine:
 
     def _busy(self):
         return self.keepalive.busy() if self.keepalive is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _unlocked(self):
+        """Around this rank's own stage compute, which touches no request: _stop_while_busy may answer
+        them meanwhile."""
+        self.loop_lock.release()
+        try:
+            yield
+        finally:
+            self.loop_lock.acquire()
+
+    def _stop_while_busy(self) -> None:
+        """(The Keepalive's thread, every tick of a long step.) A stop whose grace has run out while this
+        rank computes a long step (a prompt chunk, minutes on a Pi): its clients get the stop's reason now,
+        not once the step ends, by which time the supervisor (--stop-timeout, 8 s) has killed the job
+        and their connections with it. Only while the loop is inside its stage's compute (the lock)."""
+        if (self.stopped_while_busy or not self.stopping.is_set() or time.monotonic() <= self.stop_deadline
+                or not self.loop_lock.acquire(blocking=False)):
+            return
+        try:
+            self.stopped_while_busy = True
+            self._fail_all(self.stop_reason)
+        finally:
+            self.loop_lock.release()
 
     def _complete(self, f: Flight, x: torch.Tensor, step: int) -> None:
         """A micro-batch came back: x is [rows, d], one row per sequence (or every token with ALL_ROWS)."""

@@ -277,11 +277,12 @@ class Keepalive:
     rank, or its board, stops the heartbeat as before. A worker whose step never ends reports its busy
     time in its row, and rank 0 gives up after --compute-timeout; rank 0's own step is watched here:
     once it has run for `stuck_after` seconds, `on_stuck` is called (once) instead of more PINGs.
+    `on_busy` (rank 0), if given, is called every tick of a long step: the engine answers a stop there.
     An error here (MPI: a neighbour gone) is handed to the loop, whose next poll() raises it."""
 
     def __init__(self, link: Link, heartbeat: float, on_stats=None, ping: bool = False,
-                 stuck_after: float | None = None, on_stuck=None):
-        self.link, self.on_stats = link, on_stats
+                 stuck_after: float | None = None, on_stuck=None, on_busy=None):
+        self.link, self.on_stats, self.on_busy = link, on_stats, on_busy
         self.tick = heartbeat / 8
         self.ping_every = heartbeat if ping else None
         self.stuck_after, self.on_stuck = stuck_after, on_stuck
@@ -331,6 +332,8 @@ class Keepalive:
             if self.on_stuck is not None and stuck_after is not None and busy > stuck_after:
                 self.on_stuck(busy)
                 return
+            if self.on_busy is not None:
+                self.on_busy()
             with self.link.lock:
                 while (msg := self.link._poll()) is not None:
                     if msg.kind == STATS and self.on_stats is not None:

@@ -309,6 +309,39 @@ def test_a_stop_on_a_ring_already_broken_returns_and_leaves_the_answers_to_be_se
     assert req.done.is_set() and req.error == "the job has ended: Open MPI lost contact with one of the boards"
 
 
+def test_a_stop_during_a_long_step_of_rank_0s_own_answers_the_clients_before_the_step_ends(tiny_model_dir):
+    """A prompt chunk can take rank 0 minutes on a slow board. A stop (SIGTERM from the supervisor,
+    --shutdown-grace 0) used to be seen only once that step ended, after the supervisor had given up
+    (--stop-timeout, 8 s) and killed the job, and with it the clients' connections. The Keepalive's
+    thread now answers them with the stop's reason while the step runs; the step's result is dropped."""
+    import time
+    engine = two_stages(tiny_model_dir, 2)
+    forward, started = engine.stage.forward, threading.Event()
+
+    def slow_forward(x, seqs):                     # rank 0's layers on a slow board
+        started.set()
+        time.sleep(6)
+        return forward(x, seqs)
+    engine.stage.forward = slow_forward
+    sent, send = [], engine.link.send
+    engine.link.send = lambda msg: (sent.append(msg.kind), send(msg))
+    prompt = engine.tok("the cat sat on")["input_ids"]
+    reqs = [engine.submit(Request(prompt, 8, SamplingParams(temperature=0))) for _ in range(2)]
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    assert started.wait(30)
+    time.sleep(0.5)
+    t_stop = time.monotonic()
+    engine.stop(grace=0)
+    for req in reqs:
+        assert req.done.wait(3), "not answered while the step ran"
+        assert req.finish_reason == "error" and req.error == engine.stop_reason and not req.generated, vars(req)
+    assert time.monotonic() - t_stop < 3 and loop.is_alive()      # the step was still running
+    loop.join(15)
+    assert not loop.is_alive()
+    assert wire.FORWARD not in sent and sent[-1] == wire.SHUTDOWN, sent   # the step's result never went on
+
+
 class BrokenPipe:
     """rank 0's stderr once mpirun, which read it, has gone."""
     def write(self, text):
