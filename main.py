@@ -297,6 +297,10 @@ def _serve_head(args, node) -> int:
     else:
         _banner(args, info, records)
         if args.pid_file:
+            if args.shutdown_grace:
+                # the supervisor waits --stop-timeout for a stop: this much longer, for the grace
+                with open(f"{args.pid_file}.grace", "w") as f:
+                    f.write(f"{args.shutdown_grace:g}\n")
             with open(args.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
     try:

@@ -305,6 +305,16 @@ class Rank0:
             return since if gone is None else max(gone, since)
         return gone
 
+    def grace(self) -> float:
+        """The seconds rank 0's in-flight requests may still run after a stop (its --shutdown-grace, in
+        the PID file's name + ".grace"): added to --stop-timeout, so a grace longer than it is honoured
+        rather than cut off by a kill."""
+        try:
+            with open(self.pid_file + ".grace") as f:
+                return max(0.0, float(f.read().strip()))
+        except (OSError, ValueError):
+            return 0.0
+
     def came_up(self) -> bool:
         """Whether rank 0 got past the roll call (every rank loaded): it asked for the port, or serves."""
         return any(os.path.exists(self.pid_file + ext) for ext in ("", ".bind"))
@@ -439,7 +449,7 @@ class Supervisor:
 
     def _run_job(self) -> tuple[int, float, bool]:
         """(mpirun's status, or rank 0's; seconds it ran; whether rank 0 got past the roll call)"""
-        for path in (self.pid_file, *(self.pid_file + ext for ext in (".load", ".bind", ".exit", ".why"))):
+        for path in (self.pid_file, *(self.pid_file + ext for ext in (".load", ".bind", ".grace", ".exit", ".why"))):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -508,8 +518,10 @@ class Supervisor:
                 self.responder.hide()    # rank 0 is ready to listen: the port is its
             if self.stopping is not None:
                 since = self.stopping
-                if escalated == 0 and time.monotonic() - since > self.args.stop_timeout:
-                    log("rank 0 did not stop the job in time; signalling mpirun")
+                grace = rank0.grace() if escalated == 0 else 0.0
+                if escalated == 0 and time.monotonic() - since > self.args.stop_timeout + grace:
+                    log(f"rank 0 did not stop the job in time (--stop-timeout {self.args.stop_timeout:g} s"
+                        + (f" + its --shutdown-grace {grace:g} s" if grace else "") + "); signalling mpirun")
                     _kill_group(job, signal.SIGTERM)
                     escalated, since = 1, time.monotonic()
             elif escalated == 0 and not rank0.started() and time.monotonic() - started > self.args.start_timeout:
@@ -560,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-start-backoff", type=float, default=300.0,
                     help="longest wait between restarts once three or more starts in a row failed before the "
                          "model came up (a rank that dies loading its shard each time), seconds")
-    ap.add_argument("--stop-timeout", type=float, default=8.0, help="seconds rank 0 gets to stop the job")
+    ap.add_argument("--stop-timeout", type=float, default=8.0,
+                    help="seconds rank 0 gets to stop the job, on top of its --shutdown-grace")
     ap.add_argument("--start-timeout", type=float, default=600.0,
                     help="seconds the job gets to come up (every rank loaded, rank 0 serving) before it is "
                          "ended as failed (default 600: a large shard from an SD card)")

@@ -477,6 +477,55 @@ time.sleep(600)
 """
 
 
+# An mpirun whose rank 0 (its PID file written, and with grace: ".grace", as main.py writes its
+# --shutdown-grace 6) takes 6 s to stop after SIGTERM: its in-flight requests finishing.
+def mpirun_with_a_graceful_rank_0(grace: bool) -> str:
+    rank0 = f"""
+import os, signal, time
+p, stop = os.environ["SHARDLINE_PID_FILE"], []
+signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+if {grace}:
+    open(p + ".grace", "w").write("6")
+open(p, "w").write(str(os.getpid()))
+while not stop:
+    time.sleep(0.05)
+time.sleep(6)
+open(p + ".exit", "w").write("0")
+open(p + ".finished", "w").write("1")
+"""
+    return f"""
+import os, subprocess, sys
+rank0 = subprocess.Popen([sys.executable, "-c", {rank0!r}])
+print("stand-in mpirun", os.getpid(), "rank0", rank0.pid, flush=True)
+sys.exit(rank0.wait())
+"""
+
+
+@pytest.mark.parametrize("grace", [True, False], ids=["shutdown-grace", "none"])
+def test_a_stop_waits_for_rank_0_s_shutdown_grace_on_top_of_the_stop_timeout(tmp_path, grace):
+    """main.py --shutdown-grace S lets in-flight requests finish for S seconds after a stop; under the
+    supervisor, whose --stop-timeout (8 s) then killed the job, a grace longer than that ended those
+    requests mid-stream. Rank 0 tells its grace (".grace"); the supervisor waits that much longer."""
+    pid_file, log_path = tmp_path / "rank0.pid", tmp_path / "supervise.log"
+    with open(log_path, "w") as log:
+        sup = subprocess.Popen([PY, "-m", "shardline.supervise", "--no-answer-while-down", "--stop-timeout", "2",
+                                "--", PY, "-c", mpirun_with_a_graceful_rank_0(grace)], cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT, env=dict(os.environ, SHARDLINE_PID_FILE=str(pid_file)))
+        deadline = time.monotonic() + 20
+        while not pid_file.exists():
+            assert time.monotonic() < deadline and sup.poll() is None, log_path.read_text()
+            time.sleep(0.05)
+        sup.send_signal(signal.SIGTERM)
+        code = sup.wait(30)
+    text = log_path.read_text()
+    if grace:
+        assert code == 0 and (tmp_path / "rank0.pid.finished").exists(), text
+        assert "did not stop the job in time" not in text, text
+    else:                  # 2 s, then SIGTERM to mpirun's group, SIGKILL 3 s later: rank 0 never finishes
+        assert "rank 0 did not stop the job in time (--stop-timeout 2 s); signalling mpirun" in text, text
+        assert not (tmp_path / "rank0.pid.finished").exists(), text
+
+
 def test_a_stop_while_the_job_starts_is_status_0(tmp_path):
     """systemctl stop during a start: the unit must not be marked failed (mpirun's 1 was our signal)."""
     log_path = tmp_path / "supervise.log"
