@@ -11,11 +11,13 @@ LOST_BOARD_SIGNAL = signal.SIGUSR1
 def say(text: str, file=None) -> None:
     """print, for rank 0 once its job may be ending: when mpirun is gone, rank 0's stdout and stderr are
     broken pipes, and the exception a print raises there (in a signal handler, or in the engine's loop
-    as it fails its requests) would end rank 0 before its HTTP thread wrote the clients their errors."""
+    as it fails its requests) would end rank 0 before its HTTP thread wrote the clients their errors.
+    RuntimeError: a signal handler's say() interrupting the loop's own print (--verbose step lines) on
+    the same stream ("reentrant call"), which would turn into a made-up pipeline failure."""
     import sys
     try:
         print(text, file=file or sys.stdout, flush=True)
-    except OSError:
+    except (OSError, RuntimeError):
         pass
 
 

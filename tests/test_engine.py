@@ -351,6 +351,29 @@ class BrokenPipe:
         raise BrokenPipeError(32, "Broken pipe")
 
 
+class ReentrantPrint:
+    """stdout as a signal handler's print finds it while the loop's own print is half-way through."""
+    def write(self, text):
+        raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stdout>'>")
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("stream", [BrokenPipe, ReentrantPrint], ids=["broken-pipe", "reentrant"])
+def test_what_rank_0_says_as_its_job_ends_never_raises(stream, capsys):
+    from shardline import say, say_traceback
+    say("shardline: signal 15: stopping every rank", file=stream())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.stderr", stream())
+        try:
+            raise RuntimeError("MPI_ERR_PROC_FAILED")
+        except RuntimeError:
+            say_traceback()
+    say("still here")                              # to the real stdout, after all that
+    assert capsys.readouterr().out == "still here\n"
+
+
 def test_a_ring_failure_after_mpirun_is_gone_still_answers_the_clients(tiny_model_dir, monkeypatch):
     """A neighbour's death surfaces as an MPI error in rank 0's loop; when mpirun has already gone, the
     traceback rank 0 prints of it meets a broken pipe. That BrokenPipeError used to escape run() (and
