@@ -275,6 +275,24 @@ def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir):
     assert wire.FORWARD in sent and wire.SHUTDOWN not in sent, sent
 
 
+def streaming(engine: Engine):
+    """One long greedy request, the engine's loop started in a thread: (the request, what run() returned
+    or raised, the thread), once the first token is out."""
+    first, out = threading.Event(), {}
+    req = engine.submit(Request(engine.tok("the cat sat on")["input_ids"], 100, SamplingParams(temperature=0),
+                                on_text=lambda r, d: first.set()))
+
+    def loop_body():
+        try:
+            out["code"] = engine.run()
+        except BaseException as err:  # noqa: BLE001 - what the tests are about
+            out["raised"] = err
+    loop = threading.Thread(target=loop_body, daemon=True)
+    loop.start()
+    assert first.wait(30)
+    return req, out, loop
+
+
 def test_a_stop_on_a_ring_already_broken_returns_and_leaves_the_answers_to_be_sent(tiny_model_dir):
     """The lost-board stop: by the time the supervisor signals rank 0, mpirun has gone and the daemons
     on the boards have ended their ranks, so the ring's SHUTDOWN fails (ULFM: MPI_ERR_PROC_FAILED).
@@ -290,19 +308,7 @@ def test_a_stop_on_a_ring_already_broken_returns_and_leaves_the_answers_to_be_se
             raise RuntimeError("MPI_ERR_PROC_FAILED: process failure")
         send(msg)
     engine.link.send = broken_ring
-    first = threading.Event()
-    req = engine.submit(Request(engine.tok("the cat sat on")["input_ids"], 100, SamplingParams(temperature=0),
-                                on_text=lambda r, d: first.set()))
-    out = {}
-
-    def loop_body():
-        try:
-            out["code"] = engine.run()
-        except Exception as err:  # noqa: BLE001 - what the test is about
-            out["raised"] = err
-    loop = threading.Thread(target=loop_body, daemon=True)
-    loop.start()
-    assert first.wait(30)
+    req, out, loop = streaming(engine)
     engine.stop(grace=0, reason="the job has ended: Open MPI lost contact with one of the boards")
     loop.join(10)
     assert tried and out == {"code": 0}, out       # SHUTDOWN was sent, and failed
@@ -380,25 +386,14 @@ def test_a_ring_failure_after_mpirun_is_gone_still_answers_the_clients(tiny_mode
     end rank 0 through mpi4py's abort) before the HTTP thread had written the clients their errors."""
     engine = two_stages(tiny_model_dir, 1)
     poll = engine.link.poll
-    first, gone = threading.Event(), threading.Event()
+    gone = threading.Event()
 
     def poll_until_gone():
         if gone.is_set():
             raise RuntimeError("MPI_ERR_PROC_FAILED: process failure")
         return poll()
     engine.link.poll = engine.link._poll = poll_until_gone
-    req = engine.submit(Request(engine.tok("the cat sat on")["input_ids"], 100, SamplingParams(temperature=0),
-                                on_text=lambda r, d: first.set()))
-    out = {}
-
-    def loop_body():
-        try:
-            out["code"] = engine.run()
-        except BaseException as err:  # noqa: BLE001 - what the test is about
-            out["raised"] = err
-    loop = threading.Thread(target=loop_body, daemon=True)
-    loop.start()
-    assert first.wait(30)
+    req, out, loop = streaming(engine)
     monkeypatch.setattr("sys.stderr", BrokenPipe())
     gone.set()
     loop.join(10)
