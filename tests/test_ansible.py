@@ -157,8 +157,20 @@ def test_systemd_unit_runs_the_launch_script_and_restarts_on_failure(tmp_path):
         "ExecStart=/home/pi/shardline/launch.sh",
         "Restart=on-failure",
         "KillMode=mixed",           # SIGTERM to the supervisor alone: it stops the ranks cleanly
+        "TimeoutStopSec=30",
         "WantedBy=multi-user.target",
     } <= lines
+    assert "--shutdown-grace" not in _render("launch.sh.j2", tmp_path / "launch.sh")
+
+
+def test_a_shutdown_grace_reaches_rank_0_and_systemd_waits_for_it(tmp_path):
+    """shardline_shutdown_grace: main.py gets --shutdown-grace (rank 0 tells the supervisor, which waits
+    that much longer), and systemd's TimeoutStopSec grows by as much, or it would SIGKILL the
+    supervisor while the requests it lets finish still run."""
+    grace = ("-e", "shardline_shutdown_grace=45")
+    assert "    --shutdown-grace 45.0 \\\n" in _render("launch.sh.j2", tmp_path / "launch.sh", *grace)
+    assert subprocess.run(["sh", "-n", str(tmp_path / "launch.sh")]).returncode == 0
+    assert "TimeoutStopSec=75" in _render("shardline.service.j2", tmp_path / "shardline.service", *grace).splitlines()
 
 
 def _local_run(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
