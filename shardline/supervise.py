@@ -4,7 +4,8 @@ Runs the MPI job and keeps it running; launch.sh (the systemd unit) and run.sh s
 Four things mpirun alone does badly:
 - Stopping: a signal to mpirun kills every rank ~0.25 s later. The supervisor instead signals rank 0
   (its PID comes through SHARDLINE_PID_FILE), which answers the waiting clients and shuts the ring
-  down; mpirun is killed only if that takes over --stop-timeout seconds.
+  down; mpirun is killed only if that takes over --stop-timeout seconds, plus the --shutdown-grace
+  rank 0 lets its requests in flight run for (it writes it in its PID file's name + ".grace").
 - Failures: when the job ends with an error (a board died or hung, and rank 0 gave up on it), the
   supervisor starts it again with a backoff (1, 2, 4 ... --max-backoff s). A job that fails again and
   again before it comes up (a shard the OOM killer ends as it loads, each time) waits longer between
