@@ -316,11 +316,11 @@ class Keepalive:
         _lower()
         try:
             self._serve()
-        except Exception as err:  # noqa: BLE001 - an MPI error (a neighbour gone): the loop reports it
+        except Exception as err:  # noqa: BLE001 - a failure of on_busy or on_stats: the loop reports it
             self.link.failed = err
 
     def _serve(self) -> None:
-        last_ping = 0.0
+        last_ping, broken = 0.0, False
         while True:
             time.sleep(self.tick)
             spell = self._busy
@@ -334,19 +334,24 @@ class Keepalive:
                 return
             if self.on_busy is not None:
                 self.on_busy()
-            with self.link.lock:
-                while (msg := self.link._poll()) is not None:
-                    if msg.kind == STATS and self.on_stats is not None:
-                        self.link._send(self.on_stats(msg))
-                    elif msg.kind == PING:
-                        if self.ping_every is None:
-                            self.link._send(msg)
-                    else:
-                        self.link.held.append(msg)
-                if self.ping_every is not None and time.monotonic() - last_ping > self.ping_every:
-                    self.link._send(Message(PING))
-                    last_ping = time.monotonic()
-                self.link._reap()
+            if broken:
+                continue       # the step goes on: still watched (stuck, a stop), the link left alone
+            try:
+                with self.link.lock:
+                    while (msg := self.link._poll()) is not None:
+                        if msg.kind == STATS and self.on_stats is not None:
+                            self.link._send(self.on_stats(msg))
+                        elif msg.kind == PING:
+                            if self.ping_every is None:
+                                self.link._send(msg)
+                        else:
+                            self.link.held.append(msg)
+                    if self.ping_every is not None and time.monotonic() - last_ping > self.ping_every:
+                        self.link._send(Message(PING))
+                        last_ping = time.monotonic()
+                    self.link._reap()
+            except Exception as err:  # noqa: BLE001 - an MPI error (a neighbour gone): the loop reports it
+                self.link.failed, broken = err, True
 
 
 def ring_output(x, msg_seqs: list[Seq], flags: int):

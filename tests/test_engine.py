@@ -315,11 +315,14 @@ def test_a_stop_on_a_ring_already_broken_returns_and_leaves_the_answers_to_be_se
     assert req.done.is_set() and req.error == "the job has ended: Open MPI lost contact with one of the boards"
 
 
-def test_a_stop_during_a_long_step_of_rank_0s_own_answers_the_clients_before_the_step_ends(tiny_model_dir):
+@pytest.mark.parametrize("lost", [False, True], ids=["stop", "lost-board"])
+def test_a_stop_during_a_long_step_of_rank_0s_own_answers_the_clients_before_the_step_ends(tiny_model_dir, lost):
     """A prompt chunk can take rank 0 minutes on a slow board. A stop (SIGTERM from the supervisor,
     --shutdown-grace 0) used to be seen only once that step ended, after the supervisor had given up
     (--stop-timeout, 8 s) and killed the job, and with it the clients' connections. The Keepalive's
-    thread now answers them with the stop's reason while the step runs; the step's result is dropped."""
+    thread now answers them with the stop's reason while the step runs; the step's result is dropped.
+    lost-board: the neighbour is gone first (the Keepalive's own MPI call fails), then the supervisor's
+    lost-board stop comes: the Keepalive, its link given up, still answers it."""
     import time
     engine = two_stages(tiny_model_dir, 2)
     forward, started = engine.stage.forward, threading.Event()
@@ -336,16 +339,23 @@ def test_a_stop_during_a_long_step_of_rank_0s_own_answers_the_clients_before_the
     loop = threading.Thread(target=engine.run, daemon=True)
     loop.start()
     assert started.wait(30)
+    if lost:
+        def neighbour_gone():
+            raise RuntimeError("MPI_ERR_PROC_FAILED: process failure")
+        engine.link._poll = neighbour_gone                 # what the Keepalive calls (the loop: poll)
+        while getattr(engine.link, "failed", None) is None:
+            time.sleep(0.05)
     time.sleep(0.5)
     t_stop = time.monotonic()
-    engine.stop(grace=0)
+    engine.stop(grace=0, reason="lost" if lost else None, ring_gone=lost)
     for req in reqs:
         assert req.done.wait(3), "not answered while the step ran"
         assert req.finish_reason == "error" and req.error == engine.stop_reason and not req.generated, vars(req)
     assert time.monotonic() - t_stop < 3 and loop.is_alive()      # the step was still running
     loop.join(15)
     assert not loop.is_alive()
-    assert wire.FORWARD not in sent and sent[-1] == wire.SHUTDOWN, sent   # the step's result never went on
+    assert wire.FORWARD not in sent, sent                            # the step's result never went on
+    assert sent == ([] if lost else [wire.SHUTDOWN]), sent
 
 
 class BrokenPipe:
