@@ -46,6 +46,8 @@ def at_least(lo, kind=int, hi=None, why=""):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if v < lo:
             raise argparse.ArgumentTypeError(f"{text} is below {lo}")
         if hi is not None and v > hi:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import shlex
 import signal
@@ -312,9 +313,10 @@ class Rank0:
         rather than cut off by a kill."""
         try:
             with open(self.pid_file + ".grace") as f:
-                return max(0.0, float(f.read().strip()))
+                grace = float(f.read().strip())
         except (OSError, ValueError):
             return 0.0
+        return grace if math.isfinite(grace) and grace > 0 else 0.0
 
     def came_up(self) -> bool:
         """Whether rank 0 got past the roll call (every rank loaded): it asked for the port, or serves."""
@@ -519,7 +521,8 @@ class Supervisor:
                 self.responder.hide()    # rank 0 is ready to listen: the port is its
             if self.stopping is not None:
                 since = self.stopping
-                grace = rank0.grace() if escalated == 0 else 0.0
+                # (not once rank 0 has exited, or said it exits: then mpirun hangs in the MPI exit)
+                grace = rank0.grace() if escalated == 0 and rank0.exiting_for() is None else 0.0
                 if escalated == 0 and time.monotonic() - since > self.args.stop_timeout + grace:
                     log(f"rank 0 did not stop the job in time (--stop-timeout {self.args.stop_timeout:g} s"
                         + (f" + its --shutdown-grace {grace:g} s" if grace else "") + "); signalling mpirun")

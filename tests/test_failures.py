@@ -260,6 +260,8 @@ BAD_OPTIONS = [
     (("--max-batch-tokens", "0"), "argument --max-batch-tokens: 0 is below 1"),
     (("--queue-size", "0"), "argument --queue-size: 0 is below 1"),
     (("--step-timeout", "0"), "argument --step-timeout: 0 is below 0.5"),
+    (("--shutdown-grace", "inf"), "argument --shutdown-grace: inf is not a finite number"),   # never stops
+    (("--step-timeout", "nan"), "argument --step-timeout: nan is not a finite number"),
     (("--device", "gpu"), "argument --device: 'gpu': use auto, cpu, cuda or cuda:N"),
 ]
 

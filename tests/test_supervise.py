@@ -478,18 +478,18 @@ time.sleep(600)
 
 
 # An mpirun whose rank 0 (its PID file written, and with grace: ".grace", as main.py writes its
-# --shutdown-grace 6) takes 6 s to stop after SIGTERM: its in-flight requests finishing.
+# --shutdown-grace 12) takes 8 s to stop after SIGTERM: its in-flight requests finishing.
 def mpirun_with_a_graceful_rank_0(grace: bool) -> str:
     rank0 = f"""
 import os, signal, time
 p, stop = os.environ["SHARDLINE_PID_FILE"], []
 signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 if {grace}:
-    open(p + ".grace", "w").write("6")
+    open(p + ".grace", "w").write("12")
 open(p, "w").write(str(os.getpid()))
 while not stop:
     time.sleep(0.05)
-time.sleep(6)
+time.sleep(8)
 open(p + ".exit", "w").write("0")
 open(p + ".finished", "w").write("1")
 """
@@ -501,29 +501,51 @@ sys.exit(rank0.wait())
 """
 
 
-@pytest.mark.parametrize("grace", [True, False], ids=["shutdown-grace", "none"])
-def test_a_stop_waits_for_rank_0_s_shutdown_grace_on_top_of_the_stop_timeout(tmp_path, grace):
-    """main.py --shutdown-grace S lets in-flight requests finish for S seconds after a stop; under the
-    supervisor, whose --stop-timeout (8 s) then killed the job, a grace longer than that ended those
-    requests mid-stream. Rank 0 tells its grace (".grace"); the supervisor waits that much longer."""
+# An mpirun that hangs in the MPI exit after its rank 0, with a grace of 30 s, stopped at once.
+GRACEFUL_RANK_0_MPIRUN_HANGS = mpirun_never_ending(
+    "import os, signal, time; p = os.environ['SHARDLINE_PID_FILE']; open(p + '.grace', 'w').write('30'); "
+    "signal.signal(signal.SIGTERM, lambda *a: (open(p + '.exit', 'w').write('0'), os._exit(0))); "
+    "open(p, 'w').write(str(os.getpid())); time.sleep(600)")
+
+
+def _stopped(tmp_path, stand_in: str) -> tuple[int, str, float]:
+    """Supervise stand_in with --stop-timeout 2, SIGTERM the supervisor once rank 0's PID file is there:
+    (its status, its log, seconds from the stop to its end)."""
     pid_file, log_path = tmp_path / "rank0.pid", tmp_path / "supervise.log"
     with open(log_path, "w") as log:
         sup = subprocess.Popen([PY, "-m", "shardline.supervise", "--no-answer-while-down", "--stop-timeout", "2",
-                                "--", PY, "-c", mpirun_with_a_graceful_rank_0(grace)], cwd=ROOT, stdout=log,
+                                "--exit-grace", "1", "--", PY, "-c", stand_in], cwd=ROOT, stdout=log,
                                stderr=subprocess.STDOUT, env=dict(os.environ, SHARDLINE_PID_FILE=str(pid_file)))
         deadline = time.monotonic() + 20
         while not pid_file.exists():
             assert time.monotonic() < deadline and sup.poll() is None, log_path.read_text()
             time.sleep(0.05)
         sup.send_signal(signal.SIGTERM)
-        code = sup.wait(30)
-    text = log_path.read_text()
+        t_stop = time.monotonic()
+        code = sup.wait(60)
+    return code, log_path.read_text(), time.monotonic() - t_stop
+
+
+@pytest.mark.parametrize("grace", [True, False], ids=["shutdown-grace", "none"])
+def test_a_stop_waits_for_rank_0_s_shutdown_grace_on_top_of_the_stop_timeout(tmp_path, grace):
+    """main.py --shutdown-grace S lets in-flight requests finish for S seconds after a stop; under the
+    supervisor, whose --stop-timeout (8 s) then killed the job, a grace longer than that ended those
+    requests mid-stream. Rank 0 tells its grace (".grace"); the supervisor waits that much longer."""
+    code, text, took = _stopped(tmp_path, mpirun_with_a_graceful_rank_0(grace))
     if grace:
         assert code == 0 and (tmp_path / "rank0.pid.finished").exists(), text
         assert "did not stop the job in time" not in text, text
     else:                  # 2 s, then SIGTERM to mpirun's group, SIGKILL 3 s later: rank 0 never finishes
         assert "rank 0 did not stop the job in time (--stop-timeout 2 s); signalling mpirun" in text, text
         assert not (tmp_path / "rank0.pid.finished").exists(), text
+
+
+def test_the_grace_is_not_waited_for_once_rank_0_has_exited(tmp_path):
+    """The grace is for rank 0's requests: once it has exited, an mpirun hanging in the MPI exit is
+    ended after --stop-timeout as before, not 30 s later."""
+    code, text, took = _stopped(tmp_path, GRACEFUL_RANK_0_MPIRUN_HANGS)
+    assert "rank 0 did not stop the job in time (--stop-timeout 2 s); signalling mpirun" in text, text
+    assert took < 2 + 3 + 5, f"{took:.1f}s\n{text}"      # --stop-timeout, SIGTERM's 3 s, slack
 
 
 def test_a_stop_while_the_job_starts_is_status_0(tmp_path):
