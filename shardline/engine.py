@@ -379,7 +379,8 @@ class Engine:
         """(The Keepalive's thread, every tick of a long step.) A stop whose grace has run out while this
         rank computes a long step (a prompt chunk, minutes on a Pi): its clients get the stop's reason now,
         not once the step ends, by which time the supervisor (--stop-timeout, 8 s) has killed the job
-        and their connections with it. Only while the loop is inside its stage's compute (the lock)."""
+        and their connections with it. Only while the loop is inside its stage's compute, or has not
+        started (the lock is free then): never while it may be touching a request."""
         if (self.stopped_while_busy or not self.stopping.is_set() or time.monotonic() <= self.stop_deadline
                 or not self.loop_lock.acquire(blocking=False)):
             return
