@@ -221,6 +221,10 @@ class Engine:
         self.stopping.set()
         self.wake.set()
 
+    def _past_grace(self) -> bool:
+        """A stop was asked, and its grace for the requests in flight has run out."""
+        return self.stopping.is_set() and time.monotonic() > self.stop_deadline
+
     @property
     def queue_depth(self) -> int:
         return self.inbox.qsize()
@@ -243,7 +247,7 @@ class Engine:
             while True:
                 if self.stopping.is_set():
                     self._drain_inbox(self.stop_reason)
-                    if not self.active or time.monotonic() > self.stop_deadline:
+                    if not self.active or self._past_grace():
                         break
                 self._admit()
                 self._launch()
@@ -298,7 +302,7 @@ class Engine:
 
     def _launch(self) -> None:
         for _ in range(self.microbatches - len(self.flights)):
-            if self.stopping.is_set() and time.monotonic() > self.stop_deadline:
+            if self._past_grace():
                 break                            # (a stop came during the last micro-batch's compute)
             for r in [r for r in self.active if r.cancelled and not r.in_flight]:
                 self._finish(r, "cancelled")
@@ -381,8 +385,7 @@ class Engine:
         not once the step ends, by which time the supervisor (--stop-timeout, 8 s) has killed the job
         and their connections with it. Only while the loop is inside its stage's compute, or has not
         started (the lock is free then): never while it may be touching a request."""
-        if (self.stopped_while_busy or not self.stopping.is_set() or time.monotonic() <= self.stop_deadline
-                or not self.loop_lock.acquire(blocking=False)):
+        if self.stopped_while_busy or not self._past_grace() or not self.loop_lock.acquire(blocking=False):
             return
         try:
             self.stopped_while_busy = True

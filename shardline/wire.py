@@ -316,7 +316,7 @@ class Keepalive:
         _lower()
         try:
             self._serve()
-        except Exception as err:  # noqa: BLE001 - a failure of on_busy or on_stats: the loop reports it
+        except Exception as err:  # noqa: BLE001 - a failure of on_busy or on_stuck: the loop reports it
             self.link.failed = err
 
     def _serve(self) -> None:
