@@ -256,17 +256,19 @@ def remove_board_cgroups(name: str, grace: float = 5) -> None:
                 time.sleep(0.1)
 
 
-def set_link_rate(netns: str, veth: str, rate: str | None) -> None:
-    """Limit a test host's link to rate in both directions (tbf on each end of its veth); None: no limit."""
+def set_link_rate(netns: str, veth: str, rate: str | None, burst: int | None = None,
+                  outbound_only: bool = False) -> None:
+    """Limit a test host's link to rate in both directions (tbf on each end of its veth), or only what it
+    sends (outbound_only: a board whose uploads crawl); None: no limit. burst: the bucket, in bytes."""
     for prefix in ((), ("-n", netns)):
         dev = veth if not prefix else "eth0"
         _run(["tc", *prefix, "qdisc", "del", "dev", dev, "root"], check=False)  # back to the default
-        if rate is None:
+        if rate is None or (outbound_only and not prefix):
             continue
         bps = parse_rate(rate)
         # A bucket of 10 ms at the rate (at least 32 KiB) lets a burst through as a NIC's queue
         # does; a queue of 20 ms of traffic, then drops, as a switch port would.
-        burst = max(32 * 1024, bps // 8 // 100)
+        burst = burst or max(32 * 1024, bps // 8 // 100)
         result = _run(["tc", *prefix, "qdisc", "add", "dev", dev, "root", "tbf", "rate", str(bps),
                        "burst", str(burst), "latency", "20ms"], check=False)
         if result.returncode != 0:
@@ -440,9 +442,9 @@ class TestHosts:
         cable or power looks like to the others, since nothing (no FIN, no RST) comes from it."""
         _ip("link", "set", host.veth, "up" if up else "down")
 
-    def set_rate(self, host: TestHost, rate: str | None) -> None:
-        """Change a test host's link rate while it runs (tbf on both ends of its veth); None: no limit."""
-        set_link_rate(host.netns, host.veth, rate)
+    def set_rate(self, host: TestHost, rate: str | None, burst: int | None = None, outbound_only: bool = False) -> None:
+        """Change a test host's link rate while it runs (see set_link_rate); None: no limit."""
+        set_link_rate(host.netns, host.veth, rate, burst, outbound_only)
 
     def _make_files(self, host: TestHost) -> None:
         host.root.mkdir(mode=0o755)
