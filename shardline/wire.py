@@ -3,7 +3,7 @@
 Header: [kind, step, flags, n_seqs, rows, cols, (slot, start, n) * n_seqs]; its length varies with
 n_seqs and the receive buffer is sized for MAX_SEQS, so a decode hop of one sequence costs
 9 * 4 = 36 header bytes plus hidden_size * 4 payload bytes (* 2 under a 16-bit --wire-dtype). Payloads go by buffer (upper-case
-Isend/Recv), never pickled. All sends are non-blocking so a ring of large (rendezvous) messages
+Isend/Irecv), never pickled. All sends are non-blocking so a ring of large (rendezvous) messages
 cannot deadlock; a Link keeps each buffer alive until its send completes.
 """
 from __future__ import annotations
@@ -138,6 +138,7 @@ class Link:
         self.last_traffic = time.monotonic()
         self.lock = threading.Lock()
         self.held: collections.deque[Message] = collections.deque()
+        self.incoming: tuple[Message, object] | None = None   # a message whose payload is still arriving
         self.failed: Exception | None = None    # what stopped a Keepalive using this link; poll() raises it
 
     def send(self, msg: Message) -> None:
@@ -163,7 +164,7 @@ class Link:
         self.pending = [p for p in self.pending if not p[0].Test()]
 
     def poll(self) -> Message | None:
-        """The next message from prev if its header has arrived, else None. Never blocks on an idle ring."""
+        """The next message from prev once it has wholly arrived, else None. Never blocks."""
         with self.lock:
             if self.held:
                 return self.held.popleft()
@@ -176,15 +177,29 @@ class Link:
             answer = self.probe_buf.copy()
             self.pending.append((self.comm.Isend(answer, dest=0, tag=TAG_ANSWER), (answer,)))
             self.probe_req = self.comm.Irecv(self.probe_buf, source=0, tag=TAG_PROBE)
-        if not self.req.Test(self.status):
-            return None
-        count = self.status.Get_count(self.MPI.INT32_T)
-        msg, (rows, cols) = decode_header(self.hbuf, count)
-        self.bytes_recv += 4 * count
-        if rows:
+        if self.incoming is None:
+            if not self.req.Test(self.status):
+                return None
+            count = self.status.Get_count(self.MPI.INT32_T)
+            msg, (rows, cols) = decode_header(self.hbuf, count)
+            self.bytes_recv += 4 * count
+            self.last_traffic = time.monotonic()   # it came round the ring: the payload's time starts now
+            if not rows:
+                self.req = self.comm.Irecv(self.hbuf, source=self.prev, tag=TAG_HEADER)
+                return msg
+            # The payload follows its header, but on a slow link (or from a board that lost power in the
+            # middle of it: no FIN, no RST) it can take long or never finish. Received here by Test, not
+            # in a blocking Recv: rank 0's loop keeps checking --step-timeout meanwhile, and its signal
+            # handlers (the supervisor's stop, its lost-board notice) run, which a thread inside a
+            # blocking MPI call never lets them do (measured: the supervisor had to kill rank 0, and its
+            # clients lost their connections without an answer; tests/test_cluster.py).
             msg.payload = np.empty((rows, cols), payload_dtype(msg))
-            self.comm.Recv(msg.payload, source=self.prev, tag=TAG_PAYLOAD)  # already on its way
-            self.bytes_recv += msg.payload.nbytes
+            self.incoming = (msg, self.comm.Irecv(msg.payload, source=self.prev, tag=TAG_PAYLOAD))
+        msg, req = self.incoming
+        if not req.Test():
+            return None
+        self.incoming = None
+        self.bytes_recv += msg.payload.nbytes
         self.req = self.comm.Irecv(self.hbuf, source=self.prev, tag=TAG_HEADER)
         self.last_traffic = time.monotonic()
         return msg

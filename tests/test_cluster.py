@@ -468,6 +468,58 @@ def test_a_board_that_drops_off_ends_the_job_and_the_api_comes_back_with_it(
         launched.stop()
 
 
+def test_a_board_lost_while_rank_0_receives_from_it_still_gets_the_client_an_answer(
+    hosts, extra_vars, provisioned, tiny_model_dir
+):
+    """A board that loses power while rank 0 is receiving a micro-batch from it: the header has come, the
+    payload never will. Rank 0 used to wait for that payload in a blocking MPI_Recv, where neither its
+    --step-timeout (checked by its loop) nor the supervisor's lost-board signal (a Python handler, which
+    runs in the main thread only) reached it; the supervisor killed it, and its clients lost their
+    connections without an answer. Here the last rank's uploads crawl (a bad Wi-Fi link), so that a
+    prompt's echoed rows (logprobs: every row comes back to rank 0) take seconds on the wire, and its
+    link goes down in the middle of them."""
+    import httpx
+    from transformers import AutoTokenizer
+    lost = hosts.hosts[2]                      # the last rank: what it computes goes to rank 0
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)("the quick brown fox jumps over the lazy dog " * 4)["input_ids"][:120]
+    body = {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1}
+    launched = Launched(hosts, extra_vars["shardline_dir"], hosts.workdir / "board-loss-mid-payload.log")
+
+    def score() -> tuple[str, float]:
+        t0 = time.monotonic()
+        try:
+            with httpx.Client(trust_env=False, timeout=60) as client:
+                r = client.post(launched.api + "/v1/completions", json=body)
+            return f"http {r.status_code}: {r.text[:400]}", time.monotonic() - t0
+        except httpx.HTTPError as err:
+            return f"transport: {err!r}", time.monotonic() - t0
+
+    try:
+        launched.wait_for(_is_up, 120, "the API up")
+        # 120 rows of 64 float32 (30 KB) from rank 2 at 32 kbit/s, through a 4 KB bucket: about 6.5 s on
+        # the wire, while the header (sent first, 60 bytes) arrives at once
+        hosts.set_rate(lost, "32kbit", burst=4096, outbound_only=True)
+        outcome, took = score()
+        assert outcome.startswith("http 200") and took > 4, (outcome, took, launched.log())  # the window is there
+
+        answer = {}
+        asking = threading.Thread(target=lambda: answer.update(zip(("outcome", "took"), score())), daemon=True)
+        asking.start()
+        time.sleep(2.0)                        # mid-payload: 2 of its ~6.5 s
+        hosts.set_link(lost, up=False)
+        t_cut = time.monotonic()
+        asking.join(CLIENT_ERROR_S + 10)
+        assert answer, f"no answer {time.monotonic() - t_cut:.0f}s after the cut\n{launched.log()}"
+        after = answer["took"] - 2.0
+        assert answer["outcome"].startswith("http 503") and after <= CLIENT_ERROR_S, (answer, launched.log())
+        print(f"board lost mid-payload: the client's error {after:.1f}s after the cut: {answer['outcome'][:200]}")
+        launched.wait_for(_names_the_board(lost.name), JOB_GONE_S, "503 naming the lost board", since=t_cut)
+    finally:
+        hosts.set_rate(lost, None)
+        hosts.set_link(lost, up=True)
+        launched.stop()
+
+
 def test_a_rank_killed_on_a_board_that_stays_up_is_named_to_the_clients_and_the_job_comes_back(
     hosts, extra_vars, provisioned, tiny_model_dir
 ):

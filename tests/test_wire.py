@@ -77,3 +77,47 @@ def test_rank_0s_direct_probe_counts_only_answers_to_its_own_round():
     out = subprocess.run([str(PY), "-c", PROBE_SCRIPT], cwd=ROOT, env=singleton_env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
+
+
+HALF_SENT_SCRIPT = r"""
+import time
+import numpy as np
+from mpi4py import MPI
+from shardline import wire
+link = wire.Link(MPI.COMM_SELF, 0, 0)
+x = np.arange(12, dtype=np.float32).reshape(2, 6)
+msg = wire.Message(wire.FORWARD, 7, 0, [wire.Seq(0, 0, 2)], x)
+header = wire.encode_header(msg)
+keep = [MPI.COMM_SELF.Isend(header, dest=0, tag=wire.TAG_HEADER)]    # the header, and no payload (yet)
+before = link.last_traffic
+t0 = time.monotonic()
+polls = [link.poll() for _ in range(200)]
+assert polls == [None] * 200, polls
+assert time.monotonic() - t0 < 5
+assert link.incoming is not None and link.last_traffic > before     # the header counts as traffic
+keep.append(MPI.COMM_SELF.Isend(x, dest=0, tag=wire.TAG_PAYLOAD))   # the payload arrives after all
+got, t0 = None, time.monotonic()
+while got is None and time.monotonic() - t0 < 20:
+    got = link.poll()
+assert got is not None and (got.kind, got.step) == (wire.FORWARD, 7), got
+assert got.payload.tolist() == x.tolist() and link.incoming is None
+link.send(wire.Message(wire.PING, 8))                               # and the next message comes after it
+got, t0 = None, time.monotonic()
+while got is None and time.monotonic() - t0 < 20:
+    got = link.poll()
+assert got is not None and (got.kind, got.step) == (wire.PING, 8), got
+MPI.Request.Waitall(keep)
+print("ok", link.bytes_recv)
+"""
+
+
+def test_a_payload_that_does_not_arrive_never_blocks_the_poll():
+    """A board that loses power while it sends a micro-batch: its header has come, its payload never will.
+    poll() used to wait for the payload in a blocking MPI_Recv, where rank 0's step timeout and signal
+    handlers could not run (the supervisor had to kill it, and its clients lost their connections).
+    Now poll() returns None until the payload is in, and the message whole once it is."""
+    out = subprocess.run([str(PY), "-c", HALF_SENT_SCRIPT], cwd=ROOT, env=singleton_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
+    assert int(out.stdout.split()[1]) == 4 * (6 + 3) + 2 * 6 * 4 + 4 * 6    # two headers, one payload
+
