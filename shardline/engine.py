@@ -156,21 +156,20 @@ class Engine:
         self._stats_sent_at = 0.0
         self._stats_pending = False
         # while this rank computes a long step, its PINGs keep the workers from taking it for dead; a step
-        # of its own that never ends is given up by the Keepalive (the loop is the thing stuck)
-        self.keepalive = (wire.Keepalive(link, stats_interval, ping=True, stuck_after=compute_timeout,
-                                         on_stuck=self._stuck, on_busy=self._stop_while_busy)
-                          if link is not None else None)
+        # of its own that never ends is given up by the Keepalive (the loop is the thing stuck), and a stop
+        # is answered during it. A single rank (no link) has those two as well.
+        self.keepalive = wire.Keepalive(link, stats_interval, ping=link is not None, stuck_after=compute_timeout,
+                                        on_stuck=self._stuck, on_busy=self._stop_while_busy)
         # Held by the loop, except while its own stage computes (_launch): then a stop past its grace is
         # answered from the Keepalive's thread (_stop_while_busy) rather than when the step ends, which
         # on a slow board can be minutes after the supervisor has given up and killed the job.
         self.loop_lock = threading.Lock()
         self.stopped_while_busy = False
         self.running = False
-        if self.keepalive is not None:
-            # until run(): rank 0 starts its HTTP server (imports, the port hand-off), seconds on a busy
-            # head board; its PINGs meanwhile keep the workers from taking that for a silence, and a
-            # start-up that never ends is given up like a step (with a limit of its own)
-            self.keepalive.begin(stuck_after=max(compute_timeout, STARTUP_LIMIT))
+        # until run(): rank 0 starts its HTTP server (imports, the port hand-off), seconds on a busy
+        # head board; its PINGs meanwhile keep the workers from taking that for a silence, and a
+        # start-up that never ends is given up like a step (with a limit of its own)
+        self.keepalive.begin(stuck_after=max(compute_timeout, STARTUP_LIMIT))
         self.threads = omp.Threads()
         self.backend = tokenizer.backend_tokenizer         # the `tokenizers` object DecodeStream steps
         self.untexted: list[Request] = []                  # new tokens not yet detokenized (see _texts)
@@ -234,8 +233,7 @@ class Engine:
         """Serve until stop() (returns 0) or a dead/hung rank or MPI error (returns 1, every waiting
         request failed with the reason)."""
         self.running = True
-        if self.keepalive is not None:
-            self.keepalive.end()                   # started: this loop serves the link from here on
+        self.keepalive.end()                       # started: this loop serves the link from here on
         self.loop_lock.acquire()
         try:
             return self._run()
@@ -367,7 +365,7 @@ class Engine:
         return True                                # (a PING that came home after this rank's long step: dropped)
 
     def _busy(self):
-        return self.keepalive.busy() if self.keepalive is not None else contextlib.nullcontext()
+        return self.keepalive.busy()
 
     @contextlib.contextmanager
     def _unlocked(self):

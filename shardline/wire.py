@@ -293,9 +293,10 @@ class Keepalive:
     time in its row, and rank 0 gives up after --compute-timeout; rank 0's own step is watched here:
     once it has run for `stuck_after` seconds, `on_stuck` is called (once) instead of more PINGs.
     `on_busy` (rank 0), if given, is called every tick of a long step: the engine answers a stop there.
-    An error here (MPI: a neighbour gone) is handed to the loop, whose next poll() raises it."""
+    An error here (MPI: a neighbour gone) is handed to the loop, whose next poll() raises it.
+    link None (a single rank, the whole model): only the watching, on_stuck and on_busy."""
 
-    def __init__(self, link: Link, heartbeat: float, on_stats=None, ping: bool = False,
+    def __init__(self, link: Link | None, heartbeat: float, on_stats=None, ping: bool = False,
                  stuck_after: float | None = None, on_stuck=None, on_busy=None):
         self.link, self.on_stats, self.on_busy = link, on_stats, on_busy
         self.tick = heartbeat / 8
@@ -349,7 +350,7 @@ class Keepalive:
                 return
             if self.on_busy is not None:
                 self.on_busy()
-            if broken:
+            if broken or self.link is None:
                 continue       # the step goes on: still watched (stuck, a stop), the link left alone
             try:
                 with self.link.lock:

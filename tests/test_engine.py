@@ -358,6 +358,39 @@ def test_a_stop_during_a_long_step_of_rank_0s_own_answers_the_clients_before_the
     assert sent == ([] if lost else [wire.SHUTDOWN]), sent
 
 
+def test_a_single_rank_answers_a_stop_during_its_long_step_too(tiny_model_dir):
+    """`python main.py` alone (the whole model, no ring): a stop used to be answered only once the step
+    ended, while the supervisor gives a stop --stop-timeout (8 s). Its Keepalive, with no link to keep,
+    still watches the step: the clients get the stop's reason while it runs."""
+    import time
+    model = hf_model(tiny_model_dir)
+    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
+    cfg = model.config
+    whole = Stage(cfg, tensors, (0, 6), True, 2, cfg.n_positions)
+    engine = Engine(whole, AutoTokenizer.from_pretrained(tiny_model_dir), None, 1, ["here"], 2)
+    forward, started = whole.forward, threading.Event()
+
+    def slow_forward(x, seqs):                     # a prompt chunk on a slow board
+        started.set()
+        time.sleep(6)
+        return forward(x, seqs)
+    whole.forward = slow_forward
+    prompt = engine.tok("the cat sat on")["input_ids"]
+    reqs = [engine.submit(Request(prompt, 8, SamplingParams(temperature=0))) for _ in range(2)]
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    assert started.wait(30)
+    time.sleep(0.5)
+    t_stop = time.monotonic()
+    engine.stop(grace=0)
+    for req in reqs:
+        assert req.done.wait(3), "not answered while the step ran"
+        assert req.finish_reason == "error" and req.error == engine.stop_reason and not req.generated, vars(req)
+    assert time.monotonic() - t_stop < 3 and loop.is_alive()      # the step was still running
+    loop.join(15)
+    assert not loop.is_alive()
+
+
 class BrokenPipe:
     """rank 0's stderr once mpirun, which read it, has gone."""
     def write(self, text):

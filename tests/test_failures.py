@@ -20,14 +20,26 @@ from tests.helpers import PY, ROOT, alive, end_job, free_port, http, launch_cmd,
 
 
 @pytest.fixture(scope="module")
-def long_parts(tmp_path_factory):
+def long_model(tmp_path_factory):
     """A small model with a 1024-token context, so a generation lasts long enough to break it midway."""
     d = tmp_path_factory.mktemp("long")
     cfg = GPT2Config(n_layer=6, n_embd=128, n_head=4, n_positions=1024, vocab_size=600, bos_token_id=599,
                      eos_token_id=599)
     random_model(cfg).save_pretrained(d / "model")
     build_tokenizer(600).save_pretrained(d / "model")
-    return split(d / "model", 3, d / "parts")
+    return d / "model"
+
+
+@pytest.fixture(scope="module")
+def long_parts(long_model):
+    """long_model split over 3 ranks."""
+    return split(long_model, 3, long_model.parent / "parts")
+
+
+@pytest.fixture(scope="module")
+def long_whole(long_model):
+    """long_model in one shard: `python main.py` alone."""
+    return split(long_model, 1, long_model.parent / "whole")
 
 
 class Supervised:
@@ -339,11 +351,12 @@ class Slowed:
     (slow_load) slowed down, as on a board much slower than this host (tests/slow_main.py)."""
 
     def __init__(self, parts: Path, log: Path, slow: str | None, *args: str, slow_load: str | None = None,
-                 slow_start: float | None = None, marks: Path | None = None, wait: bool = True, tcp: bool = False):
+                 slow_start: float | None = None, marks: Path | None = None, wait: bool = True, tcp: bool = False,
+                 ranks: int = 3):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path, self.log = log, open(log, "w")
-        cmd = launch_cmd(3, str(ROOT / "tests" / "slow_main.py"), "--model-dir", str(parts), "--port",
+        cmd = launch_cmd(ranks, str(ROOT / "tests" / "slow_main.py"), "--model-dir", str(parts), "--port",
                          str(self.port), *args)
         if tcp:    # as between boards: Open MPI's TCP transport with the project's settings
             from shardline.wire import mca_args
@@ -425,13 +438,15 @@ def test_a_slow_start_of_rank_0_is_not_a_silence(long_parts, tmp_path):
         job.stop()
 
 
-@pytest.mark.parametrize("rank", [2, 0])
-def test_a_step_that_never_ends_is_an_error_naming_the_rank(long_parts, tmp_path, rank):
+@pytest.mark.parametrize("rank,ranks", [(2, 3), (0, 3), (0, 1)], ids=["worker", "rank0", "single-rank"])
+def test_a_step_that_never_ends_is_an_error_naming_the_rank(long_parts, long_whole, tmp_path, rank, ranks):
     """A rank is alive (the heartbeat goes round) but its step never ends: after --compute-timeout the
     client gets an error naming the rank and the option, and the job ends for a supervisor to restart.
     Rank 0's own step is watched by its Keepalive, since its loop is what hangs (its PINGs kept the
-    workers waiting for good)."""
-    job = Slowed(long_parts, tmp_path / "job.log", f"{rank}:600:20", "--step-timeout", "1", "--compute-timeout", "5")
+    workers waiting for good); so is a single rank's (`python main.py` alone), which had no Keepalive
+    and no limit at all."""
+    job = Slowed(long_parts if ranks > 1 else long_whole, tmp_path / "job.log", f"{rank}:600:20",
+                 "--step-timeout", "1", "--compute-timeout", "5", ranks=ranks)
     try:
         t0 = time.monotonic()
         status, body = http("POST", job.url + "/generate", {"prompt": LONG_PROMPT, "max_new_tokens": 4}, timeout=60)
