@@ -380,6 +380,11 @@ def load_tokenizer(tok_dir):
     # The engine and the HTTP thread share it. Encoding mutates the Rust tokenizer only to drop a
     # truncation or padding that a tokenizer.json may carry (the API never asks for either), and a
     # mutation while another thread is inside it fails ("Already borrowed"): drop them once, here.
+    # The context limit is the engine's (--max-context, the model's own): a longer prompt gets a 400 there.
+    # transformers' own check of tokenizer_config.json's model_max_length only logged "Token indices
+    # sequence length is longer than the specified maximum ... will result in indexing errors", which
+    # nothing here would do.
+    tok.model_max_length = int(1e30)
     backend = tok.backend_tokenizer
     if backend.truncation is not None:
         backend.no_truncation()

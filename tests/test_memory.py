@@ -103,6 +103,22 @@ def test_one_tokenizer_serves_both_threads(tiny_model_dir, tmp_path):
     assert got == {"encode": 300, "decode": 300}
 
 
+def test_a_prompt_longer_than_the_tokenizers_model_max_length_logs_no_warning(tiny_model_dir, tmp_path, caplog):
+    """The engine refuses a prompt longer than the context (a 400); transformers' tokenizer, left with
+    tokenizer_config.json's model_max_length, also logged 'Token indices sequence length is longer than
+    the specified maximum ... will result in indexing errors' into the service's log, which nothing
+    here would do."""
+    import logging
+
+    import main
+    parts = split(tiny_model_dir, 1, tmp_path / "parts")
+    tok = main.load_tokenizer(parts / "tokenizer")
+    with caplog.at_level(logging.WARNING):
+        ids = tok("the quick brown fox " * 400)["input_ids"]
+    assert len(ids) > 1024
+    assert "sequence length is longer" not in caplog.text, caplog.text
+
+
 def test_release_free_heap_gives_freed_pages_back():
     """Freed C-heap chunks below a live one stay resident until malloc_trim: release_free_heap returns
     them (what the ranks call after loading their stage and rank 0 after its tokenizer)."""
