@@ -239,6 +239,7 @@ class Engine:
             return self._run()
         finally:
             self.loop_lock.release()
+            self.keepalive.close()
 
     def _run(self) -> int:
         try:
@@ -338,7 +339,8 @@ class Engine:
             self.step = self.step + 1 if self.step < STEP_MAX else 1   # the header's int32 (months on a busy ring)
             self.metrics.batch.observe(len(batch))
             if self.link is None:            # one rank: the whole model is here
-                self._complete(flight, wire.ring_output(x, seqs, flags), self.step)
+                with self._busy():           # the head and sampling are its step too (--compute-timeout)
+                    self._complete(flight, wire.ring_output(x, seqs, flags), self.step)
                 self._texts()                # a stop string ends its request before the next micro-batch
             else:
                 self.flights[self.step] = flight

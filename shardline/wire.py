@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shardline import wiredtype
+from shardline import say_traceback, wiredtype
 from shardline.stage import Seq
 
 FORWARD, STATS, SHUTDOWN, PING = 1, 2, 3, 4   # kinds (PING: rank 0 is busy but alive; no payload)
@@ -303,7 +303,9 @@ class Keepalive:
         self.ping_every = heartbeat if ping else None
         self.stuck_after, self.on_stuck = stuck_after, on_stuck
         self._busy: tuple[float, float | None] | None = None   # (since, stuck after) while busy
-        threading.Thread(target=self._run, name="keepalive", daemon=True).start()
+        self._closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="keepalive", daemon=True)
+        self.thread.start()
 
     @contextlib.contextmanager
     def busy(self):
@@ -328,17 +330,24 @@ class Keepalive:
         busy = self._busy
         return 0.0 if busy is None else time.monotonic() - busy[0]
 
+    def close(self) -> None:
+        """The loop has ended: nothing more to watch. Ends the thread (and its hold on the callbacks)."""
+        self._closed.set()
+
     def _run(self) -> None:
         _lower()
-        try:
-            self._serve()
-        except Exception as err:  # noqa: BLE001 - a failure of on_busy or on_stuck: the loop reports it
-            self.link.failed = err
+        while True:
+            try:
+                return self._serve()
+            except Exception as err:  # noqa: BLE001 - a failure of on_busy or on_stuck: the loop reports it
+                if self.link is not None:
+                    self.link.failed = err
+                    return
+                say_traceback()   # a single rank's loop polls no link to hear of it: say it, go on watching
 
     def _serve(self) -> None:
         last_ping, broken = 0.0, False
-        while True:
-            time.sleep(self.tick)
+        while not self._closed.wait(self.tick):
             spell = self._busy
             if spell is None:
                 continue

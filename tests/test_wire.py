@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 
 from tests.helpers import PY, ROOT, mpi_env
 
@@ -121,3 +122,26 @@ def test_a_payload_that_does_not_arrive_never_blocks_the_poll():
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
     assert int(out.stdout.split()[1]) == 4 * (6 + 3) + 2 * 6 * 4 + 4 * 6    # two headers, one payload
 
+
+
+def test_a_single_rank_s_keepalive_outlives_a_failing_callback_and_ends_when_closed(capsys):
+    """With no link (one rank, the whole model) an error in on_busy cannot be handed to the loop through
+    the link: it is said, and the watching goes on (the rank's --compute-timeout and its answer to a stop
+    during a long step depend on it). close(), at the end of the loop, ends the thread."""
+    from shardline.wire import Keepalive
+    calls = []
+
+    def on_busy():
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("Event loop is closed")
+    keepalive = Keepalive(None, 0.08, on_busy=on_busy)
+    keepalive.begin()
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls) >= 3, calls
+    assert "RuntimeError: Event loop is closed" in capsys.readouterr().err
+    keepalive.close()
+    keepalive.thread.join(2)
+    assert not keepalive.thread.is_alive()
