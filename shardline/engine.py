@@ -582,7 +582,8 @@ class Engine:
             heard = max(oldest, self.link.last_traffic)
             self._ask_if_quiet(heard, now)
             if now - heard > self.step_timeout:
-                return self._fail(f"no answer from the pipeline for {now - heard:.1f}s", silent=self._silent(heard))
+                return self._fail(f"no answer from the pipeline for {now - heard:.1f}s{self._half_arrived()}",
+                                  silent=self._silent(heard))
             stuck = [r for r in self.rank_stats if r[7] > self.compute_timeout]
             if stuck:
                 row = max(stuck, key=lambda r: r[7])
@@ -592,9 +593,17 @@ class Engine:
         if self._stats_pending:
             self._ask_if_quiet(self._stats_sent_at, now)
             if now - self._stats_sent_at > self.step_timeout:
-                return self._fail(f"no answer from the pipeline for {now - self._stats_sent_at:.1f}s",
-                                  silent=self._silent(self._stats_sent_at))
+                return self._fail(f"no answer from the pipeline for {now - self._stats_sent_at:.1f}s"
+                                  f"{self._half_arrived()}", silent=self._silent(self._stats_sent_at))
         return False
+
+    def _half_arrived(self) -> str:
+        """What to add when the last micro-batch's header came and its payload has not (wire.Link.incoming)."""
+        if getattr(self.link, "incoming", None) is None:
+            return ""
+        last = self.size - 1
+        return (f" (a micro-batch from rank {last} ({self.hosts[last]}) began to arrive and did not finish: its "
+                f"board went in the middle of it, or its link is too slow for --step-timeout {self.step_timeout:g})")
 
     def _ask_if_quiet(self, heard: float, now: float) -> None:
         """Ask every worker directly (wire.Probe) once the ring has been quiet for half the step timeout

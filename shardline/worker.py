@@ -40,6 +40,10 @@ def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, sil
                 return
             quiet = time.monotonic() - link.last_traffic
             if silence_timeout and quiet > silence_timeout:
+                if link.incoming is not None:
+                    raise Silence(f"a message from rank {link.prev} began to arrive {quiet:.0f}s ago and did not "
+                                  "finish: its board went in the middle of it, or the link is too slow for "
+                                  "--step-timeout")
                 raise Silence(f"no message from rank {link.prev} for {quiet:.0f}s")
             wire.idle_sleep(quiet)
             continue

@@ -496,23 +496,26 @@ def test_a_board_lost_while_rank_0_receives_from_it_still_gets_the_client_an_ans
 
     try:
         launched.wait_for(_is_up, 120, "the API up")
-        # 120 rows of 64 float32 (30 KB) from rank 2 at 32 kbit/s, through a 4 KB bucket: about 6.5 s on
-        # the wire, while the header (sent first, 60 bytes) arrives at once
-        hosts.set_rate(lost, "32kbit", burst=4096, outbound_only=True)
+        # 120 rows of 64 float32 (30 KB) from rank 2 at 64 kbit/s, through a 4 KB bucket: 3.5-5 s on the
+        # wire (well inside --step-timeout, 8 s), while the header (sent first, 60 bytes) arrives at once
+        hosts.set_rate(lost, "64kbit", burst=4096, outbound_only=True)
         outcome, took = score()
-        assert outcome.startswith("http 200") and took > 4, (outcome, took, launched.log())  # the window is there
+        assert outcome.startswith("http 200") and took > 2.5, (outcome, took, launched.log())  # the window is there
 
         answer = {}
         asking = threading.Thread(target=lambda: answer.update(zip(("outcome", "took"), score())), daemon=True)
         asking.start()
-        time.sleep(2.0)                        # mid-payload: 2 of its ~6.5 s
+        time.sleep(1.5)                        # mid-payload: 1.5 s of its 3.5-5
         hosts.set_link(lost, up=False)
         t_cut = time.monotonic()
         asking.join(CLIENT_ERROR_S + 10)
         assert answer, f"no answer {time.monotonic() - t_cut:.0f}s after the cut\n{launched.log()}"
-        after = answer["took"] - 2.0
+        after = answer["took"] - 1.5
         assert answer["outcome"].startswith("http 503") and after <= CLIENT_ERROR_S, (answer, launched.log())
-        print(f"board lost mid-payload: the client's error {after:.1f}s after the cut: {answer['outcome'][:200]}")
+        if "no answer from the pipeline" in answer["outcome"]:    # rank 0 noticed first (not Open MPI): it says how
+            assert "a micro-batch from rank 2 (" in answer["outcome"], answer
+        print(f"board lost mid-payload (whole, it took {took:.1f}s): the client's error {after:.1f}s after the cut: "
+              f"{answer['outcome'][:400]}")
         launched.wait_for(_names_the_board(lost.name), JOB_GONE_S, "503 naming the lost board", since=t_cut)
     finally:
         hosts.set_rate(lost, None)

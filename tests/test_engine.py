@@ -358,6 +358,29 @@ def test_a_stop_during_a_long_step_of_rank_0s_own_answers_the_clients_before_the
     assert sent == ([] if lost else [wire.SHUTDOWN]), sent
 
 
+def test_a_micro_batch_that_began_to_arrive_and_never_finished_is_named_in_the_error(tiny_model_dir):
+    """A board lost (or a link too slow) while it sent rank 0 a micro-batch: the header came, the payload
+    never does (wire.Link.incoming). Past --step-timeout the clients' error says so, since 'no answer'
+    alone would send whoever reads it looking for a dead board when the link may only be slow."""
+    engine = two_stages(tiny_model_dir, 1, step_timeout=1.0)
+    send = engine.link.send
+
+    def half_sent(msg):
+        if msg.kind == wire.FORWARD:
+            engine.link.incoming = (msg, None)      # its header came; its payload never will
+            return
+        send(msg)
+    engine.link.send = half_sent
+    req = engine.submit(Request(engine.tok("the cat sat on")["input_ids"], 4, SamplingParams(temperature=0)))
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    assert req.done.wait(10), "never answered"
+    loop.join(10)
+    assert req.finish_reason == "error" and req.error.startswith("no answer from the pipeline for "), req.error
+    assert "(a micro-batch from rank 1 (here) began to arrive and did not finish: its board went in the middle " \
+           "of it, or its link is too slow for --step-timeout 1)" in req.error, req.error
+
+
 def test_a_single_rank_answers_a_stop_during_its_long_step_too(tiny_model_dir):
     """`python main.py` alone (the whole model, no ring): a stop used to be answered only once the step
     ended, while the supervisor gives a stop --stop-timeout (8 s). Its Keepalive, with no link to keep,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
+
+import pytest
 
 from tests.helpers import PY, ROOT, mpi_env
 
@@ -122,6 +125,33 @@ def test_a_payload_that_does_not_arrive_never_blocks_the_poll():
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
     assert int(out.stdout.split()[1]) == 4 * (6 + 3) + 2 * 6 * 4 + 4 * 6    # two headers, one payload
 
+
+
+class QuietLink:
+    """A worker's link on which nothing (or half a message) has come for a minute."""
+    prev = 0
+
+    def __init__(self, incoming):
+        self.incoming, self.last_traffic = incoming, time.monotonic() - 60
+        self.lock, self.held, self.failed = threading.Lock(), [], None
+
+    def poll(self):
+        return None
+
+    def reap(self):
+        pass
+
+
+def test_a_worker_s_silence_says_whether_a_message_had_begun_to_arrive():
+    """A worker gives up once nothing has come from the rank before it for its silence timeout. When a
+    message's header came and its payload did not (wire.Link.incoming), its error says that instead,
+    since the board may have gone mid-message or the link may only be slow."""
+    from shardline.worker import Silence, serve
+    with pytest.raises(Silence, match=r"^no message from rank 0 for 60s$"):
+        serve(None, QuietLink(None), 1, False, lambda: False, silence_timeout=10)
+    with pytest.raises(Silence, match=r"^a message from rank 0 began to arrive 60s ago and did not finish: its "
+                                      r"board went in the middle of it, or the link is too slow for --step-timeout$"):
+        serve(None, QuietLink(("header", "request")), 1, False, lambda: False, silence_timeout=10)
 
 
 def test_a_single_rank_s_keepalive_outlives_a_failing_callback_and_ends_when_closed(capsys):
