@@ -35,8 +35,9 @@ def silence(step_timeout: float) -> float:
 
 
 # What rank 0's waiting clients hear when the supervisor signals it with LOST_BOARD_SIGNAL.
-LOST_BOARD = ("the job has ended: Open MPI lost contact with one of the boards (power or network); the service "
-              "comes back once every board answers again (GET /health names the missing one); retry shortly")
+# The engine adds the workers that did not answer its last direct question, when it asked one.
+LOST_BOARD = ("the job has ended: Open MPI lost contact with one of the boards (power or network); retry shortly: "
+              "the service comes back once every board answers again (GET /health names the missing one)")
 
 
 def at_least(lo, kind=int, hi=None, why=""):

@@ -150,6 +150,7 @@ class Engine:
         self.stop_deadline = math.inf
         self.stop_reason = "the server is shutting down; retry shortly"   # what stop() tells the waiting clients
         self.ring_gone = False          # stop(ring_gone=True): the other ranks are gone, no SHUTDOWN for them
+        self.silent_named = False       # (see _name_the_silent)
         self.failed: str | None = None
         self.compute_seconds, self.steps_done = 0.0, 0
         self.rank_stats: np.ndarray = np.zeros((0, len(STAT_FIELDS)))
@@ -245,6 +246,8 @@ class Engine:
         try:
             while True:
                 if self.stopping.is_set():
+                    if self.ring_gone and not self.silent_named:
+                        self._name_the_silent()
                     self._drain_inbox(self.stop_reason)
                     if not self.active or self._past_grace():
                         break
@@ -596,6 +599,21 @@ class Engine:
                 return self._fail(f"no answer from the pipeline for {now - self._stats_sent_at:.1f}s"
                                   f"{self._half_arrived()}", silent=self._silent(self._stats_sent_at))
         return False
+
+    def _name_the_silent(self) -> None:
+        """The lost-board stop (mpirun ended the job before this rank's own --step-timeout did): add to its
+        reason the workers that did not answer this rank's last direct question (wire.Probe, asked once
+        the ring had been quiet for half --step-timeout, so before Open MPI's keepalives gave up), which
+        names the lost board as this rank's own timeout would have. Nothing when no such question was
+        asked (the ring was not quiet) or every worker answered it."""
+        self.silent_named = True
+        probe = self.probe
+        if probe is None or not probe.asked_since(self.link.last_traffic):
+            return
+        probe.poll()
+        silent = [r for r in probe.workers if r not in probe.answered]
+        if silent:
+            self.stop_reason += f"; {self._names(silent)} did not answer rank 0 directly"
 
     def _half_arrived(self) -> str:
         """What to add when the last micro-batch's header came and its payload has not (wire.Link.incoming)."""

@@ -250,12 +250,33 @@ def test_a_prompt_id_beyond_the_models_vocabulary_is_refused(ring):
         engine.vocab_size = was
 
 
-def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir):
+class AskedProbe:
+    """wire.Probe as rank 0 holds it after one direct question to its worker (rank 1)."""
+    workers = [1]
+
+    def __init__(self, asked_at: float, answered: set):
+        self.asked_at, self.answered = asked_at, answered
+
+    def asked_since(self, t: float) -> bool:
+        return self.asked_at > t
+
+    def poll(self):
+        pass
+
+
+@pytest.mark.parametrize("asked,answered,named", [(None, set(), False), ("after", set(), True),
+                                                  ("after", {1}, False), ("before", set(), False)],
+                         ids=["not-asked", "silent", "answered", "asked-before-the-last-message"])
+def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir, asked, answered, named):
     """What the supervisor's LOST_BOARD_SIGNAL does on rank 0: the requests in flight and those still
     queued end with that reason (main.LOST_BOARD), not a generic shutdown; and, mpirun having ended the
     job already, no SHUTDOWN goes round (it would wait 4 s for a ring that is not there, while the
-    supervisor gives rank 0 --exit-grace 5 s)."""
+    supervisor gives rank 0 --exit-grace 5 s). When rank 0 had asked its workers directly since the ring
+    went quiet (wire.Probe), the reason names those that did not answer, as its own timeout would have:
+    which of the two notices first is a race."""
     engine = two_stages(tiny_model_dir, 1)
+    if asked:
+        engine.probe = AskedProbe(float("inf") if asked == "after" else float("-inf"), answered)
     tok = engine.tok
     sent, send = [], engine.link.send
     engine.link.send = lambda msg: (sent.append(msg.kind), send(msg))
@@ -270,6 +291,8 @@ def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir):
     engine.stop(grace=0, reason=reason, ring_gone=True)
     loop.join(10)
     assert not loop.is_alive()
+    if named:
+        reason += "; rank 1 (here) did not answer rank 0 directly"
     for req in (running, queued):
         assert req.done.is_set() and req.finish_reason == "error" and req.error == reason, vars(req)
     assert wire.FORWARD in sent and wire.SHUTDOWN not in sent, sent
