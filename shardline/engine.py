@@ -35,6 +35,7 @@ from shardline.stage import Seq, Stage
 
 STEP_MAX = 2**31 - 1      # micro-batch ids travel as int32 (wire.encode_header); they wrap to 1 after this
 STARTUP_LIMIT = 120.0   # seconds rank 0 may take to start its HTTP server after the roll call (at least)
+NAMING_AGE = 2.0        # seconds a direct question must precede a lost-board stop to name a board (_name_the_silent)
 
 
 def top_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
@@ -151,6 +152,7 @@ class Engine:
         self.stop_reason = "the server is shutting down; retry shortly"   # what stop() tells the waiting clients
         self.ring_gone = False          # stop(ring_gone=True): the other ranks are gone, no SHUTDOWN for them
         self.silent_named = False       # (see _name_the_silent)
+        self.ring_gone_at = math.inf
         self.failed: str | None = None
         self.compute_seconds, self.steps_done = 0.0, 0
         self.rank_stats: np.ndarray = np.zeros((0, len(STAT_FIELDS)))
@@ -216,6 +218,8 @@ class Engine:
         there)."""
         if reason:
             self.stop_reason = reason
+        if ring_gone and not self.ring_gone:
+            self.ring_gone_at = time.monotonic()
         self.ring_gone = self.ring_gone or ring_gone
         self.stop_deadline = min(self.stop_deadline, time.monotonic() + grace)
         self.stopping.set()
@@ -392,6 +396,8 @@ class Engine:
             return
         try:
             self.stopped_while_busy = True
+            if self.ring_gone and not self.silent_named:
+                self._name_the_silent()          # (its link is free: the loop computes, this thread is here)
             self._fail_all(self.stop_reason)
         finally:
             self.loop_lock.release()
@@ -603,24 +609,33 @@ class Engine:
     def _name_the_silent(self) -> None:
         """The lost-board stop (mpirun ended the job before this rank's own --step-timeout did): add to its
         reason the workers that did not answer this rank's last direct question (wire.Probe, asked once
-        the ring had been quiet for half --step-timeout, so before Open MPI's keepalives gave up), which
-        names the lost board as this rank's own timeout would have. Nothing when no such question was
-        asked (the ring was not quiet) or every worker answered it."""
+        the ring had been quiet for half --step-timeout: at the default 8 s, 4 s into the silence, before
+        Open MPI's keepalives give up at 6-9 s), which names the lost board as this rank's own timeout
+        would have. Nothing when no such question was asked since the last message came, or every worker
+        answered it, or it was asked less than NAMING_AGE before the stop: by then mpirun may have ended
+        the ranks on the boards still there too, and their silence would blame healthy boards."""
         self.silent_named = True
         probe = self.probe
-        if probe is None or not probe.asked_since(self.link.last_traffic):
+        if (probe is None or not probe.asked_since(self.link.last_traffic)
+                or self.ring_gone_at - probe.asked_at < NAMING_AGE):
             return
-        probe.poll()
+        try:
+            probe.poll()
+        except Exception as err:  # noqa: BLE001 - the name is a courtesy; the stop's own reason stands
+            say(f"shardline: the last direct question's answers could not be read: {err}", file=sys.stderr)
+            return
         silent = [r for r in probe.workers if r not in probe.answered]
         if silent:
             self.stop_reason += f"; {self._names(silent)} did not answer rank 0 directly"
 
     def _half_arrived(self) -> str:
-        """What to add when the last micro-batch's header came and its payload has not (wire.Link.incoming)."""
-        if getattr(self.link, "incoming", None) is None:
+        """What to add when a message's header came and its payload has not (wire.Link.incoming)."""
+        incoming = getattr(self.link, "incoming", None)
+        if incoming is None:
             return ""
         last = self.size - 1
-        return (f" (a micro-batch from rank {last} ({self.hosts[last]}) began to arrive and did not finish: its "
+        what = "a micro-batch" if incoming[0].kind == wire.FORWARD else "the heartbeat"
+        return (f" ({what} from rank {last} ({self.hosts[last]}) began to arrive and did not finish: its "
                 f"board went in the middle of it, or its link is too slow for --step-timeout {self.step_timeout:g})")
 
     def _ask_if_quiet(self, heard: float, now: float) -> None:

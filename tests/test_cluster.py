@@ -441,8 +441,9 @@ def test_a_board_that_drops_off_ends_the_job_and_the_api_comes_back_with_it(
         assert seen["t_end"] is not None and seen["t_end"] - t_cut <= CLIENT_ERROR_S, (seen, launched.log())
         assert seen["outcome"].startswith(("http 503", "error event")), (seen, launched.log())  # an answer, not a dropped connection
         # Either rank 0's timeout or Open MPI's keepalives noticed first (a race): both name the board,
-        # rank 0 from its direct question to every worker, asked 4 s into the silence.
-        assert f"rank 2 ({lost.name}) did not answer rank 0 directly" in seen["outcome"], (seen, launched.log())
+        # rank 0 from its direct question to every worker, asked 4 s into the silence (or ULFM's own
+        # verdict: "rank 2 (...) has died").
+        assert f"rank 2 ({lost.name})" in seen["outcome"], (seen, launched.log())
 
         # The job ends on the head and on every board that can still be reached.
         left = _job_processes(hosts, hosts.hosts[:2])

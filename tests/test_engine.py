@@ -264,19 +264,25 @@ class AskedProbe:
         pass
 
 
-@pytest.mark.parametrize("asked,answered,named", [(None, set(), False), ("after", set(), True),
-                                                  ("after", {1}, False), ("before", set(), False)],
-                         ids=["not-asked", "silent", "answered", "asked-before-the-last-message"])
+@pytest.mark.parametrize("asked,answered,named", [(None, set(), False), ("5s-before", set(), True),
+                                                  ("5s-before", {1}, False), ("at-the-stop", set(), False),
+                                                  ("before-the-last-message", set(), False)],
+                         ids=["not-asked", "silent", "answered", "too-young", "asked-before-the-last-message"])
 def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir, asked, answered, named):
     """What the supervisor's LOST_BOARD_SIGNAL does on rank 0: the requests in flight and those still
     queued end with that reason (main.LOST_BOARD), not a generic shutdown; and, mpirun having ended the
     job already, no SHUTDOWN goes round (it would wait 4 s for a ring that is not there, while the
     supervisor gives rank 0 --exit-grace 5 s). When rank 0 had asked its workers directly since the ring
     went quiet (wire.Probe), the reason names those that did not answer, as its own timeout would have:
-    which of the two notices first is a race."""
+    which of the two notices first is a race. Not a question asked just before the stop: mpirun may
+    have ended the ranks on the healthy boards by then, and their silence would blame them."""
+    import time
     engine = two_stages(tiny_model_dir, 1)
     if asked:
-        engine.probe = AskedProbe(float("inf") if asked == "after" else float("-inf"), answered)
+        engine.link.last_traffic = 1.0
+        at = {"5s-before": time.monotonic() - 5, "at-the-stop": time.monotonic() + 600,
+              "before-the-last-message": 0.5}[asked]
+        engine.probe = AskedProbe(at, answered)
     tok = engine.tok
     sent, send = [], engine.link.send
     engine.link.send = lambda msg: (sent.append(msg.kind), send(msg))
@@ -366,6 +372,7 @@ def test_a_stop_during_a_long_step_of_rank_0s_own_answers_the_clients_before_the
         def neighbour_gone():
             raise RuntimeError("MPI_ERR_PROC_FAILED: process failure")
         engine.link._poll = neighbour_gone                 # what the Keepalive calls (the loop: poll)
+        engine.probe = AskedProbe(time.monotonic() - 5, set())   # asked 5 s ago; rank 1 never answered
         while getattr(engine.link, "failed", None) is None:
             time.sleep(0.05)
     time.sleep(0.5)
@@ -374,6 +381,8 @@ def test_a_stop_during_a_long_step_of_rank_0s_own_answers_the_clients_before_the
     for req in reqs:
         assert req.done.wait(3), "not answered while the step ran"
         assert req.finish_reason == "error" and req.error == engine.stop_reason and not req.generated, vars(req)
+        assert req.error == ("lost; rank 1 (here) did not answer rank 0 directly" if lost else
+                             "the server is shutting down; retry shortly"), req.error
     assert time.monotonic() - t_stop < 3 and loop.is_alive()      # the step was still running
     loop.join(15)
     assert not loop.is_alive()
@@ -402,6 +411,10 @@ def test_a_micro_batch_that_began_to_arrive_and_never_finished_is_named_in_the_e
     assert req.finish_reason == "error" and req.error.startswith("no answer from the pipeline for "), req.error
     assert "(a micro-batch from rank 1 (here) began to arrive and did not finish: its board went in the middle " \
            "of it, or its link is too slow for --step-timeout 1)" in req.error, req.error
+    engine.link.incoming = (wire.Message(wire.STATS), None)      # the heartbeat's rows, half-way
+    assert engine._half_arrived().startswith(" (the heartbeat from rank 1 (here) began to arrive")
+    engine.link.incoming = None
+    assert engine._half_arrived() == ""
 
 
 def test_a_single_rank_answers_a_stop_during_its_long_step_too(tiny_model_dir):
