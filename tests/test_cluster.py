@@ -516,6 +516,7 @@ def test_a_board_lost_while_rank_0_receives_from_it_still_gets_the_client_an_ans
         assert answer, f"no answer {time.monotonic() - t_cut:.0f}s after the cut\n{launched.log()}"
         after = answer["took"] - 1.5
         assert answer["outcome"].startswith("http 503") and after <= CLIENT_ERROR_S, (answer, launched.log())
+        assert f"rank 2 ({lost.name})" in answer["outcome"], answer  # whichever noticed first (see the test above)
         if "no answer from the pipeline" in answer["outcome"]:    # rank 0 noticed first (not Open MPI): it says how
             assert "a micro-batch from rank 2 (" in answer["outcome"], answer
         print(f"board lost mid-payload (whole, it took {took:.1f}s): the client's error {after:.1f}s after the cut: "
