@@ -9,6 +9,7 @@ each run a contiguous range of layers. Activations travel rank 0 -> 1 -> ... -> 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
@@ -47,7 +48,7 @@ def at_least(lo, kind=int, hi=None, why=""):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if v != v or v in (float("inf"), float("-inf")):
+        if not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if v < lo:
             raise argparse.ArgumentTypeError(f"{text} is below {lo}")

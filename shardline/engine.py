@@ -151,7 +151,7 @@ class Engine:
         self.stop_deadline = math.inf
         self.stop_reason = "the server is shutting down; retry shortly"   # what stop() tells the waiting clients
         self.ring_gone = False          # stop(ring_gone=True): the other ranks are gone, no SHUTDOWN for them
-        self.silent_named = False       # (see _name_the_silent)
+        self.silent_named = False       # _name_the_silent has run
         self.ring_gone_at = math.inf
         self.failed: str | None = None
         self.compute_seconds, self.steps_done = 0.0, 0
@@ -250,8 +250,7 @@ class Engine:
         try:
             while True:
                 if self.stopping.is_set():
-                    if self.ring_gone and not self.silent_named:
-                        self._name_the_silent()
+                    self._name_the_silent()
                     self._drain_inbox(self.stop_reason)
                     if not self.active or self._past_grace():
                         break
@@ -396,8 +395,7 @@ class Engine:
             return
         try:
             self.stopped_while_busy = True
-            if self.ring_gone and not self.silent_named:
-                self._name_the_silent()          # (its link is free: the loop computes, this thread is here)
+            self._name_the_silent()              # (its link is free: the loop computes, this thread is here)
             self._fail_all(self.stop_reason)
         finally:
             self.loop_lock.release()
@@ -613,7 +611,10 @@ class Engine:
         Open MPI's keepalives give up at 6-9 s), which names the lost board as this rank's own timeout
         would have. Nothing when no such question was asked since the last message came, or every worker
         answered it, or it was asked less than NAMING_AGE before the stop: by then mpirun may have ended
-        the ranks on the boards still there too, and their silence would blame healthy boards."""
+        the ranks on the boards still there too, and their silence would blame healthy boards. Once, and
+        only on a lost-board stop (ring_gone)."""
+        if not self.ring_gone or self.silent_named:
+            return
         self.silent_named = True
         probe = self.probe
         if (probe is None or not probe.asked_since(self.link.last_traffic)

@@ -71,6 +71,15 @@ def two_stages(tiny_model_dir, slots: int, **kw) -> Engine:
     return Engine(head, AutoTokenizer.from_pretrained(tiny_model_dir), LoopLink(rest), 2, ["here"] * 2, slots, **kw)
 
 
+def one_stage(tiny_model_dir, slots: int, **kw) -> Engine:
+    """An engine over the whole model on one rank (no link), not started (its tokenizer: .tok)."""
+    model = hf_model(tiny_model_dir)
+    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
+    cfg = model.config
+    whole = Stage(cfg, tensors, (0, 6), True, slots, cfg.n_positions)
+    return Engine(whole, AutoTokenizer.from_pretrained(tiny_model_dir), None, 1, ["here"], slots, **kw)
+
+
 def run(engine, prompt_ids, n, stop=()):
     """Submit one greedy request and wait; returns it with the deltas its stream got, in order."""
     deltas = []
@@ -422,11 +431,8 @@ def test_a_single_rank_answers_a_stop_during_its_long_step_too(tiny_model_dir):
     ended, while the supervisor gives a stop --stop-timeout (8 s). Its Keepalive, with no link to keep,
     still watches the step: the clients get the stop's reason while it runs."""
     import time
-    model = hf_model(tiny_model_dir)
-    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
-    cfg = model.config
-    whole = Stage(cfg, tensors, (0, 6), True, 2, cfg.n_positions)
-    engine = Engine(whole, AutoTokenizer.from_pretrained(tiny_model_dir), None, 1, ["here"], 2)
+    engine = one_stage(tiny_model_dir, 2)
+    whole = engine.stage
     forward, started = whole.forward, threading.Event()
 
     def slow_forward(x, seqs):                     # a prompt chunk on a slow board
@@ -541,12 +547,8 @@ def test_one_rank_with_several_micro_batches_stops_at_the_token_that_completes_a
     """One rank computes its micro-batches one after another in the same pass; each one's text is
     checked before the next, so a request ends at its stop string, not a few tokens later (which
     usage.completion_tokens would count)."""
-    model = hf_model(tiny_model_dir)
-    tensors = {k: v.detach() for k, v in model.state_dict().items() if k != Stage.HEAD}
-    cfg = model.config
-    whole = Stage(cfg, tensors, (0, 6), True, 4, cfg.n_positions)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    engine = Engine(whole, tok, None, 1, ["here"], 4, microbatches=3)
+    engine = one_stage(tiny_model_dir, 4, microbatches=3)
+    tok = engine.tok
     loop = threading.Thread(target=engine.run, daemon=True)
     loop.start()
     try:
