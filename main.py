@@ -326,11 +326,15 @@ def _serve_head(args, node) -> int:
     server.should_exit = True
     if http.is_alive():
         http.join(timeout=3)
+    from shardline.engine import RESTART
     if lost_board:
         # mpirun is gone, and with it the job: MPI_Finalize or mpi4py's MPI_Abort for a non-zero status
-        # would wait on it. The clients have their answers; exit at once, non-zero.
-        os._exit(1)
-    from shardline.engine import RESTART
+        # would wait on it. The clients have their answers; say why for the supervisor's log and its 503s
+        # (the board's name, or rank 0's own timeout when that came first), and exit at once, non-zero.
+        try:
+            exit_status(args.pid_file, 1, (engine.failed or engine.stop_reason).removesuffix(RESTART))
+        finally:
+            os._exit(1)
     exit_status(args.pid_file, code, (engine.failed or "").removesuffix(RESTART) if code and not refused else None)
     if code and link is not None:
         # A hung rank would block a clean exit: end the job for the supervisor. MPI_Abort waits for mpirun,

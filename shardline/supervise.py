@@ -422,9 +422,10 @@ class Supervisor:
                     backoff = 1.0 if ran_for > 60 else min(backoff, self.args.max_backoff)
                 else:
                     failed_starts += 1
-                why = (f"it ended with status {code}" + (f": {self.last_why}" if self.last_why else "") if code else
+                said = f": {self.last_why}" if self.last_why else ""
+                why = (f"it ended with status {code}{said}" if code else
                        "it ended by itself with status 0, without a stop request: Open MPI does that when it "
-                       "loses a board's daemon")
+                       f"loses a board's daemon{'; rank 0 said' + said if said else ''}")
                 if failed_starts > 1:
                     why = f"{failed_starts} starts in a row failed before the model was up; the last: {why}"
                 log(f"job failed ({why}); restarting in {backoff:g}s"
@@ -462,11 +463,6 @@ class Supervisor:
         self.proc = subprocess.Popen(self.job.command, env=env, start_new_session=True)
         rank0 = Rank0(self.pid_file)
         code = self._wait(self.proc, rank0)
-        try:      # what rank 0 said failed (main.exit_status), if it said
-            with open(self.pid_file + ".why") as f:
-                self.last_why = " ".join(f.read().split())[:600] or None
-        except OSError:
-            self.last_why = None
         if self.stopping is None and rank0.gone_for() is None and rank0.proc is not None:
             # mpirun ended the job under a running rank 0 (Open MPI lost a board's daemon): rank 0 tells
             # its waiting clients so, then exits; what remains after --exit-grace is ended below.
@@ -477,6 +473,11 @@ class Supervisor:
                 rank0.proc.wait(self.args.exit_grace)
             except psutil.Error:   # gone meanwhile, or still running: cleared below
                 pass
+        try:      # what rank 0 said failed (main.exit_status), if it said: read once it has exited, the
+            with open(self.pid_file + ".why") as f:      # lost board's signal above included
+                self.last_why = " ".join(f.read().split())[:600] or None
+        except OSError:
+            self.last_why = None
         left = clear_session(self.proc.pid)
         if left:
             log(f"ended what the job left running: {', '.join(sorted(set(left)))}")

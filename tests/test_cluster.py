@@ -458,6 +458,9 @@ def test_a_board_that_drops_off_ends_the_job_and_the_api_comes_back_with_it(
         _assert_503_naming(launched, lost)
         assert not _job_processes(hosts, hosts.hosts[:2])
         assert "does not answer" in launched.log() and "job failed" in launched.log(), launched.log()
+        # and the supervisor's log says what rank 0 said, whichever side noticed first (its ".why")
+        failed = [line for line in launched.log().splitlines() if "job failed (" in line]
+        assert failed and f"rank 2 ({lost.name})" in failed[0], launched.log()
 
         hosts.set_link(lost, up=True)
         back = launched.wait_for(_is_up, BACK_S, "the API back after the board's return")
@@ -465,7 +468,7 @@ def test_a_board_that_drops_off_ends_the_job_and_the_api_comes_back_with_it(
                                            {"prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0})
         assert status == 200 and body["text"] == hf_greedy(tiny_model_dir, PROMPT, MAX_NEW_TOKENS), body
         print(f"board loss: client error {seen['t_end'] - t_cut:.1f}s, job gone {job_gone:.1f}s after the cut, "
-              f"API back {back:.1f}s after the link")
+              f"API back {back:.1f}s after the link; the supervisor: {failed[0][:300]}")
     finally:
         stop.set()
         hosts.set_link(lost, up=True)

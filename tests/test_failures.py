@@ -319,6 +319,34 @@ def test_an_unforeseen_error_while_starting_is_rank_0s_exit_status_not_a_kill(tm
     assert (tmp_path / "rank0.pid.why").read_text().strip() == "rank 0 failed while starting: RuntimeError: boom"
 
 
+def test_rank_0_told_the_job_lost_a_board_says_why_for_the_supervisor(long_whole, tmp_path):
+    """The supervisor's lost-board signal: rank 0 answers its clients and exits at once (mpirun is gone,
+    an MPI exit would wait on it), and says why in ".why" first, which the supervisor logs and repeats in
+    its 503s while the job restarts. Before, that exit wrote nothing, and the log gave no reason."""
+    from shardline import LOST_BOARD_SIGNAL
+    pid_file = tmp_path / "rank0.pid"
+    port = free_port()
+    log = open(tmp_path / "job.log", "w")
+    proc = subprocess.Popen([PY, str(ROOT / "main.py"), "--model-dir", str(long_whole), "--port", str(port),
+                             "--pid-file", str(pid_file)], cwd=ROOT, env=mpi_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()
+            time.sleep(0.2)
+        os.kill(int(pid_file.read_text()), LOST_BOARD_SIGNAL)
+        code = proc.wait(30)
+    finally:
+        end_job(proc)
+        log.close()
+    text = (tmp_path / "job.log").read_text()
+    assert code == 1, text
+    assert (tmp_path / "rank0.pid.exit").read_text().strip() == "1", text
+    why = (tmp_path / "rank0.pid.why").read_text()
+    assert why.startswith("the job has ended: Open MPI lost contact with one of the boards"), (why, text)
+
+
 def test_a_bad_option_is_a_refused_start_not_restarted(long_parts, tmp_path):
     option, message = BAD_OPTIONS[0]
     job = Supervised(long_parts, tmp_path / "job.log", *option)

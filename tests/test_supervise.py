@@ -267,14 +267,17 @@ def test_a_refused_start_whose_mpi_exit_hangs_still_stops_with_status_78(tmp_pat
 
 
 # mpirun that exits 0 under a running rank 0 (what Open MPI does when it loses a board's daemon): the
-# supervisor tells rank 0 (LOST_BOARD_SIGNAL), which answers its clients with why, and restarts the job.
+# supervisor tells rank 0 (LOST_BOARD_SIGNAL), which answers its clients with why, says it in ".why" as
+# main.py does, and exits; the supervisor restarts the job and its log says what rank 0 said.
 MPIRUN_LOSES_A_BOARD = """
 import os, subprocess, sys, time
 rank0 = subprocess.Popen([sys.executable, "-c", '''
 import os, signal, sys, time
 def lost(signum, frame):
-    open(os.environ["SHARDLINE_PID_FILE"] + ".told", "w").write(str(signum))
-    sys.exit(0)
+    pid_file = os.environ["SHARDLINE_PID_FILE"]
+    open(pid_file + ".told", "w").write(str(signum))
+    open(pid_file + ".why", "w").write("the job has ended: Open MPI lost contact; rank 2 (board3) did not answer")
+    sys.exit(1)
 signal.signal(signal.SIGUSR1, lost)
 open(os.environ["SHARDLINE_PID_FILE"], "w").write(str(os.getpid()))
 time.sleep(600)
@@ -286,16 +289,28 @@ time.sleep(0.5)
 
 
 def test_when_mpirun_ends_the_job_under_rank_0_rank_0_is_told_why(tmp_path):
+    """Rank 0 writes its ".why" only once the supervisor has signalled it, after mpirun exited: the
+    supervisor reads it after that (before, it read it first and logged no reason)."""
     pid_file = tmp_path / "rank0.pid"
     log_path = tmp_path / "supervise.log"
     with open(log_path, "w") as log:
-        sup = subprocess.run([PY, "-m", "shardline.supervise", "--no-answer-while-down", "--",
-                              PY, "-c", MPIRUN_LOSES_A_BOARD], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                             timeout=30, env=dict(os.environ, SHARDLINE_PID_FILE=str(pid_file)))
+        sup = subprocess.Popen([PY, "-m", "shardline.supervise", "--no-answer-while-down", "--restart",
+                                "--max-backoff", "30", "--", PY, "-c", MPIRUN_LOSES_A_BOARD], cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT, env=dict(os.environ, SHARDLINE_PID_FILE=str(pid_file)))
+        try:
+            deadline = time.monotonic() + 30
+            while "job failed (" not in log_path.read_text():
+                assert sup.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.05)
+        finally:
+            sup.send_signal(signal.SIGTERM)
+            sup.wait(30)
     text = log_path.read_text()
-    assert sup.returncode == 0, text          # without --restart the job's own status comes back
     assert "mpirun has exited but rank 0 still runs: telling it the job lost a board" in text, text
     assert (tmp_path / "rank0.pid.told").read_text() == str(int(signal.SIGUSR1)), text
+    assert ("job failed (it ended by itself with status 0, without a stop request: Open MPI does that when it "
+            "loses a board's daemon; rank 0 said: the job has ended: Open MPI lost contact; rank 2 (board3) did "
+            "not answer); restarting in 1s") in text, text
 
 
 # An mpirun whose ranks never come up (one died while loading its shard; the others wait in the roll
