@@ -58,6 +58,13 @@ TCP_MCA = (
 )
 
 
+def ulfm_on() -> bool:
+    """Whether this rank runs with Open MPI's fault tolerance (mpi_ft_enable, as TCP_MCA sets: mpirun
+    passes --mca settings to its ranks as OMPI_MCA_* variables). Open MPI reads a boolean as 1, true,
+    yes or enabled."""
+    return os.environ.get("OMPI_MCA_mpi_ft_enable", "").strip().lower() in ("1", "true", "yes", "enabled")
+
+
 def mca_args(mca=TCP_MCA) -> list[str]:
     """TCP_MCA as mpirun arguments: ['--mca', name, value, ...]."""
     return [a for name, value in mca for a in ("--mca", name, value)]

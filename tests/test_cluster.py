@@ -327,6 +327,10 @@ def test_mpirun_over_the_test_hosts_generates_the_single_process_text(
         assert body["text"] == expected, f"cluster: {body['text']!r}\nsingle process: {expected!r}"
     finally:
         launched.stop()   # SIGTERM to the supervisor, which stops every rank; the hosts fixture removes the rest
+    # a clean stop between boards: no rank crashes or hangs in Open MPI's exit (see main.main)
+    text = launched.log()
+    assert "job stopped (status 0)" in text, text
+    assert not [crash for crash in ("Segmentation fault", "OPAL ERROR", "exiting improperly") if crash in text], text
 
 
 def _http(method: str, url: str, body: dict | None = None, timeout: float = 60):
