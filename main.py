@@ -164,14 +164,17 @@ def main(argv=None) -> int:
         return EX_CONFIG
     code = _serve_head(args, node) if node.rank == 0 else _serve_worker(args, node)
     from shardline.wire import ulfm_on
-    if code == 0 and node.comm is not None and ulfm_on():
-        # A clean end between boards: the SHUTDOWN has gone round the ring and this rank's sends are done.
+    if code == 0 and node.ring_closed and node.comm is not None and ulfm_on():
+        # A clean end between boards: the SHUTDOWN has gone round the ring and this rank's sends are done
+        # (not so, e.g. a SHUTDOWN that did not come home: then MPI_Finalize, as before, pushes out the rest).
         # Open MPI 5.0.11's MPI_Finalize under ULFM (wire.TCP_MCA: mpi_ft_enable with the TCP progress
         # thread) shrinks the world first, and that crashed or hung in 7 of 14 clean stops of 3 ranks over
         # TCP on one host (3 of 8 on a quiet machine): a segfault in the progress thread, "OPAL ERROR: Out
         # of resource in file .../ompi_mpi_finalize.c", or a rank that never exited. Leave without it:
-        # under --enable-recovery, which ULFM runs with, mpirun takes a rank that exits 0 without
-        # MPI_Finalize for a normal end (without it, mpirun would call that exit improper).
+        # under --enable-recovery, which every launcher here pairs with ULFM, Open MPI 5.0.11's mpirun
+        # ended with status 0 and said nothing (without it, mpirun calls such an exit improper). ulfm_on
+        # reads the setting mpirun passes in the environment, as launch.sh and mca_args set it; one set
+        # in an mca-params.conf is not seen, and the rank finalizes as before.
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -214,9 +217,10 @@ def _serve_worker(args, node) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        worker.serve(node.stage, node.link, rank, rank == node.size - 1,
-                     should_stop=lambda: deadline[0] is not None and time.monotonic() > deadline[0][0],
-                     silence_timeout=silence(args.step_timeout), heartbeat=heartbeat(args.step_timeout))
+        node.ring_closed = worker.serve(node.stage, node.link, rank, rank == node.size - 1,
+                                        should_stop=lambda: deadline[0] is not None and time.monotonic() > deadline[0][0],
+                                        silence_timeout=silence(args.step_timeout),
+                                        heartbeat=heartbeat(args.step_timeout))
     except worker.Silence as err:
         print(f"[rank {rank} on {socket.gethostname()}] {err}: the job is broken, exiting", file=sys.stderr, flush=True)
         os._exit(1)
@@ -295,6 +299,13 @@ def _serve_head(args, node) -> int:
             lost_board.append(signum)
             engine.stop(grace=0, reason=LOST_BOARD, ring_gone=True)
             say("shardline: mpirun has ended the job under rank 0 (it lost a board): stopping")
+            if args.pid_file and not engine.failed:
+                # why, at once: a long step of rank 0's own may outlast the supervisor's wait for its
+                # exit, which writes it again with the lost board's name (or its own timeout's reason)
+                try:
+                    write_why(args.pid_file, engine.stop_reason)
+                except OSError:
+                    pass
         else:
             engine.stop(grace=args.shutdown_grace)
             say(f"shardline: signal {signum}: stopping every rank")
@@ -331,6 +342,7 @@ def _serve_head(args, node) -> int:
         except Exception:  # noqa: BLE001 - what could be told is told; the exit follows
             say_traceback()
         code = 1
+    node.ring_closed = engine.ring_closed
     if refused and not code:
         from shardline import EX_CONFIG
         code = EX_CONFIG
@@ -370,10 +382,17 @@ def exit_status(pid_file: str | None, code: int, why: str | None = None) -> None
     restarts repeat, so a client hears why the model is down, not only that it is."""
     if pid_file:
         if why:
-            with open(f"{pid_file}.why", "w") as f:
-                f.write(f"{why}\n")
+            write_why(pid_file, why)
         with open(f"{pid_file}.exit", "w") as f:
             f.write(f"{code}\n")
+
+
+def write_why(pid_file: str, why: str) -> None:
+    """pid_file + ".why", whole or not at all (a new file renamed over it): the supervisor may read it
+    at any moment once mpirun has ended."""
+    with open(f"{pid_file}.why.new", "w") as f:
+        f.write(f"{why}\n")
+    os.replace(f"{pid_file}.why.new", f"{pid_file}.why")
 
 
 def api_socket(host: str, port: int, handoff: str | None = None, wait: float = 15.0):

@@ -151,6 +151,7 @@ class Engine:
         self.stop_deadline = math.inf
         self.stop_reason = "the server is shutting down; retry shortly"   # what stop() tells the waiting clients
         self.ring_gone = False          # stop(ring_gone=True): the other ranks are gone, no SHUTDOWN for them
+        self.ring_closed = False        # the SHUTDOWN went round the ring and every send completed
         self.silent_named = False       # _name_the_silent has run
         self.ring_gone_at = math.inf
         self.failed: str | None = None
@@ -735,10 +736,10 @@ class Engine:
         if self.link is None:
             return
         self.link.send(wire.Message(wire.SHUTDOWN))
-        end = time.monotonic() + 3.0
-        while time.monotonic() < end:
+        end, home = time.monotonic() + 3.0, False
+        while time.monotonic() < end and not home:
             msg = self.link.poll()
-            if msg is not None and msg.kind == wire.SHUTDOWN:
-                break
-            time.sleep(0.001)
-        self.link.drain(1.0)
+            home = msg is not None and msg.kind == wire.SHUTDOWN
+            if not home:
+                time.sleep(0.001)
+        self.ring_closed = self.link.drain(1.0) and home

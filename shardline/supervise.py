@@ -453,7 +453,7 @@ class Supervisor:
 
     def _run_job(self) -> tuple[int, float, bool]:
         """(mpirun's status, or rank 0's; seconds it ran; whether rank 0 got past the roll call)"""
-        for path in (self.pid_file, *(self.pid_file + ext for ext in (".load", ".bind", ".grace", ".exit", ".why"))):
+        for path in (self.pid_file, *(self.pid_file + ext for ext in (".load", ".bind", ".grace", ".exit", ".why", ".why.new"))):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -473,14 +473,14 @@ class Supervisor:
                 rank0.proc.wait(self.args.exit_grace)
             except psutil.Error:   # gone meanwhile, or still running: cleared below
                 pass
-        try:      # what rank 0 said failed (main.exit_status), if it said: read once it has exited, the
-            with open(self.pid_file + ".why") as f:      # lost board's signal above included
-                self.last_why = " ".join(f.read().split())[:600] or None
-        except OSError:
-            self.last_why = None
         left = clear_session(self.proc.pid)
         if left:
             log(f"ended what the job left running: {', '.join(sorted(set(left)))}")
+        try:      # what rank 0 said failed (main.exit_status), if it said: read once it is gone, the lost
+            with open(self.pid_file + ".why") as f:      # board's signal above included
+                self.last_why = " ".join(f.read().split())[:600] or None
+        except OSError:
+            self.last_why = None
         removed = remove_segments(self.segments)
         if removed:
             log(f"removed the {sum(size for _, size in removed) / 2**20:.0f} MiB of shared-memory files the job "

@@ -2,6 +2,7 @@
 blocks, so streaming, stop strings and slot bookkeeping are checked step by step, with a real
 micro-batch in flight while text is produced."""
 import threading
+import time
 from collections import deque
 
 import pytest
@@ -351,6 +352,57 @@ def test_a_stop_on_a_ring_already_broken_returns_and_leaves_the_answers_to_be_se
     loop.join(10)
     assert tried and out == {"code": 0}, out       # SHUTDOWN was sent, and failed
     assert req.done.is_set() and req.error == "the job has ended: Open MPI lost contact with one of the boards"
+
+
+@pytest.mark.parametrize("ring", ["home", "broken", "not-home", "sends-stuck"])
+def test_the_ring_counts_as_closed_only_when_its_shutdown_came_home_and_every_send_completed(tiny_model_dir, ring):
+    """engine.ring_closed decides whether rank 0 may leave without MPI_Finalize (main.main, under ULFM):
+    only when the SHUTDOWN went round and came back, and this rank's sends are done; otherwise the
+    finalize must push out what is left."""
+    engine = two_stages(tiny_model_dir, 1)
+    send = engine.link.send
+
+    def ring_send(msg):
+        if msg.kind == wire.SHUTDOWN and ring == "broken":
+            raise RuntimeError("MPI_ERR_PROC_FAILED: process failure")
+        if msg.kind != wire.SHUTDOWN or ring != "not-home":      # (not-home: lost on the way round)
+            send(msg)
+    engine.link.send = ring_send
+    if ring == "sends-stuck":
+        engine.link.drain = lambda timeout=0: False
+    engine.stop(grace=0)
+    assert engine.run() == 0
+    assert engine.ring_closed is (ring == "home")
+
+
+def test_a_worker_s_end_says_whether_its_shutdown_went_on():
+    """worker.serve's answer, for the same decision on a worker: True once the SHUTDOWN passed and its
+    sends completed; False when they did not, or when its deadline for a SHUTDOWN ran out."""
+    from shardline.worker import serve
+
+    class ShutdownLink:
+        incoming, prev = None, 0
+
+        def __init__(self, drained, messages):
+            self.drained, self.messages, self.sent = drained, deque(messages), []
+            self.last_traffic, self.lock, self.held, self.failed = time.monotonic(), threading.Lock(), deque(), None
+
+        def poll(self):
+            return self.messages.popleft() if self.messages else None
+
+        def send(self, msg):
+            self.sent.append(msg.kind)
+
+        def reap(self):
+            pass
+
+        def drain(self, timeout=2.0):
+            return self.drained
+
+    for drained in (True, False):
+        link = ShutdownLink(drained, [wire.Message(wire.SHUTDOWN)])
+        assert serve(None, link, 1, False, lambda: False) is drained and link.sent == [wire.SHUTDOWN]
+    assert serve(None, ShutdownLink(True, []), 1, False, lambda: True) is False
 
 
 @pytest.mark.parametrize("lost", [False, True], ids=["stop", "lost-board"])

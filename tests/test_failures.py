@@ -1,6 +1,7 @@
 """Dead, hung and stopped ranks, and shutdown: a waiting client always gets an answer or an error."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -103,7 +104,7 @@ class Supervised:
         return self.proc.returncode
 
 
-def stream_clients(url: str, n: int, max_tokens: int) -> tuple[list[dict], threading.Event]:
+def stream_clients(url: str, n: int, max_tokens: int, prompt: str | None = None) -> tuple[list[dict], threading.Event]:
     """n streaming completions in threads; each result records tokens seen, the outcome and when it ended."""
     results = [dict(tokens=0, outcome=None, t_end=None) for _ in range(n)]
     first = threading.Event()
@@ -111,7 +112,7 @@ def stream_clients(url: str, n: int, max_tokens: int) -> tuple[list[dict], threa
     def one(r):
         try:
             with httpx.stream("POST", url + "/v1/completions", timeout=60,
-                              json={"prompt": f"story {id(r)}", "max_tokens": max_tokens, "stream": True,
+                              json={"prompt": prompt or f"story {id(r)}", "max_tokens": max_tokens, "stream": True,
                                     "temperature": 0}) as resp:
                 if resp.status_code != 200:
                     r["outcome"] = f"http {resp.status_code}"
@@ -319,23 +320,38 @@ def test_an_unforeseen_error_while_starting_is_rank_0s_exit_status_not_a_kill(tm
     assert (tmp_path / "rank0.pid.why").read_text().strip() == "rank 0 failed while starting: RuntimeError: boom"
 
 
-def test_rank_0_told_the_job_lost_a_board_says_why_for_the_supervisor(long_whole, tmp_path):
+@pytest.mark.parametrize("long_step", [False, True], ids=["idle", "during-a-long-step"])
+def test_rank_0_told_the_job_lost_a_board_says_why_for_the_supervisor(long_whole, tmp_path, long_step):
     """The supervisor's lost-board signal: rank 0 answers its clients and exits at once (mpirun is gone,
-    an MPI exit would wait on it), and says why in ".why" first, which the supervisor logs and repeats in
-    its 503s while the job restarts. Before, that exit wrote nothing, and the log gave no reason."""
+    an MPI exit would wait on it), and says why in ".why", which the supervisor logs and repeats in its
+    503s while the job restarts. Before, that exit wrote nothing, and the log gave no reason. During a
+    long step of rank 0's own (8 s here; minutes on a Pi), which can outlast the supervisor's wait for
+    its exit, the reason is there at once, before the step ends."""
     from shardline import LOST_BOARD_SIGNAL
     pid_file = tmp_path / "rank0.pid"
     port = free_port()
+    env = dict(mpi_env(), SHARDLINE_TEST_SLOW="0:8:20") if long_step else mpi_env()
     log = open(tmp_path / "job.log", "w")
-    proc = subprocess.Popen([PY, str(ROOT / "main.py"), "--model-dir", str(long_whole), "--port", str(port),
-                             "--pid-file", str(pid_file)], cwd=ROOT, env=mpi_env(), stdout=log,
+    proc = subprocess.Popen([PY, str(ROOT / "tests" / "slow_main.py"), "--model-dir", str(long_whole), "--port",
+                             str(port), "--pid-file", str(pid_file)], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    why = tmp_path / "rank0.pid.why"
     try:
         deadline = time.monotonic() + 120
         while not pid_file.exists() or not pid_file.read_text().strip():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()
             time.sleep(0.2)
+        if long_step:
+            results, _ = stream_clients(f"http://127.0.0.1:{port}", 1, 4, prompt=LONG_PROMPT)
+            time.sleep(1.5)                       # inside the 8 s step
         os.kill(int(pid_file.read_text()), LOST_BOARD_SIGNAL)
+        signalled = time.monotonic()
+        if long_step:
+            while not why.exists() and time.monotonic() - signalled < 3:
+                time.sleep(0.05)
+            assert why.exists() and proc.poll() is None, (tmp_path / "job.log").read_text()  # said mid-step
+            wait_ended(results, 5)
+            assert "Open MPI lost contact" in (results[0]["outcome"] or ""), results
         code = proc.wait(30)
     finally:
         end_job(proc)
@@ -343,8 +359,8 @@ def test_rank_0_told_the_job_lost_a_board_says_why_for_the_supervisor(long_whole
     text = (tmp_path / "job.log").read_text()
     assert code == 1, text
     assert (tmp_path / "rank0.pid.exit").read_text().strip() == "1", text
-    why = (tmp_path / "rank0.pid.why").read_text()
-    assert why.startswith("the job has ended: Open MPI lost contact with one of the boards"), (why, text)
+    assert why.read_text().startswith("the job has ended: Open MPI lost contact with one of the boards"), text
+    assert not (tmp_path / "rank0.pid.why.new").exists()
 
 
 def test_a_clean_stop_between_boards_ends_without_an_mpi_crash(long_parts, tmp_path):
@@ -386,8 +402,8 @@ def test_a_clean_stop_between_boards_ends_without_an_mpi_crash(long_parts, tmp_p
                 end_job(proc)
         text = log_path.read_text()
         assert code == 0, (attempt, code, text)
-        for crash in ("Segmentation fault", "OPAL ERROR", "exiting improperly", "Traceback"):
-            assert crash not in text, (attempt, text)
+        # (PRRTE's "exiting improperly" message wraps its lines)
+        assert not re.search(r"Segmentation fault|OPAL ERROR|exiting\s+improperly|Traceback", text), (attempt, text)
         assert "signal 15: stopping every rank" in text, text
 
 

@@ -268,34 +268,42 @@ def test_a_refused_start_whose_mpi_exit_hangs_still_stops_with_status_78(tmp_pat
 
 # mpirun that exits 0 under a running rank 0 (what Open MPI does when it loses a board's daemon): the
 # supervisor tells rank 0 (LOST_BOARD_SIGNAL), which answers its clients with why, says it in ".why" as
-# main.py does, and exits; the supervisor restarts the job and its log says what rank 0 said.
+# main.py does, and exits; the supervisor restarts the job and its log says what rank 0 said. With
+# "late", rank 0 is inside a long step of its own and outlasts the supervisor's --exit-grace: it says
+# why only as the supervisor ends what is left (SIGTERM), as main.py's exit does once its step ends.
 MPIRUN_LOSES_A_BOARD = """
 import os, subprocess, sys, time
 rank0 = subprocess.Popen([sys.executable, "-c", '''
 import os, signal, sys, time
-def lost(signum, frame):
-    pid_file = os.environ["SHARDLINE_PID_FILE"]
-    open(pid_file + ".told", "w").write(str(signum))
+pid_file = os.environ["SHARDLINE_PID_FILE"]
+def why(*_):
     open(pid_file + ".why", "w").write("the job has ended: Open MPI lost contact; rank 2 (board3) did not answer")
     sys.exit(1)
+def lost(signum, frame):
+    open(pid_file + ".told", "w").write(str(signum))
+    if sys.argv[1] != "late":
+        why()
 signal.signal(signal.SIGUSR1, lost)
-open(os.environ["SHARDLINE_PID_FILE"], "w").write(str(os.getpid()))
+signal.signal(signal.SIGTERM, why)
+open(pid_file, "w").write(str(os.getpid()))
 time.sleep(600)
-'''])
+''', sys.argv[1]])
 while not os.path.exists(os.environ["SHARDLINE_PID_FILE"]):
     time.sleep(0.05)
 time.sleep(0.5)
 """
 
 
-def test_when_mpirun_ends_the_job_under_rank_0_rank_0_is_told_why(tmp_path):
+@pytest.mark.parametrize("late", [False, True], ids=["rank-0-exits-at-once", "rank-0-outlasts-the-exit-grace"])
+def test_when_mpirun_ends_the_job_under_rank_0_rank_0_is_told_why(tmp_path, late):
     """Rank 0 writes its ".why" only once the supervisor has signalled it, after mpirun exited: the
-    supervisor reads it after that (before, it read it first and logged no reason)."""
+    supervisor reads it once rank 0 is gone (before, it read it first and logged no reason)."""
     pid_file = tmp_path / "rank0.pid"
     log_path = tmp_path / "supervise.log"
     with open(log_path, "w") as log:
         sup = subprocess.Popen([PY, "-m", "shardline.supervise", "--no-answer-while-down", "--restart",
-                                "--max-backoff", "30", "--", PY, "-c", MPIRUN_LOSES_A_BOARD], cwd=ROOT, stdout=log,
+                                "--exit-grace", "1", "--max-backoff", "30", "--", PY, "-c", MPIRUN_LOSES_A_BOARD,
+                                "late" if late else "at-once"], cwd=ROOT, stdout=log,
                                stderr=subprocess.STDOUT, env=dict(os.environ, SHARDLINE_PID_FILE=str(pid_file)))
         try:
             deadline = time.monotonic() + 30
