@@ -290,25 +290,43 @@ def _serve_head(args, node) -> int:
     if sock is not None:
         http.start()
 
+    import queue
+
     from shardline import LOST_BOARD_SIGNAL
+    from shardline.engine import RESTART
 
     lost_board = []
+    signals = queue.SimpleQueue()
+
+    def say_why(reason: str) -> None:
+        """The lost board's reason for the supervisor (".why"), at once: a long step of rank 0's own may
+        outlast its wait for rank 0's exit. Again once the engine names the board; rank 0's own failure,
+        if it came first, stands."""
+        if args.pid_file:
+            try:
+                write_why(args.pid_file, (engine.failed or reason).removesuffix(RESTART))
+            except OSError:
+                pass
 
     def on_signal(signum, _frame):
-        if signum == LOST_BOARD_SIGNAL:
-            lost_board.append(signum)
-            engine.stop(grace=0, reason=LOST_BOARD, ring_gone=True)
-            say("shardline: mpirun has ended the job under rank 0 (it lost a board): stopping")
-            if args.pid_file and not engine.failed:
-                # why, at once: a long step of rank 0's own may outlast the supervisor's wait for its
-                # exit, which writes it again with the lost board's name (or its own timeout's reason)
-                try:
-                    write_why(args.pid_file, engine.stop_reason)
-                except OSError:
-                    pass
-        else:
-            engine.stop(grace=args.shutdown_grace)
-            say(f"shardline: signal {signum}: stopping every rank")
+        # Only handed on: a handler runs in the main thread between two of its bytecodes, and one that
+        # took a lock the interrupted code holds (a threading.Event's, in the loop's wait for work) would
+        # hang rank 0 for good. SimpleQueue.put is reentrant, made for this.
+        signals.put(signum)
+
+    def act_on_signals():
+        while True:
+            signum = signals.get()
+            if signum == LOST_BOARD_SIGNAL:
+                lost_board.append(signum)
+                say_why(LOST_BOARD)
+                engine.on_named = say_why
+                engine.stop(grace=0, reason=LOST_BOARD, ring_gone=True)
+                say("shardline: mpirun has ended the job under rank 0 (it lost a board): stopping")
+            else:
+                engine.stop(grace=args.shutdown_grace)
+                say(f"shardline: signal {signum}: stopping every rank")
+    threading.Thread(target=act_on_signals, name="signals", daemon=True).start()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(LOST_BOARD_SIGNAL, on_signal)
@@ -352,7 +370,6 @@ def _serve_head(args, node) -> int:
     server.should_exit = True
     if http.is_alive():
         http.join(timeout=3)
-    from shardline.engine import RESTART
     if lost_board:
         # mpirun is gone, and with it the job: MPI_Finalize or mpi4py's MPI_Abort for a non-zero status
         # would wait on it. The clients have their answers; say why for the supervisor's log and its 503s

@@ -151,7 +151,8 @@ class Engine:
         self.stop_deadline = math.inf
         self.stop_reason = "the server is shutting down; retry shortly"   # what stop() tells the waiting clients
         self.ring_gone = False          # stop(ring_gone=True): the other ranks are gone, no SHUTDOWN for them
-        self.ring_closed = False        # the SHUTDOWN went round the ring and every send completed
+        self.ring_closed = False        # the SHUTDOWN went round the ring and every ring send completed
+        self.on_named = None            # on_named(stop_reason), once a lost-board stop's reason names the board
         self.silent_named = False       # _name_the_silent has run
         self.ring_gone_at = math.inf
         self.failed: str | None = None
@@ -629,6 +630,11 @@ class Engine:
         silent = [r for r in probe.workers if r not in probe.answered]
         if silent:
             self.stop_reason += f"; {self._names(silent)} did not answer rank 0 directly"
+            if self.on_named is not None:
+                try:
+                    self.on_named(self.stop_reason)
+                except Exception:  # noqa: BLE001 - telling the supervisor is a courtesy; the clients come first
+                    say_traceback()
 
     def _half_arrived(self) -> str:
         """What to add when a message's header came and its payload has not (wire.Link.incoming)."""

@@ -17,8 +17,8 @@ class Silence(Exception):
 def serve(stage: Stage, link: wire.Link, rank: int, last: bool, should_stop, silence_timeout: float = 0,
           heartbeat: float = 2.0) -> bool:
     """Runs until rank 0's SHUTDOWN passes through, or should_stop() says the deadline to get one has gone.
-    True when the SHUTDOWN passed and every send of this rank completed (the next rank has it), so that
-    nothing is left for MPI_Finalize to push out.
+    True when the SHUTDOWN passed and every ring send of this rank completed (the next rank has it), so
+    that nothing is left for MPI_Finalize to push out.
     Raises Silence after silence_timeout seconds (0 = never) without a message: rank 0 sends a STATS
     heartbeat every `heartbeat` seconds (a PING while it computes a long step), so silence means a rank
     before this one, or its board, is dead or hung. While this rank computes a long step, a

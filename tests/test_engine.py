@@ -304,6 +304,8 @@ def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir, ask
     loop.start()
     assert first.wait(30)
     reason = "the job has ended: Open MPI lost contact with one of the boards"
+    told = []                   # main.py tells the supervisor (its ".why") once the board is named
+    engine.on_named = told.append
     engine.stop(grace=0, reason=reason, ring_gone=True)
     loop.join(10)
     assert not loop.is_alive()
@@ -312,6 +314,7 @@ def test_a_stop_with_a_reason_tells_every_waiting_client_why(tiny_model_dir, ask
     for req in (running, queued):
         assert req.done.is_set() and req.finish_reason == "error" and req.error == reason, vars(req)
     assert wire.FORWARD in sent and wire.SHUTDOWN not in sent, sent
+    assert told == ([reason] if named else []), told
 
 
 def streaming(engine: Engine):
@@ -354,7 +357,7 @@ def test_a_stop_on_a_ring_already_broken_returns_and_leaves_the_answers_to_be_se
     assert req.done.is_set() and req.error == "the job has ended: Open MPI lost contact with one of the boards"
 
 
-@pytest.mark.parametrize("ring", ["home", "broken", "not-home", "sends-stuck"])
+@pytest.mark.parametrize("ring", ["home", "broken", "not-home", "sends-stuck", "lost-board"])
 def test_the_ring_counts_as_closed_only_when_its_shutdown_came_home_and_every_send_completed(tiny_model_dir, ring):
     """engine.ring_closed decides whether rank 0 may leave without MPI_Finalize (main.main, under ULFM):
     only when the SHUTDOWN went round and came back, and this rank's sends are done; otherwise the
@@ -370,7 +373,7 @@ def test_the_ring_counts_as_closed_only_when_its_shutdown_came_home_and_every_se
     engine.link.send = ring_send
     if ring == "sends-stuck":
         engine.link.drain = lambda timeout=0: False
-    engine.stop(grace=0)
+    engine.stop(grace=0, ring_gone=ring == "lost-board")    # (lost-board: no SHUTDOWN is sent at all)
     assert engine.run() == 0
     assert engine.ring_closed is (ring == "home")
 

@@ -353,6 +353,8 @@ def test_rank_0_told_the_job_lost_a_board_says_why_for_the_supervisor(long_whole
             wait_ended(results, 5)
             assert "Open MPI lost contact" in (results[0]["outcome"] or ""), results
         code = proc.wait(30)
+        if long_step:       # the step had begun: the exit waited for it (8 s from 1.5 s before the signal)
+            assert time.monotonic() - signalled > 4, (tmp_path / "job.log").read_text()
     finally:
         end_job(proc)
         log.close()

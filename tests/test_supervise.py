@@ -269,8 +269,9 @@ def test_a_refused_start_whose_mpi_exit_hangs_still_stops_with_status_78(tmp_pat
 # mpirun that exits 0 under a running rank 0 (what Open MPI does when it loses a board's daemon): the
 # supervisor tells rank 0 (LOST_BOARD_SIGNAL), which answers its clients with why, says it in ".why" as
 # main.py does, and exits; the supervisor restarts the job and its log says what rank 0 said. With
-# "late", rank 0 is inside a long step of its own and outlasts the supervisor's --exit-grace: it says
-# why only as the supervisor ends what is left (SIGTERM), as main.py's exit does once its step ends.
+# "late", rank 0 outlasts the supervisor's --exit-grace (a long step of its own) and says why only as
+# the supervisor ends what is left (SIGTERM): a reason written that late must still be read. (main.py
+# writes it at the signal as well, tests/test_failures.py checks that.)
 MPIRUN_LOSES_A_BOARD = """
 import os, subprocess, sys, time
 rank0 = subprocess.Popen([sys.executable, "-c", '''
