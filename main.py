@@ -1,6 +1,9 @@
 """shardline: one SPMD program, one rank per board; rank 0 serves the HTTP API.
 
-    mpirun -np 3 --hostfile hostfiles/localhost python -m mpi4py main.py --model-dir model_parts
+    mpirun -np 3 --hostfile hostfiles/localhost --bind-to none --enable-recovery \
+        python -m mpi4py main.py --model-dir model_parts
+
+Between boards, with Open MPI's TCP settings: hostfiles/pis.example, or Ansible's launch.sh.
 
 With one rank (`python main.py --model-dir DIR`) the whole model runs in one process, no launcher.
 Rank 0 owns the embeddings, the final norm and the LM head and runs the engine and API; ranks 1..P-1

@@ -169,6 +169,11 @@ def test_launch_script_and_bench_pass_the_same_open_mpi_settings(tmp_path):
     assert bench.items() >= dict(wire.TCP_MCA).items(), bench
     # and the interface selection both make from the one setting (shardline_mpi_if_include)
     assert bench["btl_tcp_if_include"] == bench["oob_tcp_if_include"] == "10.0.0.0/24"
+    # the example hostfile's command for boards, too (with --enable-recovery, which ULFM runs under)
+    example = " ".join(line.lstrip("#").strip() for line in (ROOT / "hostfiles" / "pis.example").read_text().splitlines()
+                       if line.startswith("#")).replace("\\ ", "")
+    command = example.split("mpirun", 1)[1].split("--host 0.0.0.0")[0].split()
+    assert _mca_pairs(command).items() >= dict(wire.TCP_MCA).items() and "--enable-recovery" in command, command
 
 
 # ---- the bench's own figures ----
