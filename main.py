@@ -220,10 +220,10 @@ def _serve_worker(args, node) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        node.ring_closed = worker.serve(node.stage, node.link, rank, rank == node.size - 1,
-                                        should_stop=lambda: deadline[0] is not None and time.monotonic() > deadline[0][0],
-                                        silence_timeout=silence(args.step_timeout),
-                                        heartbeat=heartbeat(args.step_timeout))
+        node.ring_closed = worker.serve(
+            node.stage, node.link, rank, rank == node.size - 1,
+            should_stop=lambda: deadline[0] is not None and time.monotonic() > deadline[0][0],
+            silence_timeout=silence(args.step_timeout), heartbeat=heartbeat(args.step_timeout))
     except worker.Silence as err:
         print(f"[rank {rank} on {socket.gethostname()}] {err}: the job is broken, exiting", file=sys.stderr, flush=True)
         os._exit(1)
@@ -317,13 +317,14 @@ def _serve_head(args, node) -> int:
         # hang rank 0 for good. SimpleQueue.put is reentrant, made for this.
         signals.put(signum)
 
+    engine.on_named = say_why      # (only a lost-board stop names a board)
+
     def act_on_signals():
         while True:
             signum = signals.get()
             if signum == LOST_BOARD_SIGNAL:
                 lost_board.append(signum)
                 say_why(LOST_BOARD)
-                engine.on_named = say_why
                 engine.stop(grace=0, reason=LOST_BOARD, ring_gone=True)
                 say("shardline: mpirun has ended the job under rank 0 (it lost a board): stopping")
             else:
@@ -378,7 +379,8 @@ def _serve_head(args, node) -> int:
         # would wait on it. The clients have their answers; say why for the supervisor's log and its 503s
         # (the board's name, or rank 0's own timeout when that came first), and exit at once, non-zero.
         try:
-            exit_status(args.pid_file, 1, (engine.failed or engine.stop_reason).removesuffix(RESTART))
+            say_why(engine.stop_reason)
+            exit_status(args.pid_file, 1)
         finally:
             os._exit(1)
     exit_status(args.pid_file, code, (engine.failed or "").removesuffix(RESTART) if code and not refused else None)

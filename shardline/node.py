@@ -305,7 +305,7 @@ class Node:
         self.comm, self.rank, self.size = comm, rank, size
         self.stage, self.manifest, self.tok_dir, self.records = stage, manifest, tok_dir, records
         self.tokenizer = tokenizer
-        self.ring_closed = False    # set as it ends: the SHUTDOWN passed and every send of this rank completed
+        self.ring_closed = False    # set as it ends: the SHUTDOWN passed and every ring send of this rank completed
         self.link = (wire.Link(comm, prev=(rank - 1) % size, next=(rank + 1) % size, answers_probes=rank > 0)
                      if size > 1 else None)
 

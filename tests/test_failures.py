@@ -329,12 +329,9 @@ def test_rank_0_told_the_job_lost_a_board_says_why_for_the_supervisor(long_whole
     its exit, the reason is there at once, before the step ends."""
     from shardline import LOST_BOARD_SIGNAL
     pid_file = tmp_path / "rank0.pid"
-    port = free_port()
-    env = dict(mpi_env(), SHARDLINE_TEST_SLOW="0:8:20") if long_step else mpi_env()
-    log = open(tmp_path / "job.log", "w")
-    proc = subprocess.Popen([PY, str(ROOT / "tests" / "slow_main.py"), "--model-dir", str(long_whole), "--port",
-                             str(port), "--pid-file", str(pid_file)], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    job = Slowed(long_whole, tmp_path / "job.log", "0:8:20" if long_step else None, "--pid-file", str(pid_file),
+                 ranks=1, wait=False)
+    proc = job.proc
     why = tmp_path / "rank0.pid.why"
     try:
         deadline = time.monotonic() + 120
@@ -342,7 +339,7 @@ def test_rank_0_told_the_job_lost_a_board_says_why_for_the_supervisor(long_whole
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()
             time.sleep(0.2)
         if long_step:
-            results, _ = stream_clients(f"http://127.0.0.1:{port}", 1, 4, prompt=LONG_PROMPT)
+            results, _ = stream_clients(job.url, 1, 4, prompt=LONG_PROMPT)
             time.sleep(1.5)                       # inside the 8 s step
         os.kill(int(pid_file.read_text()), LOST_BOARD_SIGNAL)
         signalled = time.monotonic()
@@ -356,8 +353,7 @@ def test_rank_0_told_the_job_lost_a_board_says_why_for_the_supervisor(long_whole
         if long_step:       # the step had begun: the exit waited for it (8 s from 1.5 s before the signal)
             assert time.monotonic() - signalled > 4, (tmp_path / "job.log").read_text()
     finally:
-        end_job(proc)
-        log.close()
+        job.stop()
     text = (tmp_path / "job.log").read_text()
     assert code == 1, text
     assert (tmp_path / "rank0.pid.exit").read_text().strip() == "1", text
@@ -372,36 +368,19 @@ def test_a_clean_stop_between_boards_ends_without_an_mpi_crash(long_parts, tmp_p
     quiet machine (a segfault in its progress thread, "OPAL ERROR: Out of resource in file
     .../ompi_mpi_finalize.c", a rank that never exited): a clean end now leaves without it (main.main).
     Five stops: at 3 in 8, five clean ones in a row with the old exit come about one time in ten."""
-    from shardline.wire import mca_args
     for attempt in range(5):
-        port = free_port()
-        cmd = launch_cmd(3, str(ROOT / "main.py"), "--model-dir", str(long_parts), "--port", str(port))
-        at = cmd.index("--enable-recovery") + 1
-        cmd[at:at] = mca_args()
         log_path = tmp_path / f"job{attempt}.log"
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=mpi_env(), stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        job = Slowed(long_parts, log_path, None, tcp=True)
+        try:
+            status, body = http("POST", job.url + "/generate", {"prompt": "the stop", "max_new_tokens": 8})
+            assert status == 200, body
+            rank_processes(job.proc.pid)[0].send_signal(signal.SIGTERM)
             try:
-                deadline = time.monotonic() + 120
-                while True:
-                    assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                    try:
-                        if http("GET", f"http://127.0.0.1:{port}/health", timeout=2)[0] == 200:
-                            break
-                    except OSError:
-                        pass
-                    time.sleep(0.2)
-                status, body = http("POST", f"http://127.0.0.1:{port}/generate",
-                                    {"prompt": "the stop", "max_new_tokens": 8})
-                assert status == 200, body
-                rank_processes(proc.pid)[0].send_signal(signal.SIGTERM)
-                try:
-                    code = proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    code = "still running 30 s after the stop"
-            finally:
-                end_job(proc)
+                code = job.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                code = "still running 30 s after the stop"
+        finally:
+            job.stop()
         text = log_path.read_text()
         assert code == 0, (attempt, code, text)
         # (PRRTE's "exiting improperly" message wraps its lines)
