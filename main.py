@@ -176,8 +176,7 @@ def main(argv=None) -> int:
         # of resource in file .../ompi_mpi_finalize.c", or a rank that never exited. Leave without it:
         # under --enable-recovery, which every launcher here pairs with ULFM, Open MPI 5.0.11's mpirun
         # ended with status 0 and said nothing (without it, mpirun calls such an exit improper). ulfm_on
-        # reads the setting mpirun passes in the environment, as launch.sh and mca_args set it; one set
-        # in an mca-params.conf is not seen, and the rank finalizes as before.
+        # asks the MPI library itself, so the setting counts wherever it was made (--mca, a parameter file).
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

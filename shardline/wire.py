@@ -59,10 +59,54 @@ TCP_MCA = (
 
 
 def ulfm_on() -> bool:
-    """Whether this rank runs with Open MPI's fault tolerance (mpi_ft_enable, as TCP_MCA sets: mpirun
-    passes --mca settings to its ranks as OMPI_MCA_* variables). Open MPI reads a boolean as 1, true,
-    yes or enabled."""
+    """Whether this rank runs with Open MPI's fault tolerance (mpi_ft_enable, as TCP_MCA sets). Asked of
+    the MPI library itself through the MPI tools interface (mpi_flag), which knows the value wherever
+    it was set: mpirun's --mca and the user's ~/.openmpi/mca-params.conf reach a rank as OMPI_MCA_*
+    variables, but the installation's openmpi-mca-params.conf and a file named by mca_base_param_files
+    are read by the rank itself (measured, Open MPI 5.0.11: no variable). Where the library cannot say
+    (no MPI loaded, or one without ULFM), the variable decides; Open MPI reads a boolean as 1, true, yes
+    or enabled."""
+    known = mpi_flag("mpi_ft_enable")
+    if known is not None:
+        return known
     return os.environ.get("OMPI_MCA_mpi_ft_enable", "").strip().lower() in ("1", "true", "yes", "enabled")
+
+
+def mpi_flag(name: str) -> bool | None:
+    """Whether the MPI library's boolean (or integer) control variable `name`, an Open MPI MCA
+    parameter, is set (nonzero), read through the MPI tools interface (MPI_T, MPI 3.1), which mpi4py does not wrap: by
+    ctypes, from the libmpi this process has loaded. None where no libmpi is loaded, or it has no such
+    variable, or a call fails."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next((line.split()[-1] for line in maps if "/libmpi.so" in line), None)
+    except OSError:
+        return None
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+        provided, index, count = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        if lib.MPI_T_init_thread(0, ctypes.byref(provided)) != 0:   # MPI_THREAD_SINGLE; 0 is MPI_SUCCESS
+            return None
+    except (OSError, AttributeError):
+        return None
+    try:
+        if lib.MPI_T_cvar_get_index(name.encode(), ctypes.byref(index)) != 0:
+            return None
+        handle = ctypes.c_void_p()
+        if lib.MPI_T_cvar_handle_alloc(index, None, ctypes.byref(handle), ctypes.byref(count)) != 0:
+            return None
+        try:
+            value = ctypes.c_int64(0)          # room for a bool or an int, whichever the library stores
+            if count.value != 1 or lib.MPI_T_cvar_read(handle, ctypes.byref(value)) != 0:
+                return None
+            return value.value != 0
+        finally:
+            lib.MPI_T_cvar_handle_free(ctypes.byref(handle))
+    finally:
+        lib.MPI_T_finalize()
 
 
 def mca_args(mca=TCP_MCA) -> list[str]:

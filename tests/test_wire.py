@@ -2,6 +2,7 @@
 (COMM_SELF, a singleton MPI process), so headers and payloads pair up exactly as between boards."""
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -175,3 +176,44 @@ def test_a_single_rank_s_keepalive_outlives_a_failing_callback_and_ends_when_clo
     keepalive.close()
     keepalive.thread.join(2)
     assert not keepalive.thread.is_alive()
+
+
+ULFM_SCRIPT = r"""
+import json, os
+from mpi4py import MPI
+from shardline import wire
+print(json.dumps({"ulfm_on": wire.ulfm_on(), "env": os.environ.get("OMPI_MCA_mpi_ft_enable"),
+                  "unknown": wire.mpi_flag("no_such_shardline_variable")}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_ulfm_on_is_the_mpi_librarys_own_setting_wherever_it_was_made(tmp_path):
+    """A rank that ends cleanly under ULFM skips MPI_Finalize (main.main), so ulfm_on must be right
+    however the user turned it on. A parameter file the rank reads itself (the installation's
+    openmpi-mca-params.conf, or one named by mca_base_param_files) leaves no OMPI_MCA_mpi_ft_enable
+    behind: only the library knows. (--mca mpi_ft_enable 1, TCP_MCA's way, is the clean stop's test in
+    tests/test_failures.py.)"""
+    from shardline import wire
+    from tests.helpers import MPIRUN
+    script = tmp_path / "ulfm.py"
+    script.write_text(ULFM_SCRIPT)
+    conf, home = tmp_path / "ft.conf", tmp_path / "home"
+    conf.write_text("mpi_ft_enable = 1\n")
+    (home / ".openmpi").mkdir(parents=True)
+    (home / ".openmpi" / "mca-params.conf").write_text("mpi_ft_enable = 1\n")
+    base = {k: v for k, v in mpi_env().items() if k != "OMPI_MCA_mpi_ft_enable"} | {"PYTHONPATH": str(ROOT)}
+    cases = {   # name: (mpirun arguments, environment, what the rank should say)
+        "not set": ([], {}, False),
+        "a parameter file the rank reads": ([], {"OMPI_MCA_mca_base_param_files": str(conf)}, True),
+        "the user's file, overridden by --mca 0": (wire.mca_args((("mpi_ft_enable", "0"),)), {"HOME": str(home)}, False),
+    }
+    for name, (args, env, want) in cases.items():
+        run = subprocess.run([MPIRUN, "-np", "1", "--bind-to", "none", *args, PY, str(script)], cwd=ROOT,
+                             env=dict(base, **env), capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, f"{name}: {run.stdout}{run.stderr}"
+        said = json.loads(run.stdout.strip().splitlines()[-1])
+        assert said["ulfm_on"] is want, f"{name}: {said}"
+        assert said["unknown"] is None, f"{name}: {said}"
+        if name == "a parameter file the rank reads":
+            assert said["env"] is None, "mpirun now passes the file's setting on: the case is no longer one"
