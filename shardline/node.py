@@ -36,6 +36,9 @@ def init_dist():
     # one thread at a time: the loop thread, or a wire.Keepalive while the loop computes or starts (Link.lock)
     mpi4py.rc.thread_level = "serialized"
     from mpi4py import MPI
+
+    from shardline.wire import ulfm_on
+    ulfm_on()   # asked now, while no peer can fail, and kept for the rank's end (main.main)
     comm = MPI.COMM_WORLD
     return comm, comm.Get_rank(), comm.Get_size()
 

@@ -58,8 +58,13 @@ TCP_MCA = (
 )
 
 
+@functools.cache
 def ulfm_on() -> bool:
-    """Whether this rank runs with Open MPI's fault tolerance (mpi_ft_enable, as TCP_MCA sets). Asked of
+    """Whether this rank runs with Open MPI's fault tolerance (mpi_ft_enable, as TCP_MCA sets). Asked once,
+    as MPI starts (node.init_dist), and kept: MPI_T's first start in a process re-registers Open MPI's
+    parameters (Open MPI 5.0's ompi_mpi_register_params), and for that moment the library holds
+    fault tolerance as off, so an error from a peer arriving then would be fatal; at a rank's end, when
+    its neighbours close their sockets, is the worst time for that moment. Asked of
     the MPI library itself through the MPI tools interface (mpi_flag), which knows the value wherever
     it was set: mpirun's --mca and the user's ~/.openmpi/mca-params.conf reach a rank as OMPI_MCA_*
     variables, but the installation's openmpi-mca-params.conf and a file named by mca_base_param_files
@@ -80,17 +85,21 @@ def mpi_flag(name: str) -> bool | None:
     import ctypes
     try:
         with open("/proc/self/maps") as maps:
-            path = next((line.split()[-1] for line in maps if "/libmpi.so" in line), None)
+            path = next((p for p in (line.split(maxsplit=5)[-1].strip() for line in maps)
+                         if os.path.basename(p).startswith("libmpi.so")), None)
     except OSError:
         return None
     if path is None:
         return None
     try:
+        from mpi4py import MPI
+        # MPI_T_init_thread sets the library's thread level too (Open MPI): ask for the one MPI runs at
+        level = MPI.Query_thread() if MPI.Is_initialized() and not MPI.Is_finalized() else MPI.THREAD_SINGLE
         lib = ctypes.CDLL(path)
         provided, index, count = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-        if lib.MPI_T_init_thread(0, ctypes.byref(provided)) != 0:   # MPI_THREAD_SINGLE; 0 is MPI_SUCCESS
+        if lib.MPI_T_init_thread(level, ctypes.byref(provided)) != 0:   # 0 is MPI_SUCCESS
             return None
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):
         return None
     try:
         if lib.MPI_T_cvar_get_index(name.encode(), ctypes.byref(index)) != 0:

@@ -182,8 +182,10 @@ ULFM_SCRIPT = r"""
 import json, os
 from mpi4py import MPI
 from shardline import wire
+level = MPI.Query_thread()
 print(json.dumps({"ulfm_on": wire.ulfm_on(), "env": os.environ.get("OMPI_MCA_mpi_ft_enable"),
-                  "unknown": wire.mpi_flag("no_such_shardline_variable")}))
+                  "unknown": wire.mpi_flag("no_such_shardline_variable"),
+                  "thread_level_kept": MPI.Query_thread() == level}))
 """
 
 
@@ -202,7 +204,10 @@ def test_ulfm_on_is_the_mpi_librarys_own_setting_wherever_it_was_made(tmp_path):
     conf.write_text("mpi_ft_enable = 1\n")
     (home / ".openmpi").mkdir(parents=True)
     (home / ".openmpi" / "mca-params.conf").write_text("mpi_ft_enable = 1\n")
-    base = {k: v for k, v in mpi_env().items() if k != "OMPI_MCA_mpi_ft_enable"} | {"PYTHONPATH": str(ROOT)}
+    empty = tmp_path / "empty-home"   # no ~/.openmpi of the developer's own
+    empty.mkdir()
+    base = {k: v for k, v in mpi_env().items() if k != "OMPI_MCA_mpi_ft_enable"} | {"PYTHONPATH": str(ROOT),
+                                                                                    "HOME": str(empty)}
     cases = {   # name: (mpirun arguments, environment, what the rank should say)
         "not set": ([], {}, False),
         "a parameter file the rank reads": ([], {"OMPI_MCA_mca_base_param_files": str(conf)}, True),
@@ -214,6 +219,6 @@ def test_ulfm_on_is_the_mpi_librarys_own_setting_wherever_it_was_made(tmp_path):
         assert run.returncode == 0, f"{name}: {run.stdout}{run.stderr}"
         said = json.loads(run.stdout.strip().splitlines()[-1])
         assert said["ulfm_on"] is want, f"{name}: {said}"
-        assert said["unknown"] is None, f"{name}: {said}"
+        assert said["unknown"] is None and said["thread_level_kept"], f"{name}: {said}"
         if name == "a parameter file the rank reads":
             assert said["env"] is None, "mpirun now passes the file's setting on: the case is no longer one"
