@@ -60,17 +60,16 @@ TCP_MCA = (
 
 @functools.cache
 def ulfm_on() -> bool:
-    """Whether this rank runs with Open MPI's fault tolerance (mpi_ft_enable, as TCP_MCA sets). Asked once,
-    as MPI starts (node.init_dist), and kept: MPI_T's first start in a process re-registers Open MPI's
-    parameters (Open MPI 5.0's ompi_mpi_register_params), and for that moment the library holds
-    fault tolerance as off, so an error from a peer arriving then would be fatal; at a rank's end, when
-    its neighbours close their sockets, is the worst time for that moment. Asked of
-    the MPI library itself through the MPI tools interface (mpi_flag), which knows the value wherever
-    it was set: mpirun's --mca and the user's ~/.openmpi/mca-params.conf reach a rank as OMPI_MCA_*
-    variables, but the installation's openmpi-mca-params.conf and a file named by mca_base_param_files
-    are read by the rank itself (measured, Open MPI 5.0.11: no variable). Where the library cannot say
-    (no MPI loaded, or one without ULFM), the variable decides; Open MPI reads a boolean as 1, true, yes
-    or enabled."""
+    """Whether this rank runs with Open MPI's fault tolerance (mpi_ft_enable, as TCP_MCA sets), as the MPI
+    library itself holds it (mpi_flag): mpirun's --mca and the user's ~/.openmpi/mca-params.conf reach a
+    rank as OMPI_MCA_* variables, but the installation's openmpi-mca-params.conf and a file named by
+    mca_base_param_files are read by the rank itself (measured, Open MPI 5.0.11: no variable). Where the
+    library cannot say (no MPI loaded, or one without ULFM), the variable decides; Open MPI reads a
+    boolean as 1, true, yes or enabled.
+    Asked once, as MPI starts (node.init_dist), and kept: MPI_T's first start in a process re-registers
+    Open MPI's parameters (5.0's ompi_mpi_register_params), holding fault tolerance off for that moment,
+    when a peer's error would be fatal; a rank's end, as its neighbours close their sockets, is the
+    worst time for it."""
     known = mpi_flag("mpi_ft_enable")
     if known is not None:
         return known
@@ -79,8 +78,8 @@ def ulfm_on() -> bool:
 
 def mpi_flag(name: str) -> bool | None:
     """Whether the MPI library's boolean (or integer) control variable `name`, an Open MPI MCA
-    parameter, is set (nonzero), read through the MPI tools interface (MPI_T, MPI 3.1), which mpi4py does not wrap: by
-    ctypes, from the libmpi this process has loaded. None where no libmpi is loaded, or it has no such
+    parameter, is set (nonzero), read through the MPI tools interface (MPI_T, MPI 3.1), which mpi4py
+    does not wrap: by ctypes, from the libmpi this process has loaded. None where no libmpi is loaded, or it has no such
     variable, or a call fails."""
     import ctypes
     try:
