@@ -6,4 +6,5 @@ cd "$(dirname "$0")"
 scripts/setup.sh requirements-dev.txt
 if [ "$(id -u)" = 0 ] && [ -x tests/system-packages.sh ]; then tests/system-packages.sh; fi
 . .venv/bin/activate
-exec python -m pytest "$@"
+# One pytest-xdist worker per CPU; a module's tests stay together (tests/conftest.py). -n 0 runs in one process.
+exec python -m pytest -n logical "$@"

@@ -27,6 +27,9 @@ from shardline import wire
 from tests.cluster import testhosts
 from tests.helpers import MPIRUN, PY, ROOT, mpi_env
 
+# Their checks time cores and links of emulated boards: no other test runs meanwhile (conftest.py).
+pytestmark = pytest.mark.alone
+
 COMPUTE_S = 0.3
 ROWS, COLS = 256, 768  # a distilgpt2 prefill chunk (--max-batch-tokens 256): 768 KiB of float32
 

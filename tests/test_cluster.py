@@ -426,6 +426,7 @@ def _keep_generating(api: str, stop: threading.Event) -> dict:
     return seen
 
 
+@pytest.mark.alone
 def test_a_board_that_drops_off_ends_the_job_and_the_api_comes_back_with_it(
     hosts, extra_vars, provisioned, tiny_model_dir
 ):
@@ -479,6 +480,7 @@ def test_a_board_that_drops_off_ends_the_job_and_the_api_comes_back_with_it(
         launched.stop()
 
 
+@pytest.mark.alone
 def test_a_board_lost_while_rank_0_receives_from_it_still_gets_the_client_an_answer(
     hosts, extra_vars, provisioned, tiny_model_dir
 ):
@@ -535,6 +537,7 @@ def test_a_board_lost_while_rank_0_receives_from_it_still_gets_the_client_an_ans
         launched.stop()
 
 
+@pytest.mark.alone
 def test_a_rank_killed_on_a_board_that_stays_up_is_named_to_the_clients_and_the_job_comes_back(
     hosts, extra_vars, provisioned, tiny_model_dir
 ):
@@ -572,6 +575,7 @@ def test_a_rank_killed_on_a_board_that_stays_up_is_named_to_the_clients_and_the_
         launched.stop()
 
 
+@pytest.mark.alone
 def test_a_board_missing_at_the_start_is_waited_for_with_503s(hosts, inventory, extra_vars, provisioned,
                                                              tiny_model_dir):
     lost = hosts.hosts[1]
@@ -738,6 +742,7 @@ def board_setup(board_hosts, board_inventory, board_vars):
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.alone   # its fixture probes the boards' speed, which the plan follows
 def test_the_plan_over_mixed_boards_is_uneven_and_the_split_follows_it(board_hosts, board_vars, board_setup):
     import yaml
 

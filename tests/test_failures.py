@@ -19,6 +19,9 @@ from shardline.supervise import remove_segments, shm_segments
 from splitter.random_model import build_tokenizer, random_model
 from tests.helpers import PY, ROOT, alive, end_job, free_port, http, launch_cmd, mpi_env, rank_processes, split
 
+# alone: the test times silences, stops and hand-overs in seconds, or measures CPU use; no other test runs
+# meanwhile under pytest-xdist (conftest.py). The refused starts are not timed.
+
 
 @pytest.fixture(scope="module")
 def long_model(tmp_path_factory):
@@ -146,6 +149,7 @@ def wait_ended(results, timeout):
 
 @pytest.mark.parametrize("sig,tcp", [(signal.SIGKILL, False), (signal.SIGSTOP, False), (signal.SIGSTOP, True)],
                          ids=["killed", "stopped", "stopped-tcp"])
+@pytest.mark.alone
 def test_a_dead_or_hung_worker_fails_clients_fast_and_the_job_comes_back(long_parts, tmp_path, sig, tcp):
     """A worker killed, or hung (SIGSTOP: a board swapping itself to death, a kernel stuck on an SD card),
     in the middle of streamed generations; over shared memory and over TCP as between boards (where
@@ -190,6 +194,7 @@ def test_a_dead_or_hung_worker_fails_clients_fast_and_the_job_comes_back(long_pa
         job.stop()
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("target", ["supervisor", "rank0", "mpirun"])
 def test_sigterm_answers_in_flight_clients_and_leaves_nothing_behind(long_parts, tmp_path, target):
     job = Supervised(long_parts, tmp_path / "job.log")
@@ -320,6 +325,7 @@ def test_an_unforeseen_error_while_starting_is_rank_0s_exit_status_not_a_kill(tm
     assert (tmp_path / "rank0.pid.why").read_text().strip() == "rank 0 failed while starting: RuntimeError: boom"
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("long_step", [False, True], ids=["idle", "during-a-long-step"])
 def test_rank_0_told_the_job_lost_a_board_says_why_for_the_supervisor(long_whole, tmp_path, long_step):
     """The supervisor's lost-board signal: rank 0 answers its clients and exits at once (mpirun is gone,
@@ -459,6 +465,7 @@ class Slowed:
 LONG_PROMPT = " ".join(f"w{i}" for i in range(60))    # one prompt chunk of well over 20 tokens
 
 
+@pytest.mark.alone
 def test_a_slow_board_is_not_a_dead_one(long_parts, tmp_path):
     """Every rank takes 2.5 s over a prompt chunk (a Pi computing a big model's 256-token chunk takes
     minutes), with --step-timeout 1: the job used to declare the ring dead after 1 s, and the workers
@@ -494,6 +501,7 @@ def test_a_slow_board_is_not_a_dead_one(long_parts, tmp_path):
         job.stop()
 
 
+@pytest.mark.alone
 def test_a_slow_start_of_rank_0_is_not_a_silence(long_parts, tmp_path):
     """Rank 0 starts its HTTP server after the roll call (imports, the port): seconds on a busy head
     board, and the workers heard nothing meanwhile, so with --step-timeout 1 (a 5 s silence) a start of
@@ -507,6 +515,7 @@ def test_a_slow_start_of_rank_0_is_not_a_silence(long_parts, tmp_path):
         job.stop()
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("rank,ranks", [(2, 3), (0, 3), (0, 1)], ids=["worker", "rank0", "single-rank"])
 def test_a_step_that_never_ends_is_an_error_naming_the_rank(long_parts, long_whole, tmp_path, rank, ranks):
     """A rank is alive (the heartbeat goes round) but its step never ends: after --compute-timeout the
@@ -582,6 +591,7 @@ def timeline(seen) -> str:
     return ", ".join(f"{a:.1f}-{b:.1f}s {status} {code}" for a, b, status, code in runs)
 
 
+@pytest.mark.alone
 def test_a_killed_rank_0_leaves_a_503_on_its_port_not_a_refused_connection(long_parts, tmp_path):
     """Rank 0 killed: its port closed at once, while the workers took their silence timeout (step
     timeout + two heartbeats) to end and mpirun with them: ~8 s of refused connections. The supervisor
@@ -619,6 +629,7 @@ def test_a_killed_rank_0_leaves_a_503_on_its_port_not_a_refused_connection(long_
         job.stop()
 
 
+@pytest.mark.alone
 def test_ranks_waiting_for_a_slow_board_to_load_use_no_cpu(long_parts, tmp_path):
     """Rank 2 takes 180 s longer to load: ranks 0 and 1 wait for it in the roll call. They used to spin a
     core each there (Open MPI's blocking gather polls, and the threads of the loading's parallel regions
@@ -651,6 +662,7 @@ def test_ranks_waiting_for_a_slow_board_to_load_use_no_cpu(long_parts, tmp_path)
 
 @pytest.mark.parametrize("slow,rank,tcp", [(2, 2, False), (0, 0, False), (2, 1, False), (2, 2, True)],
                          ids=["worker-loading", "rank0-loading", "worker-waiting-in-roll-call", "worker-loading-tcp"])
+@pytest.mark.alone
 def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp_path, slow, rank, tcp):
     """A rank killed while the ranks load their shards (the OOM killer, on a board its shard does not
     fit; it may pick a rank that has loaded and waits in the roll call beside one still loading): the
@@ -689,6 +701,7 @@ def test_a_rank_that_dies_while_loading_ends_the_start_naming_it(long_parts, tmp
         job.stop()
 
 
+@pytest.mark.alone
 def test_a_rank_killed_over_tcp_is_named_to_the_waiting_clients(long_parts, tmp_path):
     """Between boards (TCP), a rank killed on a board that stays up (the OOM killer) closes its
     connections, and Open MPI's default answer was to abort its neighbours at once: rank 0 died too,
@@ -711,6 +724,7 @@ def test_a_rank_killed_over_tcp_is_named_to_the_waiting_clients(long_parts, tmp_
         job.stop()
 
 
+@pytest.mark.alone
 def test_a_rank_slower_to_load_than_the_load_silence_still_starts(long_parts, tmp_path):
     """Rank 1 takes 8 s longer to load (a large shard from an SD card) under --load-silence 2: its
     signs of life go on meanwhile, so the job starts and serves."""

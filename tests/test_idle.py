@@ -13,7 +13,9 @@ import pytest
 from shardline import wire
 from tests.helpers import PY, ROOT, serving, split
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no Linux scheduling policies here")
+# alone: their checks count a waiting thread's wake-ups and CPU (conftest.py)
+pytestmark = [pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no Linux scheduling policies here"),
+              pytest.mark.alone]
 
 
 @pytest.fixture

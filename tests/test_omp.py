@@ -9,6 +9,9 @@ from tests.helpers import PY, ROOT
 
 from shardline import omp
 
+# Their checks measure the CPU threads take: no other test runs meanwhile (conftest.py).
+pytestmark = pytest.mark.alone
+
 
 def test_policy_sleeps_on_a_rank_without_blocks_and_spins_elsewhere(tmp_path, monkeypatch):
     (tmp_path / "manifest.json").write_text(json.dumps({"stages": [{"layers": [0, 0]}, {"layers": [0, 3]}]}))

@@ -529,6 +529,7 @@ async def run_load(url: str, seconds: float, clients: int, seed: int = 5) -> dic
     return {"ok": ok, "busy": busy, "bad": bad, "tokens": tokens[0], "wall": wall}
 
 
+@pytest.mark.alone
 def test_overload_64_clients_get_an_answer_or_a_fast_503(server, tmp_path_factory):
     wait_idle(server)
     sampler = RSSSampler(server.ranks)

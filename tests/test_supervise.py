@@ -18,6 +18,9 @@ import pytest
 from shardline import supervise
 from tests.helpers import PY, ROOT, free_port, http, launch_cmd, mpi_env
 
+# Their checks time the supervisor's waits and hand-overs in seconds: no other test runs meanwhile.
+pytestmark = pytest.mark.alone
+
 HOSTFILE = """# the boards, head first
 192.0.2.50 slots=1  # pi0
 192.0.2.51 slots=1  # pi1
