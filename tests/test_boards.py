@@ -193,7 +193,7 @@ def test_bench_boards_serves_every_client_at_once_and_measures_the_steady_state(
 def test_core_ceiling_times_one_core_alone_and_every_core_at_once():
     from bench.boards import core_ceiling
     cores = sorted(os.sched_getaffinity(0))[:2]
-    c = core_ceiling(cores, 4, 256, tries=1)
+    c = core_ceiling(cores, 4, 256, tries=3)   # the median of three: one try alone read 2.61 on this VM
     assert c["cores"] == cores and c["shape"] == [4, 256, 1024] and len(c["ms_together"]) == 2
     assert c["ms_alone"] > 0 and all(t > 0 for t in c["ms_together"])
     # the sum of (alone / together) over the cores: at most a little over one per core (noise)
