@@ -15,14 +15,14 @@ TEST_HOST_MODULES = {"test_cluster", "test_boards"}
 FIRST = ["test-hosts", "test_failures", "test_bench", "test_gguf", "test_families", "test_ansible"]
 
 
-def _unit(module_path: str) -> str:
-    stem = Path(module_path).stem
+def _unit(nodeid: str) -> str:
+    stem = Path(nodeid.split("::")[0]).stem
     return "test-hosts" if stem in TEST_HOST_MODULES else stem
 
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: k for k, name in enumerate(FIRST)}
-    items.sort(key=lambda item: rank.get(_unit(item.nodeid.split("::")[0]), len(FIRST)))   # stable
+    items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(FIRST)))   # stable
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -33,7 +33,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return _unit(nodeid.split("::")[0])
+            return _unit(nodeid)
 
         def schedule(self) -> None:
             self.config.option.loadscopereorder = False   # keep FIRST's order, not the most tests first
@@ -79,6 +79,13 @@ def pytest_runtest_protocol(item, nextitem):
         _ALONE.release()
 
 
+def pytest_unconfigure(config):
+    # Each worker opened both files at start; the lock lives on in their open files until the last one ends.
+    if _ALONE is not None:
+        for f in (_ALONE.turnstile, _ALONE.rw):
+            Path(f.name).unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A local save_pretrained directory (model + tokenizer) of a small GPT-2 with sharp logits."""
@@ -90,9 +97,3 @@ def parts3(tiny_model_dir, tmp_path_factory):
     """The tiny model split into 3 stages by the automatic plan."""
     return split(tiny_model_dir, 3, tmp_path_factory.mktemp("parts3"))
 
-
-def pytest_unconfigure(config):
-    # Each worker opened both files at start; the lock lives on in their open files until the last one ends.
-    if _ALONE is not None:
-        for f in (_ALONE.turnstile, _ALONE.rw):
-            Path(f.name).unlink(missing_ok=True)
