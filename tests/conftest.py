@@ -11,8 +11,14 @@ from tests.helpers import make_tiny_model, split
 # module fixtures (a server, a bench run, a set of test hosts) are made once, as in a plain run. The
 # modules that make test hosts share one unit of work: only one set of them can exist at a time.
 TEST_HOST_MODULES = {"test_cluster", "test_boards"}
-# The longest units start first, so that no worker is left with a long one at the end.
-FIRST = ["test-hosts", "test_failures", "test_bench", "test_gguf", "test_families", "test_ansible"]
+# Order of the units. Tests marked `alone` stop the other worker, and each run of them first waits for
+# the other worker's test in progress, which can last two minutes (a bench run, an Ansible setup). So the
+# units made mostly of `alone` tests start first, side by side, and wait only for each other; then the
+# longest units, so that no worker is left with a long one at the end.
+FIRST = ["test_failures", "test_supervise", "test_omp", "test_idle",
+         "test-hosts", "test_bench", "test_gguf", "test_families", "test_ansible"]
+# Units whose `alone` tests run before their others, as one run (their tests do not depend on order).
+ALONE_FIRST = {"test_failures"}
 
 
 def _unit(nodeid: str) -> str:
@@ -20,9 +26,17 @@ def _unit(nodeid: str) -> str:
     return "test-hosts" if stem in TEST_HOST_MODULES else stem
 
 
+def _alone(item) -> bool:
+    return item.get_closest_marker("alone") is not None
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: k for k, name in enumerate(FIRST)}
-    items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(FIRST)))   # stable
+
+    def key(item):
+        unit = _unit(item.nodeid)
+        return rank.get(unit, len(FIRST)), unit in ALONE_FIRST and not _alone(item)
+    items.sort(key=key)   # stable: a module's tests otherwise keep their order
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -52,16 +66,23 @@ class _Alone:
         base = Path(tempfile.gettempdir()) / f"shardline-tests-{run_id}"
         self.turnstile = open(f"{base}.turnstile", "a")
         self.rw = open(f"{base}.rw", "a")
+        self.held: bool | None = None      # None, or whether it is held exclusively
 
     def hold(self, alone: bool):
+        if self.held == alone:
+            return
+        self.release()
         fcntl.flock(self.turnstile, fcntl.LOCK_EX)
         try:
             fcntl.flock(self.rw, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+            self.held = alone
         finally:
             fcntl.flock(self.turnstile, fcntl.LOCK_UN)
 
     def release(self):
-        fcntl.flock(self.rw, fcntl.LOCK_UN)
+        if self.held is not None:
+            fcntl.flock(self.rw, fcntl.LOCK_UN)
+            self.held = None
 
 
 _ALONE = _Alone(os.environ["PYTEST_XDIST_TESTRUNUID"]) if "PYTEST_XDIST_TESTRUNUID" in os.environ else None
@@ -70,13 +91,16 @@ _ALONE = _Alone(os.environ["PYTEST_XDIST_TESTRUNUID"]) if "PYTEST_XDIST_TESTRUNU
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     # Around setup, call and teardown: the module fixtures a test starts or ends are inside the lock too.
+    # An `alone` test followed by another keeps the lock for it: otherwise each would wait again for
+    # whatever test the other worker started in between.
     if _ALONE is None:
         return (yield)
-    _ALONE.hold(item.get_closest_marker("alone") is not None)
+    _ALONE.hold(_alone(item))
     try:
         return (yield)
     finally:
-        _ALONE.release()
+        if not (_alone(item) and nextitem is not None and _alone(nextitem)):
+            _ALONE.release()
 
 
 def pytest_unconfigure(config):
