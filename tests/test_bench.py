@@ -22,9 +22,12 @@ LEVELS = ["1", "4", "8", "16"]
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
+    """One quick run with the three schemes (--quantize, issue 12 item 6): its fp32 pipeline is the one
+    a plain `python -m bench` runs, on the same fp32 shards, and the baseline is paired with each
+    pipeline. One run, not a plain one and a quantized one: that was 3 minutes of the suite, this 1.5."""
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([PY, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=580, check=False)
+    proc = subprocess.run([PY, "-m", "bench", "--quick", "--quantize", "fp32,int8,int4", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=580, check=False)  # within pytest's 600 s
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads((out / "results.json").read_text()), out, proc.stdout
 
@@ -51,7 +54,7 @@ def test_pipeline_figures(bench_run):
     res, _, _ = bench_run
     cfg = res["config"]
     assert cfg["ranks"] == 3 and cfg["clients"] == [1, 4, 8, 16]
-    p = res["pipelines"]["default"]
+    p = res["pipelines"]["fp32"]
     assert p["exit_code"] == 0, "the pipeline did not stop cleanly"
     assert [s["rank"] for s in p["stages"]] == [0, 1, 2]
     assert sorted(p["levels"]) == sorted(LEVELS)
@@ -77,11 +80,11 @@ def test_bytes_per_token_per_hop_match_the_wire_format(bench_run):
     res, _, _ = bench_run
     hidden = res["config"]["hidden_size"]
     for n in ("1", "16"):
-        t = res["pipelines"]["default"]["levels"][n]["traffic"]
+        t = res["pipelines"]["fp32"]["levels"][n]["traffic"]
         assert list(t["hops"]) == ["0->1", "1->2", "2->0"]
         assert t["analytic_one_sequence"] == hidden * 4 + 36
         # the phase's own request figures (level 1: every run, which /metrics saw, not only the kept pairs)
-        lv = res["pipelines"]["default"]["levels"][n]
+        lv = res["pipelines"]["fp32"]["levels"][n]
         ph = lv.get("all_runs", lv)
         prefill_extra = (ph["prompt_tokens"] - (ph["requests"] - ph["errors"])) * hidden * 4
         assert prefill_extra > 0, "every prompt is longer than one token"
@@ -96,10 +99,10 @@ def test_bytes_per_token_per_hop_match_the_wire_format(bench_run):
 
 def test_memory_and_ratios(bench_run):
     res, _, _ = bench_run
-    p, b = res["pipelines"]["default"], res["baseline"]
+    p, b = res["pipelines"]["fp32"], res["baseline"]
     assert sorted(p["peak_rss_mb"]) == ["0", "1", "2"]
     assert all(50 < v < b["peak_rss_mb"] * 2 for v in p["peak_rss_mb"].values())
-    r = res["ratios"]["default"]
+    r = res["ratios"]["fp32"]
     for key in ("single_decode", "single_e2e", "aggregate_16_vs_one_after_another", "peak_rss_total_vs_single_process"):
         assert positive(r[key]), key
     # each ratio is the pipeline's figure over the baseline runs paired with it
@@ -112,8 +115,9 @@ def test_memory_and_ratios(bench_run):
     kept = p["paired_kept"]
     assert p["single"]["requests"] == paired["single"]["requests"] == len(kept) >= 1
     assert p["single"]["noise"]["pairs"] == len(p["single_runs"]) == len(p["baseline_paired_runs"])
-    assert b["single"]["requests"] == len(kept)
-    met = res["targets_met"]["default"]
+    # the transformers column pools every pipeline's kept pairs
+    assert b["single"]["requests"] == sum(len(q["paired_kept"]) for q in res["pipelines"].values())
+    met = res["targets_met"]["fp32"]
     assert set(met) == {"single", "aggregate", "peak_rss_within_shard_plus_300mb"}
     assert met["single"] is (r["single_decode"] >= res["targets"]["single_decode"])
     assert met["aggregate"] is (r["aggregate_16_vs_one_after_another"] >= 5.0)
@@ -132,7 +136,7 @@ def test_memory_and_ratios(bench_run):
 def test_decode_is_timed_from_the_first_text_on_both_sides(bench_run):
     """Every run counts the tokens after the first one that showed text, and the medians are of those."""
     res, _, _ = bench_run
-    p = res["pipelines"]["default"]
+    p = res["pipelines"]["fp32"]
     for run, base in zip(p["single_runs"], p["baseline_paired_runs"]):
         for r in (run, base):
             assert 0 <= r["first_text_index"] <= r["tokens"]
@@ -371,18 +375,8 @@ def test_splitter_peak_rss_stays_below_half_the_model_plus_400mb(tmp_path):
 
 # ---- --quantize: one pipeline per scheme on the same weights (issue 12 item 6) ----
 
-@pytest.fixture(scope="module")
-def quant_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench-quant")
-    proc = subprocess.run([PY, "-m", "bench", "--quick", "--quantize", "fp32,int8,int4", "--clients", "1,4",
-                           "--prompts", "2", "--max-tokens", "8", "--no-batched-reference", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=560, check=False)   # within pytest's 600 s
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return json.loads((out / "results.json").read_text()), out
-
-
-def test_quantize_runs_one_pipeline_per_scheme(quant_run):
-    res, out = quant_run
+def test_quantize_runs_one_pipeline_per_scheme(bench_run):
+    res, out, _ = bench_run
     assert list(res["pipelines"]) == ["fp32", "int8", "int4"] and res["config"]["quantize"] == ["fp32", "int8", "int4"]
     fp32 = res["pipelines"]["fp32"]
     # plausible sizes only; the issue's int4 target (<= 0.2x) is the benchmark's figure, in targets_met
@@ -401,7 +395,8 @@ def test_quantize_runs_one_pipeline_per_scheme(quant_run):
         assert res["quantized_ratios"][scheme]["single_decode_vs_fp32_pipeline_normalized"] == pytest.approx(
             over(p) / over(fp32), rel=0.01)
         assert sorted(p["peak_rss_over_shard_mb"]) == ["0", "1", "2"]
-    assert fp32["greedy_text_equal_to_baseline"] == "2/2", "fp32 shards and transformers read the same bytes"
+    prompts = res["config"]["prompts"]
+    assert fp32["greedy_text_equal_to_baseline"] == f"{prompts}/{prompts}", "fp32 shards and transformers read the same bytes"
     met = res["targets_met"]
     assert set(met["int8"]) >= {"single_vs_fp32_pipeline"} and set(met["int4"]) >= {"shard_bytes_vs_fp32"}
     assert met["int4"]["shard_bytes_vs_fp32"] == (res["quantized_ratios"]["int4"]["shard_bytes_vs_fp32"] <= 0.2)
